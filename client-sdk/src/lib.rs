@@ -1,0 +1,1 @@
+//! Starling client SDK. (Filled in by the SDK issue.)

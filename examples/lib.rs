@@ -1,0 +1,1 @@
+//! Runnable examples for Starling; each example is a file in this folder.

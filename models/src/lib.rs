@@ -1,0 +1,1 @@
+//! Starling's recommendation models. (Filled in by the models issue.)

@@ -1,0 +1,1 @@
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 64 << 20;

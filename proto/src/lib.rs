@@ -1,0 +1,22 @@
+//! # starling-proto
+//!
+//! The sans-IO protocol core of Starling, in the manner of `quinn-proto`.
+//!
+//! ## Layout
+//! - [`ids`]: identifier newtypes.
+//! - [`update`]: [`ModelShape`](update::ModelShape) and the validated [`Update`](update::Update).
+//! - [`encoding`]: update encodings on the wire (dense, row-sparse, 8-bit quantised).
+//! - [`message`]: every wire message of a round, both directions.
+//! - [`codec`]: versioned, length-prefixed frames (the only module that knows the byte format).
+//! - [`strategy`]: aggregation strategies and server optimizers behind one trait.
+//!
+//! ## Contract
+//! Nothing in this crate performs I/O, reads a clock, spawns a thread or depends on an async
+//! runtime. Time is passed in as [`time::Instant`]; randomness comes from RNGs seeded by the caller.
+
+pub mod codec;
+pub mod encoding;
+pub mod ids;
+pub mod message;
+pub mod strategy;
+pub mod update;

@@ -1,0 +1,140 @@
+//! Aggregation strategies: how the coordinator turns accepted client updates into a new model.
+//!
+//! A [`Strategy`] has flower-style hooks but does not own the round loop (the
+//! [`Round`](crate::round::Round) machine does):
+//! - [`Strategy::configure`] adjusts the training plan sent to clients of a round;
+//! - [`Strategy::select`] picks which eligible, checked-in clients get the task;
+//! - [`Strategy::aggregator`] starts a per-round [`Aggregator`] that is fed each accepted
+//!   update as it arrives (so FedAvg runs in O(model size) memory however many clients report);
+//! - [`Strategy::apply`] applies the round's aggregate to the global model (the server
+//!   optimizer: plain FedAvg, FedAvgM, FedAdam, FedYogi).
+//!
+//! Decorators wrap any strategy: [`NormBound`](norm::NormBound) clips each update's L2 norm, and
+//! the differential-privacy layer wraps the aggregator the same way.
+
+use crate::ids::{ClientId, ModelVersion, RoundId};
+use crate::message::TrainingPlan;
+use crate::update::{ModelShape, Update};
+
+/// What a strategy knows about the round it serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundContext {
+    /// The round.
+    pub round: RoundId,
+    /// The model version clients train from.
+    pub model_version: ModelVersion,
+    /// Shape of the global parameters.
+    pub shape: ModelShape,
+    /// How many reports the round aims for.
+    pub target_participants: usize,
+    /// How many clients were sent the task (known once selection closes; 0 before).
+    pub selected: usize,
+}
+
+/// The result of a round's aggregation: a delta for the global model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Aggregate {
+    /// The aggregated delta, one value per global parameter.
+    pub delta: Vec<f32>,
+    /// How many updates went into it.
+    pub contributors: usize,
+    /// Sum of the contributors' weights.
+    pub total_weight: f64,
+}
+
+/// Why aggregation failed or an update could not be folded in.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregateError {
+    /// The update's shape differs from the model's.
+    #[error("update shape {got:?} does not match model shape {want:?}")]
+    ShapeMismatch {
+        /// The update's shape.
+        got: ModelShape,
+        /// The model's shape.
+        want: ModelShape,
+    },
+    /// A weight that is negative, zero or not finite.
+    #[error("invalid update weight {0}")]
+    InvalidWeight(f64),
+    /// No update was accepted, so there is nothing to aggregate.
+    #[error("no updates to aggregate")]
+    Empty,
+    /// The strategy needs more updates than it got (e.g. a trimmed mean that would trim everything).
+    #[error("strategy needs at least {needed} updates, got {got}")]
+    TooFew {
+        /// Updates needed.
+        needed: usize,
+        /// Updates received.
+        got: usize,
+    },
+    /// The aggregate or the new model contains a NaN or infinity.
+    #[error("aggregation produced a non-finite value")]
+    NonFinite,
+    /// The global model passed to `apply` has the wrong length.
+    #[error("global model has {got} parameters, expected {want}")]
+    ModelLength {
+        /// Parameters supplied.
+        got: usize,
+        /// Parameters expected.
+        want: usize,
+    },
+    /// A strategy-specific failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Folds the accepted updates of one round into an [`Aggregate`].
+pub trait Aggregator: Send {
+    /// Feeds one validated update with its weight (for FedAvg, the client's example count).
+    fn accept(&mut self, update: Update, weight: f64) -> Result<(), AggregateError>;
+    /// How many updates were accepted so far.
+    fn accepted(&self) -> usize;
+    /// Finishes the round. `rng` is the round machine's seeded RNG (used by noise-adding layers).
+    fn finish(self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError>;
+}
+
+/// A server-side federated-learning strategy. See the module docs for the hook order.
+pub trait Strategy: Send {
+    /// A short name for logs and reports.
+    fn name(&self) -> String;
+
+    /// Adjusts the training plan for a round (called once, before selection closes).
+    fn configure(&mut self, ctx: &RoundContext, plan: &mut TrainingPlan) {
+        let _ = (ctx, plan);
+    }
+
+    /// Chooses up to `wanted` clients from the eligible candidates (uniform without replacement
+    /// by default, using the round's seeded RNG). Candidates are in check-in order.
+    fn select(
+        &mut self,
+        ctx: &RoundContext,
+        candidates: &[ClientId],
+        wanted: usize,
+        rng: &mut dyn rand::Rng,
+    ) -> Vec<ClientId> {
+        let _ = ctx;
+        sample_uniform(candidates, wanted, rng)
+    }
+
+    /// Starts the aggregation of one round.
+    fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator>;
+
+    /// Applies the aggregate to the global parameters in place (the server optimizer).
+    fn apply(
+        &mut self,
+        ctx: &RoundContext,
+        global: &mut [f32],
+        aggregate: &Aggregate,
+    ) -> Result<(), AggregateError>;
+}
+
+/// Uniform sampling without replacement, keeping the candidates' relative order.
+pub fn sample_uniform(candidates: &[ClientId], wanted: usize, rng: &mut dyn rand::Rng) -> Vec<ClientId> {
+    if wanted >= candidates.len() {
+        return candidates.to_vec();
+    }
+    let mut idx = rand::seq::index::sample(rng, candidates.len(), wanted).into_vec();
+    idx.sort_unstable();
+    idx.into_iter().map(|i| candidates[i]).collect()
+}
