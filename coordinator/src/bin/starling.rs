@@ -1,1 +1,33 @@
-fn main() {}
+//! The `starling` command-line tool. Each subcommand group lives in its own module under
+//! `starling_coordinator::cli`.
+
+use clap::{Parser, Subcommand};
+
+/// Starling: federated-learning personalization.
+#[derive(Parser, Debug)]
+#[command(name = "starling", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the protocol and build versions.
+    Version,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!(
+                "starling {} (protocol versions {}..={})",
+                env!("CARGO_PKG_VERSION"),
+                starling_proto::codec::MIN_PROTOCOL_VERSION,
+                starling_proto::codec::PROTOCOL_VERSION
+            );
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@
 use crate::ids::{ClientId, ModelVersion, RoundId};
 use crate::message::TrainingPlan;
 use crate::update::{ModelShape, Update};
+use serde::{Deserialize, Serialize};
 
 /// What a strategy knows about the round it serves.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +41,42 @@ pub struct Aggregate {
     pub contributors: usize,
     /// Sum of the contributors' weights.
     pub total_weight: f64,
+    /// The privacy cost of releasing this aggregate, when a differential-privacy layer produced it.
+    /// The host must make this durable (the privacy ledger) before it releases the new model.
+    pub privacy: Option<PrivacyCharge>,
+}
+
+/// The privacy cost of one released aggregate under the (sub)sampled Gaussian mechanism.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyCharge {
+    /// Probability that any one user's data takes part in the round (sampling rate q).
+    pub sampling_rate: f64,
+    /// Noise standard deviation in units of the L2 sensitivity (σ).
+    pub noise_multiplier: f64,
+    /// How many releases of this mechanism the round made (1 for DP-FedAvg; more when, e.g.,
+    /// adaptive clipping releases a noised count too, which is folded into σ instead when possible).
+    pub steps: u32,
+}
+
+/// Why a strategy refused to start a round.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdmissionError {
+    /// Running the round would exceed the privacy budget.
+    #[error(
+        "privacy budget exhausted: the round would bring epsilon to {projected_epsilon:.4}, budget is {budget_epsilon:.4} at delta {delta:e}"
+    )]
+    BudgetExhausted {
+        /// ε after the round, if it ran.
+        projected_epsilon: f64,
+        /// The configured ε budget.
+        budget_epsilon: f64,
+        /// The δ at which ε is measured.
+        delta: f64,
+    },
+    /// Another strategy-specific reason.
+    #[error("{0}")]
+    Other(String),
 }
 
 /// Why aggregation failed or an update could not be folded in.
@@ -98,6 +135,13 @@ pub trait Aggregator: Send {
 pub trait Strategy: Send {
     /// A short name for logs and reports.
     fn name(&self) -> String;
+
+    /// Decides whether a round may start at all (the privacy-budget guard lives here). Called by
+    /// the round machine before anything is sent to clients.
+    fn admit(&mut self, ctx: &RoundContext) -> Result<(), AdmissionError> {
+        let _ = ctx;
+        Ok(())
+    }
 
     /// Adjusts the training plan for a round (called once, before selection closes).
     fn configure(&mut self, ctx: &RoundContext, plan: &mut TrainingPlan) {
