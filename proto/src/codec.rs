@@ -1,7 +1,395 @@
-//! Placeholder: replaced by the real codec in the same commit series.
-/// Default maximum frame size.
-pub const DEFAULT_MAX_FRAME_BYTES: u32 = 64 << 20;
-/// Current protocol version.
+//! The byte format: versioned, length-prefixed frames carrying bincode-encoded messages.
+//!
+//! This is the only module that knows how messages become bytes, so the format can be swapped
+//! without touching anything else.
+//!
+//! ```text
+//! frame   = length:u32-le  version:u16-le  body
+//! length  = 2 + len(body)                (checked against the maximum before anything is allocated)
+//! version = 0                            version negotiation: body = min:u16-le max:u16-le (frozen forever)
+//!         | MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION
+//!                                        body = bincode 2 (serde, standard config) of the message enum
+//! ```
+//!
+//! Decoding distinguishes a frame that is not complete yet ([`DecodeError::Incomplete`]) from one
+//! that can never be valid ([`DecodeError::Invalid`]), and a well-formed frame of a protocol
+//! version this build does not speak ([`Inbound::UnsupportedVersion`]), to which the receiver
+//! answers with a version-negotiation frame that every version can read. Every decode of
+//! untrusted bytes goes through bincode's serde API with a byte limit, and never panics.
+
+use crate::message::{ClientMessage, CoordinatorMessage};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The protocol version this build speaks natively.
 pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest protocol version still spoken.
+/// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The reserved version number of version-negotiation frames.
+pub const VERSION_NEGOTIATION: u16 = 0;
+/// Default maximum frame size (64 MiB): a dense update of 16 million `f32`.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 64 << 20;
+/// Hard ceiling on any frame (1 GiB); configured maxima are clamped to it.
+pub const HARD_MAX_FRAME_BYTES: u32 = 1 << 30;
+/// Bytes before the body: length (4) and version (2).
+pub const HEADER_BYTES: usize = 6;
+
+/// The bincode byte limit: no decode may claim more than a maximum-size frame.
+const BINCODE_LIMIT: usize = HARD_MAX_FRAME_BYTES as usize;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<BINCODE_LIMIT>()
+}
+
+/// What a complete, well-formed frame turned out to be.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inbound<M> {
+    /// A message in a supported protocol version.
+    Message {
+        /// The frame's protocol version.
+        version: u16,
+        /// The message.
+        message: M,
+    },
+    /// The peer speaks a version this build does not; answer with [`Codec::encode_version_negotiation`].
+    UnsupportedVersion {
+        /// The version the peer used.
+        version: u16,
+    },
+    /// The peer told us which versions it speaks (sent in answer to an unsupported version).
+    VersionNegotiation {
+        /// Lowest version the peer speaks.
+        min: u16,
+        /// Highest version the peer speaks.
+        max: u16,
+    },
+}
+
+/// Why bytes could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The buffer holds only part of a frame; at least `needed` bytes are required in total.
+    #[error("incomplete frame: need {needed} bytes")]
+    Incomplete {
+        /// Total bytes required before decoding can make progress.
+        needed: usize,
+    },
+    /// The bytes can never form a valid frame; drop the connection.
+    #[error("invalid frame: {0}")]
+    Invalid(#[from] InvalidFrame),
+}
+
+/// Ways a frame is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidFrame {
+    /// The declared length exceeds the configured maximum (checked before allocating).
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Declared frame length.
+        len: u64,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// The declared length is too short to hold a version.
+    #[error("frame length {0} is shorter than its header")]
+    TooShort(u32),
+    /// A version-negotiation body that is not exactly two `u16`, or with `min > max`.
+    #[error("malformed version negotiation frame")]
+    BadNegotiation,
+    /// The body did not decode as a message.
+    #[error("malformed message body: {0}")]
+    Body(String),
+    /// The body decoded but left bytes unread.
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+}
+
+/// Why a message could not be encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The encoded frame would exceed the configured maximum.
+    #[error("encoded frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Frame length it would have.
+        len: u64,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// Serialisation failed.
+    #[error("serialisation failed: {0}")]
+    Serialize(String),
+}
+
+/// Frame encoder and decoder with a configured maximum frame size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Codec {
+    max_frame_bytes: u32,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME_BYTES)
+    }
+}
+
+impl Codec {
+    /// A codec refusing frames larger than `max_frame_bytes` (clamped to [`HARD_MAX_FRAME_BYTES`]).
+    pub fn new(max_frame_bytes: u32) -> Self {
+        Self { max_frame_bytes: max_frame_bytes.clamp(HEADER_BYTES as u32, HARD_MAX_FRAME_BYTES) }
+    }
+
+    /// The maximum frame size in bytes, header included.
+    pub fn max_frame_bytes(&self) -> u32 {
+        self.max_frame_bytes
+    }
+
+    /// Encodes a client message as one frame of the current protocol version.
+    pub fn encode_client(&self, msg: &ClientMessage) -> Result<Vec<u8>, EncodeError> {
+        self.encode(msg)
+    }
+
+    /// Encodes a coordinator message as one frame of the current protocol version.
+    pub fn encode_coordinator(&self, msg: &CoordinatorMessage) -> Result<Vec<u8>, EncodeError> {
+        self.encode(msg)
+    }
+
+    /// Encodes the version-negotiation frame announcing the versions this build speaks.
+    pub fn encode_version_negotiation(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_BYTES + 4);
+        out.extend_from_slice(&6u32.to_le_bytes());
+        out.extend_from_slice(&VERSION_NEGOTIATION.to_le_bytes());
+        out.extend_from_slice(&MIN_PROTOCOL_VERSION.to_le_bytes());
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out
+    }
+
+    /// Decodes one frame carrying a client message from the front of `buf`.
+    /// On success returns what it was and how many bytes it used.
+    pub fn decode_client(&self, buf: &[u8]) -> Result<(Inbound<ClientMessage>, usize), DecodeError> {
+        self.decode(buf)
+    }
+
+    /// Decodes one frame carrying a coordinator message from the front of `buf`.
+    pub fn decode_coordinator(
+        &self,
+        buf: &[u8],
+    ) -> Result<(Inbound<CoordinatorMessage>, usize), DecodeError> {
+        self.decode(buf)
+    }
+
+    /// Reads just the header at the front of `buf`: `Ok(total frame length)` once the 4 length
+    /// bytes are present and acceptable. Lets a reader size its buffer before reading the body.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<usize, DecodeError> {
+        let Some(len_bytes) = buf.get(..4) else {
+            return Err(DecodeError::Incomplete { needed: 4 });
+        };
+        let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+        if len < 2 {
+            return Err(InvalidFrame::TooShort(len).into());
+        }
+        let total = u64::from(len) + 4;
+        if total > u64::from(self.max_frame_bytes) {
+            return Err(InvalidFrame::TooLarge { len: total, max: self.max_frame_bytes }.into());
+        }
+        Ok(total as usize)
+    }
+
+    fn encode<M: Serialize>(&self, msg: &M) -> Result<Vec<u8>, EncodeError> {
+        let mut out = vec![0u8; HEADER_BYTES];
+        bincode::serde::encode_into_std_write(msg, &mut out, bincode::config::standard())
+            .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+        let total = out.len() as u64;
+        if total > u64::from(self.max_frame_bytes) {
+            return Err(EncodeError::TooLarge { len: total, max: self.max_frame_bytes });
+        }
+        let len = (total - 4) as u32;
+        out[..4].copy_from_slice(&len.to_le_bytes());
+        out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        Ok(out)
+    }
+
+    fn decode<M: DeserializeOwned>(&self, buf: &[u8]) -> Result<(Inbound<M>, usize), DecodeError> {
+        let total = self.frame_len(buf)?;
+        if buf.len() < total {
+            return Err(DecodeError::Incomplete { needed: total });
+        }
+        let version = u16::from_le_bytes([buf[4], buf[5]]);
+        let body = &buf[HEADER_BYTES..total];
+        if version == VERSION_NEGOTIATION {
+            if body.len() != 4 {
+                return Err(InvalidFrame::BadNegotiation.into());
+            }
+            let min = u16::from_le_bytes([body[0], body[1]]);
+            let max = u16::from_le_bytes([body[2], body[3]]);
+            if min > max || min == VERSION_NEGOTIATION {
+                return Err(InvalidFrame::BadNegotiation.into());
+            }
+            return Ok((Inbound::VersionNegotiation { min, max }, total));
+        }
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+            return Ok((Inbound::UnsupportedVersion { version }, total));
+        }
+        let (message, used): (M, usize) = bincode::serde::decode_from_slice(body, config())
+            .map_err(|e| InvalidFrame::Body(e.to_string()))?;
+        if used != body.len() {
+            return Err(InvalidFrame::TrailingBytes(body.len() - used).into());
+        }
+        Ok((Inbound::Message { version, message }, total))
+    }
+}
+
+/// A growable receive buffer that yields complete frames as bytes arrive in arbitrary chunks.
+///
+/// It never holds more than one maximum-size frame plus what the caller pushed at once.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    codec: Codec,
+    buf: Vec<u8>,
+}
+
+impl FrameBuffer {
+    /// An empty buffer using `codec`'s limits.
+    pub fn new(codec: Codec) -> Self {
+        Self { codec, buf: Vec::new() }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete client frame, `Ok(None)` if more bytes are needed.
+    /// After an `Err` the stream is unusable and should be closed.
+    pub fn next_client(&mut self) -> Result<Option<Inbound<ClientMessage>>, InvalidFrame> {
+        let codec = self.codec;
+        self.next_with(|b| codec.decode_client(b))
+    }
+
+    /// The next complete coordinator frame, `Ok(None)` if more bytes are needed.
+    pub fn next_coordinator(&mut self) -> Result<Option<Inbound<CoordinatorMessage>>, InvalidFrame> {
+        let codec = self.codec;
+        self.next_with(|b| codec.decode_coordinator(b))
+    }
+
+    fn next_with<M>(
+        &mut self,
+        decode: impl Fn(&[u8]) -> Result<(Inbound<M>, usize), DecodeError>,
+    ) -> Result<Option<Inbound<M>>, InvalidFrame> {
+        match decode(&self.buf) {
+            Ok((inbound, used)) => {
+                self.buf.drain(..used);
+                Ok(Some(inbound))
+            }
+            Err(DecodeError::Incomplete { .. }) => Ok(None),
+            Err(DecodeError::Invalid(e)) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::EncodedUpdate;
+    use crate::ids::{ModelVersion, RoundId};
+    use crate::message::*;
+    use crate::update::ModelShape;
+
+    fn sample() -> ClientMessage {
+        ClientMessage::Update(ClientUpdate {
+            round: RoundId(3),
+            base_version: ModelVersion(2),
+            update: EncodedUpdate::RowSparse {
+                shape: ModelShape::new(10, 2).unwrap(),
+                rows: vec![1, 4],
+                values: vec![0.5, -0.5, 1.0, 2.0],
+            },
+            weight: 12.0,
+            metrics: LocalMetrics { loss: 0.3, hit_rate_at_10: Some(1.0), train_ms: 4 },
+        })
+    }
+
+    #[test]
+    fn round_trip_and_incomplete() {
+        let c = Codec::default();
+        let bytes = c.encode_client(&sample()).unwrap();
+        let (msg, used) = c.decode_client(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(msg, Inbound::Message { version: PROTOCOL_VERSION, message: sample() });
+        for cut in 0..bytes.len() {
+            match c.decode_client(&bytes[..cut]) {
+                Err(DecodeError::Incomplete { needed }) => assert!(needed > cut),
+                other => panic!("prefix of {cut} bytes gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frame_refused_before_reading_body() {
+        let c = Codec::new(1024);
+        let mut bytes = 5000u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            c.decode_client(&bytes),
+            Err(DecodeError::Invalid(InvalidFrame::TooLarge { len: 5004, max: 1024 }))
+        );
+        let big = ClientMessage::Withdraw { round: RoundId(1), reason: WithdrawReason::ConsentWithdrawn };
+        assert!(Codec::new(6).encode_client(&big).is_err());
+    }
+
+    #[test]
+    fn unknown_version_is_typed_and_negotiation_parses() {
+        let c = Codec::default();
+        let mut bytes = c.encode_client(&sample()).unwrap();
+        bytes[4..6].copy_from_slice(&99u16.to_le_bytes());
+        let (inbound, used) = c.decode_client(&bytes).unwrap();
+        assert_eq!(inbound, Inbound::UnsupportedVersion { version: 99 });
+        assert_eq!(used, bytes.len());
+        let neg = c.encode_version_negotiation();
+        assert_eq!(
+            c.decode_coordinator(&neg).unwrap().0,
+            Inbound::VersionNegotiation { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION }
+        );
+    }
+
+    #[test]
+    fn hostile_length_prefix_inside_body_is_invalid_not_abort() {
+        // Variant 1 (Update) followed by a varint claiming 2^40 rows.
+        let mut body = vec![1u8, 3, 2, 1, 10, 2, 253];
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let mut frame = ((body.len() + 2) as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        frame.extend_from_slice(&body);
+        assert!(matches!(Codec::default().decode_client(&frame), Err(DecodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn frame_buffer_reassembles_chunks() {
+        let c = Codec::default();
+        let a = c.encode_client(&sample()).unwrap();
+        let b = c
+            .encode_client(&ClientMessage::Withdraw {
+                round: RoundId(1),
+                reason: WithdrawReason::TrainingFailed,
+            })
+            .unwrap();
+        let stream: Vec<u8> = a.iter().chain(&b).copied().collect();
+        let mut fb = FrameBuffer::new(c);
+        let mut got = Vec::new();
+        for chunk in stream.chunks(3) {
+            fb.push(chunk);
+            while let Some(m) = fb.next_client().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(fb.buffered(), 0);
+    }
+}

@@ -16,7 +16,11 @@
 
 pub mod codec;
 pub mod encoding;
+pub mod harness;
 pub mod ids;
 pub mod message;
+pub mod round;
+pub mod session;
 pub mod strategy;
+pub mod time;
 pub mod update;

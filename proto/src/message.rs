@@ -9,6 +9,7 @@ use crate::encoding::{EncodedUpdate, EncodingKind};
 use crate::ids::{ClientId, ModelVersion, RoundId};
 use crate::update::ModelShape;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// A message from a client (device) to the coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,8 +176,8 @@ pub enum ModelPayload {
     Full {
         /// Shape of the parameters.
         shape: ModelShape,
-        /// All values, row-major.
-        values: Vec<f32>,
+        /// All values, row-major (shared, so queuing a task for many clients copies nothing).
+        values: Arc<[f32]>,
     },
     /// Only the rows that changed since `from`, with their new values (exact, not differences).
     Patch {
@@ -185,10 +186,72 @@ pub enum ModelPayload {
         /// Shape of the parameters.
         shape: ModelShape,
         /// Changed rows, strictly increasing.
-        rows: Vec<u32>,
+        rows: Arc<[u32]>,
         /// New values of those rows, row after row.
-        values: Vec<f32>,
+        values: Arc<[f32]>,
     },
+}
+
+impl ModelPayload {
+    /// The shape of the parameters carried.
+    pub fn shape(&self) -> ModelShape {
+        match self {
+            ModelPayload::Full { shape, .. } | ModelPayload::Patch { shape, .. } => *shape,
+        }
+    }
+
+    /// Produces the full parameters: `Full` directly, `Patch` applied to `base` (the parameters of
+    /// the version the patch starts from). Validates lengths, row order and finiteness.
+    pub fn materialize(&self, base: Option<&[f32]>) -> Result<Vec<f32>, PayloadError> {
+        match self {
+            ModelPayload::Full { shape, values } => {
+                if values.len() != shape.len() {
+                    return Err(PayloadError::Invalid(crate::update::UpdateError::LengthMismatch {
+                        expected: shape.len(),
+                        got: values.len(),
+                    }));
+                }
+                crate::update::check_finite(values).map_err(PayloadError::Invalid)?;
+                Ok(values.to_vec())
+            }
+            ModelPayload::Patch { shape, rows, values, .. } => {
+                let base = base.ok_or(PayloadError::MissingBase)?;
+                if base.len() != shape.len() {
+                    return Err(PayloadError::BaseShape { expected: shape.len(), got: base.len() });
+                }
+                // Validate through the update type, then overwrite rows.
+                let patch = crate::update::Update::sparse(*shape, rows.to_vec(), values.to_vec())
+                    .map_err(PayloadError::Invalid)?;
+                let mut out = base.to_vec();
+                let row_len = shape.row_len as usize;
+                for (row, vals) in patch.iter_rows() {
+                    let start = row as usize * row_len;
+                    out[start..start + row_len].copy_from_slice(vals);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Why a model payload could not be turned into parameters.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PayloadError {
+    /// A patch arrived but the client holds no base parameters.
+    #[error("patch received but no base model is held")]
+    MissingBase,
+    /// The base parameters have the wrong length.
+    #[error("base model has {got} values, patch expects {expected}")]
+    BaseShape {
+        /// Values expected.
+        expected: usize,
+        /// Values held.
+        got: usize,
+    },
+    /// The payload itself is malformed.
+    #[error("malformed model payload: {0}")]
+    Invalid(crate::update::UpdateError),
 }
 
 /// A training task for one round.

@@ -182,3 +182,16 @@ pub fn sample_uniform(candidates: &[ClientId], wanted: usize, rng: &mut dyn rand
     idx.sort_unstable();
     idx.into_iter().map(|i| candidates[i]).collect()
 }
+
+mod aggregate;
+mod fed;
+pub mod norm;
+mod server_opt;
+
+pub use aggregate::{AggregationRule, Coordinatewise, WeightedMean};
+pub use fed::Federated;
+pub use norm::NormBound;
+pub use server_opt::ServerOptimizer;
+
+#[cfg(test)]
+mod tests;

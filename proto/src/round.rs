@@ -1,0 +1,942 @@
+//! The coordinator's round engine.
+//!
+//! [`Orchestrator`] is the machine a coordinator host drives. It owns the global model, its
+//! recent history (for patch downloads), the [`Strategy`] and a seeded RNG, and runs one round at a
+//! time. Each round moves through [`Phase`]:
+//!
+//! ```text
+//! Idle ──start_round──▶ Selecting ──pool full / selection deadline──▶ Collecting
+//!   ▲                        │ too few check-ins                        │ target reached, deadline,
+//!   │                        ▼                                          │ or everyone reported/dropped
+//!   └──────────────────── Failed ◀── too few reports / aggregation error ┤
+//!   └──────────────────── Committed ◀──────────── Aggregating ◀──────────┘
+//! ```
+//!
+//! # Calling contract
+//! Feed inputs with the current time: [`Orchestrator::start_round`],
+//! [`Orchestrator::handle_message`], [`Orchestrator::handle_disconnect`],
+//! [`Orchestrator::handle_timeout`] (whenever the instant from [`Orchestrator::poll_timeout`] has
+//! passed). After every input, drain [`Orchestrator::poll_transmit`] (messages to send, in order)
+//! and [`Orchestrator::poll_event`] (what happened). Nothing here blocks, reads a clock or does I/O.
+//!
+//! A committed round's new model is in the [`RoundEvent::Committed`] event. When that event carries a
+//! [`PrivacyCharge`], the host must make it durable (the privacy ledger) before it releases the
+//! model to anyone; the orchestrator itself only hands the new model to clients of the *next*
+//! round, which the host starts.
+
+use crate::encoding::EncodingKind;
+use crate::ids::{ClientId, ModelVersion, RoundId};
+use crate::message::{
+    AbortReason, CheckIn, ClientMessage, ClientUpdate, ComeBackAt, CoordinatorMessage, DeviceConditions,
+    ModelPayload, Refusal, RejectReason, Task, TrainingPlan, WithdrawReason,
+};
+use crate::strategy::{AdmissionError, Aggregator, PrivacyCharge, RoundContext, Strategy};
+use crate::time::{Duration, Instant, millis};
+use crate::update::ModelShape;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// Which device conditions make a client eligible to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Eligibility {
+    /// Require the device to be charging.
+    pub require_charging: bool,
+    /// Require an unmetered network.
+    pub require_unmetered: bool,
+    /// Require the device to be idle.
+    pub require_idle: bool,
+    /// Minimum battery level in percent.
+    pub min_battery_percent: u8,
+}
+
+impl Default for Eligibility {
+    /// Charging, unmetered and idle, as production federated learning requires.
+    fn default() -> Self {
+        Self { require_charging: true, require_unmetered: true, require_idle: true, min_battery_percent: 0 }
+    }
+}
+
+impl Eligibility {
+    /// Any device is eligible.
+    pub fn any() -> Self {
+        Self {
+            require_charging: false,
+            require_unmetered: false,
+            require_idle: false,
+            min_battery_percent: 0,
+        }
+    }
+
+    /// Whether `c` satisfies the rule.
+    pub fn admits(&self, c: &DeviceConditions) -> bool {
+        (!self.require_charging || c.charging)
+            && (!self.require_unmetered || c.unmetered)
+            && (!self.require_idle || c.idle)
+            && c.battery_percent >= self.min_battery_percent
+    }
+}
+
+/// Settings of every round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundConfig {
+    /// Reports the round aims for; reaching it closes the round early.
+    pub target_participants: usize,
+    /// Clients selected per report wanted (default 1.3: production FL over-selects to absorb
+    /// dropouts and stragglers).
+    pub over_selection: f64,
+    /// Fewest reports for the round to commit; fewer fails it with the model unchanged.
+    pub min_reports: usize,
+    /// Eligible check-ins gathered before selection closes early. `None` waits for the selection
+    /// deadline and then samples uniformly from everyone who checked in.
+    pub selection_pool: Option<usize>,
+    /// How long check-ins are gathered.
+    pub selection_timeout: Duration,
+    /// How long selected clients have to report, from the close of selection.
+    pub report_timeout: Duration,
+    /// Device conditions required to take part.
+    pub eligibility: Eligibility,
+    /// The training plan sent to clients (strategies may adjust it per round).
+    pub plan: TrainingPlan,
+    /// Largest update accepted, in values.
+    pub max_update_values: usize,
+    /// Largest aggregation weight accepted (bounds one client's influence on FedAvg).
+    pub max_weight: f32,
+    /// "Come back later" delay given to clients that are not needed now.
+    pub retry_after: Duration,
+    /// Width of the window over which those clients spread their return.
+    pub retry_window: Duration,
+}
+
+impl Default for RoundConfig {
+    fn default() -> Self {
+        Self {
+            target_participants: 100,
+            over_selection: 1.3,
+            min_reports: 50,
+            selection_pool: None,
+            selection_timeout: Duration::from_secs(60),
+            report_timeout: Duration::from_secs(300),
+            eligibility: Eligibility::default(),
+            plan: TrainingPlan::default(),
+            max_update_values: 16 << 20,
+            max_weight: 100_000.0,
+            retry_after: Duration::from_secs(600),
+            retry_window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `target_participants` is zero.
+    #[error("target_participants must be at least 1")]
+    NoTarget,
+    /// `min_reports` is zero or above the target.
+    #[error("min_reports must be in 1..=target_participants ({target}), got {min}")]
+    MinReports {
+        /// Configured minimum.
+        min: usize,
+        /// Configured target.
+        target: usize,
+    },
+    /// `over_selection` below 1 or not finite.
+    #[error("over_selection must be a finite number >= 1, got {0}")]
+    OverSelection(f64),
+    /// The initial model does not have the configured shape.
+    #[error("initial model has {got} values, shape needs {want}")]
+    ModelLength {
+        /// Values supplied.
+        got: usize,
+        /// Values the shape needs.
+        want: usize,
+    },
+    /// The initial model contains NaN or infinity.
+    #[error("initial model contains a non-finite value")]
+    NonFiniteModel,
+    /// `max_weight` is not a positive finite number.
+    #[error("max_weight must be positive and finite")]
+    MaxWeight,
+}
+
+/// Settings of the orchestrator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrchestratorConfig {
+    /// Model family clients must run.
+    pub model_family: String,
+    /// Shape of the global parameters.
+    pub shape: ModelShape,
+    /// Settings of every round.
+    pub round: RoundConfig,
+    /// How many earlier model versions to keep for patch downloads (0 = always send full models).
+    pub history: usize,
+    /// Seed of the orchestrator's RNG (selection, noise): the same seed and inputs give the same run.
+    pub rng_seed: u64,
+}
+
+/// The phase of the current round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// No round is running.
+    Idle,
+    /// Gathering check-ins.
+    Selecting,
+    /// Waiting for selected clients' updates.
+    Collecting,
+    /// Combining updates (transient: happens within one input).
+    Aggregating,
+    /// The last round committed a new model.
+    Committed,
+    /// The last round failed; the model is unchanged.
+    Failed,
+}
+
+/// Why a round failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailReason {
+    /// Selection closed with fewer eligible check-ins than `min_reports`.
+    #[error("too few check-ins: {got}, need {needed}")]
+    TooFewCheckIns {
+        /// Check-ins gathered.
+        got: usize,
+        /// Minimum needed.
+        needed: usize,
+    },
+    /// The report deadline passed (or every client finished) with fewer reports than `min_reports`.
+    #[error("too few reports: {got}, need {needed}")]
+    TooFewReports {
+        /// Reports accepted.
+        got: usize,
+        /// Minimum needed.
+        needed: usize,
+    },
+    /// The strategy failed to aggregate.
+    #[error("aggregation failed: {0}")]
+    Aggregation(#[from] crate::strategy::AggregateError),
+    /// The host shut the orchestrator down mid-round.
+    #[error("shut down")]
+    ShutDown,
+}
+
+/// Why a round could not start.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A round is already running.
+    #[error("round {0} is still running")]
+    Busy(RoundId),
+    /// The strategy refused (e.g. the privacy budget would be exceeded).
+    #[error("round refused: {0}")]
+    Refused(#[from] AdmissionError),
+    /// The orchestrator was shut down.
+    #[error("shut down")]
+    ShutDown,
+}
+
+/// Counts and figures of one finished round.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RoundStats {
+    /// Eligible check-ins gathered.
+    pub candidates: usize,
+    /// Clients sent the task.
+    pub selected: usize,
+    /// Updates accepted.
+    pub reported: usize,
+    /// Updates rejected.
+    pub rejected: usize,
+    /// Selected clients that disconnected or withdrew.
+    pub dropped: usize,
+    /// Selected clients still training when the round closed.
+    pub unfinished: usize,
+    /// Sum of accepted weights.
+    pub total_weight: f64,
+    /// Weighted mean of the reported local losses.
+    pub mean_loss: Option<f64>,
+    /// Mean of the reported local HR@10 values.
+    pub mean_local_hit_rate: Option<f64>,
+    /// From `start_round` to the close of selection.
+    pub selection_time: Duration,
+    /// From `start_round` to the end.
+    pub duration: Duration,
+}
+
+/// A committed round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommittedRound {
+    /// The round.
+    pub round: RoundId,
+    /// The new model version.
+    pub version: ModelVersion,
+    /// The new global parameters.
+    pub model: Arc<[f32]>,
+    /// Privacy cost to record durably before releasing the model, if a DP layer produced it.
+    pub privacy: Option<PrivacyCharge>,
+    /// Figures of the round.
+    pub stats: RoundStats,
+}
+
+/// Something that happened, for the host to log, persist or report.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum RoundEvent {
+    /// A round started.
+    Started {
+        /// The round.
+        round: RoundId,
+        /// The model version it trains from.
+        version: ModelVersion,
+    },
+    /// Selection closed and tasks were sent.
+    SelectionClosed {
+        /// The round.
+        round: RoundId,
+        /// Eligible check-ins.
+        candidates: usize,
+        /// Clients selected.
+        selected: usize,
+    },
+    /// An update was accepted into the aggregate.
+    UpdateAccepted {
+        /// The round.
+        round: RoundId,
+        /// Who sent it.
+        client: ClientId,
+    },
+    /// An update was rejected; the aggregate is untouched.
+    UpdateRejected {
+        /// The round named by the update (or the current one).
+        round: RoundId,
+        /// Who sent it.
+        client: ClientId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// A check-in was refused.
+    CheckInRefused {
+        /// Who checked in.
+        client: ClientId,
+        /// Why.
+        reason: Refusal,
+    },
+    /// A selected client disconnected or withdrew before reporting.
+    ClientDropped {
+        /// The round.
+        round: RoundId,
+        /// Who.
+        client: ClientId,
+    },
+    /// The round committed a new model.
+    Committed(Box<CommittedRound>),
+    /// The round failed; the model is unchanged.
+    Failed {
+        /// The round.
+        round: RoundId,
+        /// Why.
+        reason: FailReason,
+        /// Figures of the round.
+        stats: RoundStats,
+    },
+}
+
+/// A message to send to a client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transmit {
+    /// The recipient.
+    pub to: ClientId,
+    /// The message.
+    pub message: CoordinatorMessage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Participant {
+    Training,
+    Reported,
+    Rejected,
+    Dropped,
+}
+
+/// Per-round state (the `Round` of the design): one round's selection and collection.
+struct Round {
+    id: RoundId,
+    phase: Phase,
+    ctx: RoundContext,
+    plan: TrainingPlan,
+    started: Instant,
+    deadline: Instant,
+    candidates: Vec<(ClientId, Option<ModelVersion>)>,
+    checked_in: HashSet<ClientId>,
+    participants: HashMap<ClientId, Participant>,
+    aggregator: Option<Box<dyn Aggregator>>,
+    patches: BTreeMap<ModelVersion, Option<ModelPayload>>,
+    stats: RoundStats,
+    loss_sum: f64,
+    loss_weight: f64,
+    hit_sum: f64,
+    hit_count: usize,
+}
+
+/// The coordinator's round engine. See the module docs for the calling contract.
+pub struct Orchestrator {
+    config: OrchestratorConfig,
+    strategy: Box<dyn Strategy>,
+    rng: ChaCha8Rng,
+    model: Arc<[f32]>,
+    version: ModelVersion,
+    history: VecDeque<(ModelVersion, Arc<[f32]>)>,
+    next_round: RoundId,
+    round: Option<Round>,
+    last_phase: Phase,
+    halted: Option<Refusal>,
+    authenticate: Box<dyn FnMut(ClientId, &[u8]) -> bool + Send>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<RoundEvent>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("strategy", &self.strategy.name())
+            .field("version", &self.version)
+            .field("next_round", &self.next_round)
+            .field("phase", &self.phase())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Orchestrator {
+    /// A new engine serving `model` (of `config.shape`) as `version`, with rounds numbered from
+    /// `next_round`. Every client is accepted until [`set_authenticator`](Self::set_authenticator).
+    pub fn new(
+        config: OrchestratorConfig,
+        strategy: Box<dyn Strategy>,
+        model: Vec<f32>,
+        version: ModelVersion,
+        next_round: RoundId,
+    ) -> Result<Self, ConfigError> {
+        let r = &config.round;
+        if r.target_participants == 0 {
+            return Err(ConfigError::NoTarget);
+        }
+        if r.min_reports == 0 || r.min_reports > r.target_participants {
+            return Err(ConfigError::MinReports { min: r.min_reports, target: r.target_participants });
+        }
+        if !(r.over_selection.is_finite() && r.over_selection >= 1.0) {
+            return Err(ConfigError::OverSelection(r.over_selection));
+        }
+        if !(r.max_weight.is_finite() && r.max_weight > 0.0) {
+            return Err(ConfigError::MaxWeight);
+        }
+        if model.len() != config.shape.len() {
+            return Err(ConfigError::ModelLength { got: model.len(), want: config.shape.len() });
+        }
+        if model.iter().any(|v| !v.is_finite()) {
+            return Err(ConfigError::NonFiniteModel);
+        }
+        Ok(Self {
+            rng: ChaCha8Rng::seed_from_u64(config.rng_seed),
+            config,
+            strategy,
+            model: model.into(),
+            version,
+            history: VecDeque::new(),
+            next_round,
+            round: None,
+            last_phase: Phase::Idle,
+            halted: None,
+            authenticate: Box::new(|_, _| true),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// Installs the credential check applied to every check-in.
+    pub fn set_authenticator(&mut self, f: impl FnMut(ClientId, &[u8]) -> bool + Send + 'static) {
+        self.authenticate = Box::new(f);
+    }
+
+    /// The current global model and its version.
+    pub fn model(&self) -> (ModelVersion, &Arc<[f32]>) {
+        (self.version, &self.model)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OrchestratorConfig {
+        &self.config
+    }
+
+    /// The strategy's name.
+    pub fn strategy_name(&self) -> String {
+        self.strategy.name()
+    }
+
+    /// The phase of the current (or last) round.
+    pub fn phase(&self) -> Phase {
+        self.round.as_ref().map_or(self.last_phase, |r| r.phase)
+    }
+
+    /// The running round, if any.
+    pub fn current_round(&self) -> Option<RoundId> {
+        self.round.as_ref().map(|r| r.id)
+    }
+
+    /// The id the next round will get.
+    pub fn next_round_id(&self) -> RoundId {
+        self.next_round
+    }
+
+    /// Starts a round: the strategy's admission check (privacy budget) runs first; a refusal leaves
+    /// everything unchanged. A budget refusal also makes later check-ins get
+    /// [`Refusal::BudgetExhausted`].
+    pub fn start_round(&mut self, now: Instant) -> Result<RoundId, StartError> {
+        if let Some(r) = &self.round {
+            return Err(StartError::Busy(r.id));
+        }
+        if matches!(self.halted, Some(Refusal::ShuttingDown)) {
+            return Err(StartError::ShutDown);
+        }
+        let id = self.next_round;
+        let cfg = &self.config.round;
+        let ctx = RoundContext {
+            round: id,
+            model_version: self.version,
+            shape: self.config.shape,
+            target_participants: cfg.target_participants,
+            selected: 0,
+        };
+        if let Err(e) = self.strategy.admit(&ctx) {
+            if matches!(e, AdmissionError::BudgetExhausted { .. }) {
+                self.halted = Some(Refusal::BudgetExhausted);
+            }
+            return Err(e.into());
+        }
+        let mut plan = cfg.plan.clone();
+        self.strategy.configure(&ctx, &mut plan);
+        self.next_round = id.next();
+        self.round = Some(Round {
+            id,
+            phase: Phase::Selecting,
+            ctx,
+            plan,
+            started: now,
+            deadline: now + cfg.selection_timeout,
+            candidates: Vec::new(),
+            checked_in: HashSet::new(),
+            participants: HashMap::new(),
+            aggregator: None,
+            patches: BTreeMap::new(),
+            stats: RoundStats::default(),
+            loss_sum: 0.0,
+            loss_weight: 0.0,
+            hit_sum: 0.0,
+            hit_count: 0,
+        });
+        self.events.push_back(RoundEvent::Started { round: id, version: self.version });
+        Ok(id)
+    }
+
+    /// Handles one decoded message from `client`.
+    pub fn handle_message(&mut self, now: Instant, client: ClientId, message: ClientMessage) {
+        match message {
+            ClientMessage::CheckIn(c) => self.handle_check_in(now, client, c),
+            ClientMessage::Update(u) => self.handle_update(now, client, u),
+            ClientMessage::Withdraw { round, reason } => self.handle_withdraw(now, client, round, reason),
+        }
+    }
+
+    /// The connection to `client` closed: if it was training, it counts as a dropout.
+    pub fn handle_disconnect(&mut self, now: Instant, client: ClientId) {
+        let Some(r) = &mut self.round else { return };
+        r.checked_in.remove(&client);
+        r.candidates.retain(|(c, _)| *c != client);
+        if r.participants.get(&client) == Some(&Participant::Training) {
+            r.participants.insert(client, Participant::Dropped);
+            r.stats.dropped += 1;
+            self.events.push_back(RoundEvent::ClientDropped { round: r.id, client });
+            self.maybe_close(now);
+        }
+    }
+
+    /// Advances deadlines. Call when the instant from [`poll_timeout`](Self::poll_timeout) is reached.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(r) = &self.round else { return };
+        if now < r.deadline {
+            return;
+        }
+        match r.phase {
+            Phase::Selecting => self.close_selection(now),
+            Phase::Collecting => self.finish_round(now),
+            _ => {}
+        }
+    }
+
+    /// Stops accepting work: aborts the running round (failing it) and refuses later check-ins.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.halted = Some(Refusal::ShuttingDown);
+        if let Some(r) = self.round.take() {
+            let mut r = r;
+            let mut training: Vec<ClientId> = r
+                .participants
+                .iter()
+                .filter(|(_, p)| **p == Participant::Training)
+                .map(|(c, _)| *c)
+                .collect();
+            training.sort_unstable();
+            for c in training {
+                self.transmits.push_back(Transmit {
+                    to: c,
+                    message: CoordinatorMessage::Abort { round: r.id, reason: AbortReason::ShuttingDown },
+                });
+            }
+            r.stats.duration = now.saturating_duration_since(r.started);
+            self.last_phase = Phase::Failed;
+            self.events.push_back(RoundEvent::Failed {
+                round: r.id,
+                reason: FailReason::ShutDown,
+                stats: r.stats,
+            });
+        }
+    }
+
+    /// The next message to send, in order.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<RoundEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.round
+            .as_ref()
+            .filter(|r| matches!(r.phase, Phase::Selecting | Phase::Collecting))
+            .map(|r| r.deadline)
+    }
+
+    fn send(&mut self, to: ClientId, message: CoordinatorMessage) {
+        self.transmits.push_back(Transmit { to, message });
+    }
+
+    fn refuse(&mut self, client: ClientId, reason: Refusal) {
+        self.events.push_back(RoundEvent::CheckInRefused { client, reason: reason.clone() });
+        self.send(client, CoordinatorMessage::Refusal(reason));
+    }
+
+    fn come_back(&mut self, client: ClientId, after: Duration) {
+        let window = millis(self.config.round.retry_window);
+        self.send(
+            client,
+            CoordinatorMessage::ComeBackAt(ComeBackAt { after_ms: millis(after), window_ms: window }),
+        );
+    }
+
+    fn handle_check_in(&mut self, now: Instant, client: ClientId, c: CheckIn) {
+        if let Some(reason) = self.halted.clone() {
+            return self.refuse(client, reason);
+        }
+        if c.client != client {
+            return self.refuse(client, Refusal::Unauthenticated);
+        }
+        if !(self.authenticate)(client, &c.credential) {
+            return self.refuse(client, Refusal::Unauthenticated);
+        }
+        if c.model_family != self.config.model_family {
+            let expected = self.config.model_family.clone();
+            return self.refuse(client, Refusal::WrongModelFamily { expected });
+        }
+        if !self.config.round.eligibility.admits(&c.conditions) {
+            return self.refuse(client, Refusal::NotEligible);
+        }
+        let wanted_encoding =
+            self.round.as_ref().map_or(self.config.round.plan.encoding, |r| r.plan.encoding);
+        let dense_too_big = wanted_encoding == EncodingKind::Dense
+            && c.capabilities.max_update_values < self.config.shape.len() as u64;
+        if !c.capabilities.encodings.contains(&wanted_encoding) || dense_too_big {
+            return self.refuse(client, Refusal::IncompatibleCapabilities);
+        }
+        let retry = self.config.round.retry_after;
+        let Some(r) = &mut self.round else {
+            return self.come_back(client, retry);
+        };
+        if r.phase != Phase::Selecting {
+            // Round in progress: come back around when it should be over.
+            let left = r.deadline.saturating_duration_since(now);
+            return self.come_back(client, left.max(retry));
+        }
+        if r.participants.contains_key(&client) || !r.checked_in.insert(client) {
+            return self.refuse(client, Refusal::AlreadyCheckedIn);
+        }
+        r.candidates.push((client, c.have_version));
+        if let Some(pool) = self.config.round.selection_pool
+            && r.candidates.len() >= pool
+        {
+            self.close_selection(now);
+        }
+    }
+
+    fn selection_goal(&self) -> usize {
+        let r = &self.config.round;
+        ((r.target_participants as f64) * r.over_selection).ceil() as usize
+    }
+
+    fn close_selection(&mut self, now: Instant) {
+        let goal = self.selection_goal();
+        let min_reports = self.config.round.min_reports;
+        let retry = self.config.round.retry_after;
+        let Some(r) = &mut self.round else { return };
+        r.stats.candidates = r.candidates.len();
+        r.stats.selection_time = now.saturating_duration_since(r.started);
+        if r.candidates.len() < min_reports {
+            let candidates: Vec<ClientId> = r.candidates.iter().map(|(c, _)| *c).collect();
+            let reason = FailReason::TooFewCheckIns { got: candidates.len(), needed: min_reports };
+            for c in candidates {
+                self.come_back(c, retry);
+            }
+            return self.fail(now, reason);
+        }
+        let ids: Vec<ClientId> = r.candidates.iter().map(|(c, _)| *c).collect();
+        let chosen = self.strategy.select(&r.ctx, &ids, goal, &mut self.rng);
+        let chosen_set: HashSet<ClientId> = chosen.iter().copied().collect();
+        let have: HashMap<ClientId, Option<ModelVersion>> = r.candidates.iter().copied().collect();
+        r.ctx.selected = chosen.len();
+        r.stats.selected = chosen.len();
+        r.aggregator = Some(self.strategy.aggregator(&r.ctx));
+        r.phase = Phase::Collecting;
+        r.deadline = now + self.config.round.report_timeout;
+        let (round, version) = (r.id, self.version);
+        self.events.push_back(RoundEvent::SelectionClosed {
+            round,
+            candidates: ids.len(),
+            selected: chosen.len(),
+        });
+        let report_within_ms = millis(self.config.round.report_timeout);
+        for c in &chosen {
+            let payload = self.payload_for(have.get(c).copied().flatten());
+            let Some(r) = &mut self.round else { return };
+            r.participants.insert(*c, Participant::Training);
+            let task = Task {
+                round,
+                model_version: version,
+                model: payload,
+                plan: r.plan.clone(),
+                report_within_ms,
+            };
+            self.send(*c, CoordinatorMessage::Task(task));
+        }
+        for c in ids.into_iter().filter(|c| !chosen_set.contains(c)) {
+            self.come_back(c, retry);
+        }
+    }
+
+    /// The payload for a client holding `have`: a patch when that version is in the history and
+    /// the patch is smaller than the full model, else the full model.
+    fn payload_for(&mut self, have: Option<ModelVersion>) -> ModelPayload {
+        let shape = self.config.shape;
+        let full = ModelPayload::Full { shape, values: self.model.clone() };
+        let Some(have) = have else { return full };
+        let Some(r) = &mut self.round else { return full };
+        if let Some(cached) = r.patches.get(&have) {
+            return cached.clone().unwrap_or(full);
+        }
+        let patch = self.history.iter().find(|(v, _)| *v == have).and_then(|(_, old)| {
+            let row_len = shape.row_len as usize;
+            let mut rows = Vec::new();
+            let mut values = Vec::new();
+            for (i, (new_row, old_row)) in
+                self.model.chunks_exact(row_len).zip(old.chunks_exact(row_len)).enumerate()
+            {
+                if new_row.iter().zip(old_row).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    rows.push(i as u32);
+                    values.extend_from_slice(new_row);
+                }
+            }
+            (values.len() < self.model.len() / 2).then(|| ModelPayload::Patch {
+                from: have,
+                shape,
+                rows: rows.into(),
+                values: values.into(),
+            })
+        });
+        r.patches.insert(have, patch.clone());
+        patch.unwrap_or(full)
+    }
+
+    fn reject(&mut self, round: RoundId, client: ClientId, reason: RejectReason) {
+        if let Some(r) = &mut self.round
+            && r.id == round
+        {
+            r.stats.rejected += 1;
+        }
+        self.events.push_back(RoundEvent::UpdateRejected { round, client, reason: reason.clone() });
+        self.send(client, CoordinatorMessage::Rejection { round, reason });
+    }
+
+    fn handle_update(&mut self, now: Instant, client: ClientId, u: ClientUpdate) {
+        let round = u.round;
+        let Some(r) = &mut self.round else {
+            return self.reject(round, client, RejectReason::Late);
+        };
+        if round != r.id {
+            let reason = if round < r.id { RejectReason::Late } else { RejectReason::WrongRound };
+            return self.reject(round, client, reason);
+        }
+        match r.participants.get(&client) {
+            None => return self.reject(round, client, RejectReason::NotSelected),
+            Some(Participant::Reported | Participant::Rejected) => {
+                return self.reject(round, client, RejectReason::Duplicate);
+            }
+            Some(Participant::Dropped) => return self.reject(round, client, RejectReason::Late),
+            Some(Participant::Training) => {}
+        }
+        if r.phase != Phase::Collecting {
+            return self.reject(round, client, RejectReason::Late);
+        }
+        if u.base_version != self.version {
+            let reason = RejectReason::StaleVersion { expected: self.version, got: u.base_version };
+            r.participants.insert(client, Participant::Rejected);
+            self.reject(round, client, reason);
+            return self.maybe_close(now);
+        }
+        let weight = u.weight;
+        let bad_weight = !(weight.is_finite() && weight > 0.0 && weight <= self.config.round.max_weight);
+        let decoded = if bad_weight {
+            Err(RejectReason::InvalidWeight)
+        } else {
+            u.update
+                .decode(self.config.shape, self.config.round.max_update_values)
+                .map_err(|e| RejectReason::Malformed(e.to_string()))
+        };
+        let accepted = decoded.and_then(|update| {
+            let agg = r.aggregator.as_mut().expect("collecting rounds have an aggregator");
+            agg.accept(update, f64::from(weight)).map_err(|e| RejectReason::Refused(e.to_string()))
+        });
+        match accepted {
+            Err(reason) => {
+                r.participants.insert(client, Participant::Rejected);
+                self.reject(round, client, reason);
+            }
+            Ok(()) => {
+                r.participants.insert(client, Participant::Reported);
+                r.stats.reported += 1;
+                r.stats.total_weight += f64::from(weight);
+                if u.metrics.loss.is_finite() {
+                    r.loss_sum += f64::from(weight) * f64::from(u.metrics.loss);
+                    r.loss_weight += f64::from(weight);
+                }
+                if let Some(h) = u.metrics.hit_rate_at_10.filter(|h| h.is_finite()) {
+                    r.hit_sum += f64::from(h);
+                    r.hit_count += 1;
+                }
+                self.events.push_back(RoundEvent::UpdateAccepted { round, client });
+                self.send(client, CoordinatorMessage::Receipt { round });
+            }
+        }
+        self.maybe_close(now);
+    }
+
+    fn handle_withdraw(&mut self, now: Instant, client: ClientId, round: RoundId, _reason: WithdrawReason) {
+        let Some(r) = &mut self.round else { return };
+        if r.id != round {
+            return;
+        }
+        if r.participants.get(&client) == Some(&Participant::Training) {
+            r.participants.insert(client, Participant::Dropped);
+            r.stats.dropped += 1;
+            self.events.push_back(RoundEvent::ClientDropped { round, client });
+            self.maybe_close(now);
+        } else if r.phase == Phase::Selecting {
+            r.checked_in.remove(&client);
+            r.candidates.retain(|(c, _)| *c != client);
+        }
+    }
+
+    /// Closes a collecting round early once the target is reached or nobody is left training.
+    fn maybe_close(&mut self, now: Instant) {
+        let target = self.config.round.target_participants;
+        let Some(r) = &self.round else { return };
+        if r.phase != Phase::Collecting {
+            return;
+        }
+        let training = r.participants.values().filter(|p| **p == Participant::Training).count();
+        if r.stats.reported >= target || training == 0 {
+            self.finish_round(now);
+        }
+    }
+
+    fn finish_round(&mut self, now: Instant) {
+        let min_reports = self.config.round.min_reports;
+        let Some(r) = &mut self.round else { return };
+        let still: Vec<ClientId> =
+            r.participants.iter().filter(|(_, p)| **p == Participant::Training).map(|(c, _)| *c).collect();
+        r.stats.unfinished = still.len();
+        let round = r.id;
+        if r.stats.reported < min_reports {
+            let reason = FailReason::TooFewReports { got: r.stats.reported, needed: min_reports };
+            let mut still = still;
+            still.sort_unstable();
+            for c in still {
+                self.send(c, CoordinatorMessage::Abort { round, reason: AbortReason::RoundFailed });
+            }
+            return self.fail(now, reason);
+        }
+        let mut still = still;
+        still.sort_unstable();
+        for c in still {
+            self.send(c, CoordinatorMessage::Abort { round, reason: AbortReason::RoundFull });
+        }
+        let Some(r) = &mut self.round else { return };
+        r.phase = Phase::Aggregating;
+        let aggregator = r.aggregator.take().expect("collecting rounds have an aggregator");
+        let ctx = r.ctx.clone();
+        let result = aggregator.finish(&mut self.rng).and_then(|agg| {
+            let mut next = self.model.to_vec();
+            self.strategy.apply(&ctx, &mut next, &agg)?;
+            if next.iter().any(|v| !v.is_finite()) {
+                return Err(crate::strategy::AggregateError::NonFinite);
+            }
+            Ok((next, agg.privacy))
+        });
+        match result {
+            Err(e) => self.fail(now, FailReason::Aggregation(e)),
+            Ok((next, privacy)) => {
+                let Some(mut r) = self.round.take() else { return };
+                if self.config.history > 0 {
+                    self.history.push_back((self.version, self.model.clone()));
+                    while self.history.len() > self.config.history {
+                        self.history.pop_front();
+                    }
+                }
+                self.model = next.into();
+                self.version = self.version.next();
+                r.stats.duration = now.saturating_duration_since(r.started);
+                if r.loss_weight > 0.0 {
+                    r.stats.mean_loss = Some(r.loss_sum / r.loss_weight);
+                }
+                if r.hit_count > 0 {
+                    r.stats.mean_local_hit_rate = Some(r.hit_sum / r.hit_count as f64);
+                }
+                self.last_phase = Phase::Committed;
+                self.events.push_back(RoundEvent::Committed(Box::new(CommittedRound {
+                    round: r.id,
+                    version: self.version,
+                    model: self.model.clone(),
+                    privacy,
+                    stats: r.stats,
+                })));
+            }
+        }
+    }
+
+    fn fail(&mut self, now: Instant, reason: FailReason) {
+        let Some(mut r) = self.round.take() else { return };
+        r.stats.duration = now.saturating_duration_since(r.started);
+        self.last_phase = Phase::Failed;
+        self.events.push_back(RoundEvent::Failed { round: r.id, reason, stats: r.stats });
+    }
+}

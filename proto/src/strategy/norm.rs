@@ -1,0 +1,93 @@
+//! [`NormBound`]: clips every update to an L2 norm before the inner strategy sees it
+//! (Sun et al. 2019, "Can you really backdoor federated learning?").
+
+use super::{Aggregate, AggregateError, Aggregator, RoundContext, Strategy};
+use crate::ids::ClientId;
+use crate::message::TrainingPlan;
+use crate::update::Update;
+
+/// Scales `update` down so its L2 norm is at most `bound`; returns the norm before clipping.
+/// The identity when the norm is already within the bound.
+pub fn clip_l2(update: &mut Update, bound: f64) -> f64 {
+    let norm = update.l2_norm();
+    if norm > bound && norm > 0.0 {
+        update.scale((bound / norm) as f32);
+    }
+    norm
+}
+
+/// Wraps a strategy so that every accepted update is clipped to L2 norm `bound` first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormBound<S> {
+    inner: S,
+    bound: f64,
+}
+
+impl<S: Strategy> NormBound<S> {
+    /// Clips updates to `bound` (must be positive and finite) before `inner` aggregates them.
+    pub fn new(inner: S, bound: f64) -> Result<Self, AggregateError> {
+        if !(bound.is_finite() && bound > 0.0) {
+            return Err(AggregateError::Other(format!(
+                "norm bound must be positive and finite, got {bound}"
+            )));
+        }
+        Ok(Self { inner, bound })
+    }
+
+    /// The wrapped strategy.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+struct Clipping {
+    inner: Box<dyn Aggregator>,
+    bound: f64,
+}
+
+impl Aggregator for Clipping {
+    fn accept(&mut self, mut update: Update, weight: f64) -> Result<(), AggregateError> {
+        clip_l2(&mut update, self.bound);
+        self.inner.accept(update, weight)
+    }
+    fn accepted(&self) -> usize {
+        self.inner.accepted()
+    }
+    fn finish(self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError> {
+        self.inner.finish(rng)
+    }
+}
+
+impl<S: Strategy> Strategy for NormBound<S> {
+    fn name(&self) -> String {
+        format!("norm-bound({})/{}", self.bound, self.inner.name())
+    }
+    fn admit(&mut self, ctx: &RoundContext) -> Result<(), super::AdmissionError> {
+        self.inner.admit(ctx)
+    }
+    fn configure(&mut self, ctx: &RoundContext, plan: &mut TrainingPlan) {
+        self.inner.configure(ctx, plan);
+        let b = self.bound as f32;
+        plan.clip_norm = Some(plan.clip_norm.map_or(b, |c| c.min(b)));
+    }
+    fn select(
+        &mut self,
+        ctx: &RoundContext,
+        candidates: &[ClientId],
+        wanted: usize,
+        rng: &mut dyn rand::Rng,
+    ) -> Vec<ClientId> {
+        self.inner.select(ctx, candidates, wanted, rng)
+    }
+    fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
+        Box::new(Clipping { inner: self.inner.aggregator(ctx), bound: self.bound })
+    }
+    fn apply(
+        &mut self,
+        ctx: &RoundContext,
+        global: &mut [f32],
+        aggregate: &Aggregate,
+    ) -> Result<(), AggregateError> {
+        self.inner.apply(ctx, global, aggregate)
+    }
+}
