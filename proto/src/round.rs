@@ -379,6 +379,9 @@ struct Round {
     hit_count: usize,
 }
 
+/// The credential check applied to every check-in: `(claimed client, credential) -> accepted`.
+pub type Authenticator = Box<dyn FnMut(ClientId, &[u8]) -> bool + Send>;
+
 /// The coordinator's round engine. See the module docs for the calling contract.
 pub struct Orchestrator {
     config: OrchestratorConfig,
@@ -391,7 +394,7 @@ pub struct Orchestrator {
     round: Option<Round>,
     last_phase: Phase,
     halted: Option<Refusal>,
-    authenticate: Box<dyn FnMut(ClientId, &[u8]) -> bool + Send>,
+    authenticate: Authenticator,
     transmits: VecDeque<Transmit>,
     events: VecDeque<RoundEvent>,
 }
