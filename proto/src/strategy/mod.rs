@@ -1,7 +1,7 @@
 //! Aggregation strategies: how the coordinator turns accepted client updates into a new model.
 //!
 //! A [`Strategy`] has flower-style hooks but does not own the round loop (the
-//! [`Round`](crate::round::Round) machine does):
+//! [`Orchestrator`](crate::round::Orchestrator), the round machine, does):
 //! - [`Strategy::configure`] adjusts the training plan sent to clients of a round;
 //! - [`Strategy::select`] picks which eligible, checked-in clients get the task;
 //! - [`Strategy::aggregator`] starts a per-round [`Aggregator`] that is fed each accepted
@@ -9,7 +9,7 @@
 //! - [`Strategy::apply`] applies the round's aggregate to the global model (the server
 //!   optimizer: plain FedAvg, FedAvgM, FedAdam, FedYogi).
 //!
-//! Decorators wrap any strategy: [`NormBound`](norm::NormBound) clips each update's L2 norm, and
+//! Decorators wrap any strategy: [`NormBound`] clips each update's L2 norm, and
 //! the differential-privacy layer wraps the aggregator the same way.
 
 use crate::ids::{ClientId, ModelVersion, RoundId};
