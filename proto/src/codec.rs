@@ -198,13 +198,20 @@ impl Codec {
     }
 
     fn encode<M: Serialize>(&self, msg: &M) -> Result<Vec<u8>, EncodeError> {
-        let mut out = vec![0u8; HEADER_BYTES];
-        bincode::serde::encode_into_std_write(msg, &mut out, bincode::config::standard())
+        // Size first (cheap: no copying), so an oversized message is refused before allocating
+        // and the frame is allocated once at its exact size.
+        let mut size = bincode::enc::write::SizeWriter::default();
+        bincode::serde::encode_into_writer(msg, &mut size, bincode::config::standard())
             .map_err(|e| EncodeError::Serialize(e.to_string()))?;
-        let total = out.len() as u64;
+        let total = (HEADER_BYTES + size.bytes_written) as u64;
         if total > u64::from(self.max_frame_bytes) {
             return Err(EncodeError::TooLarge { len: total, max: self.max_frame_bytes });
         }
+        let mut out = vec![0u8; total as usize];
+        let written =
+            bincode::serde::encode_into_slice(msg, &mut out[HEADER_BYTES..], bincode::config::standard())
+                .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+        debug_assert_eq!(written, size.bytes_written);
         let len = (total - 4) as u32;
         out[..4].copy_from_slice(&len.to_le_bytes());
         out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
