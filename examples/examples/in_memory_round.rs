@@ -4,7 +4,7 @@
 //!
 //! Run with: `cargo run --release -p starling-examples --example in_memory_round`
 
-use starling_proto::harness::{Fleet, FleetConfig, TrainResult};
+use starling_proto::harness::{Fleet, FleetConfig, FnTrainer, TrainResult};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::LocalMetrics;
 use starling_proto::round::{Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent};
@@ -42,16 +42,16 @@ fn main() -> anyhow::Result<()> {
         let row = (client.0 % 16) as u32;
         let start = row as usize * 4;
         let delta: Vec<f32> = params[start..start + 4].iter().map(|p| (1.0 - p) * 0.5).collect();
-        Some(TrainResult {
+        let result = TrainResult {
             update: Update::sparse(shape, vec![row], delta).ok()?,
             weight: 1.0,
             metrics: LocalMetrics { loss: 0.0, hit_rate_at_10: None, train_ms: 5 },
-            compute: Duration::from_millis(500 + 37 * (client.0 % 20)),
-        })
+        };
+        Some((result, Duration::from_millis(500 + 37 * (client.0 % 20))))
     };
     let fleet_config =
         FleetConfig { model_family: "toy".into(), dropout: 0.1, seed: 7, ..FleetConfig::default() };
-    let mut fleet = Fleet::new(orchestrator, 64, trainer, fleet_config);
+    let mut fleet = Fleet::new(orchestrator, 64, FnTrainer::new(trainer), fleet_config);
 
     for _ in 0..3 {
         let round = fleet.run_round()?;

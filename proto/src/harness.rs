@@ -10,7 +10,7 @@
 use crate::codec::{Codec, Inbound};
 use crate::encoding::EncodedUpdate;
 use crate::ids::{ClientId, ModelVersion, RoundId};
-use crate::message::{Capabilities, DeviceConditions, LocalMetrics, WithdrawReason};
+use crate::message::{Capabilities, DeviceConditions, LocalMetrics, ModelPayload, WithdrawReason};
 use crate::round::{Orchestrator, RoundEvent, StartError};
 use crate::session::{Session, SessionAction, SessionConfig, SessionOutcome, TrainRequest};
 use crate::time::{Duration, Instant};
@@ -18,7 +18,8 @@ use crate::update::Update;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 
 /// What a trainer returns for one task.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,23 +30,62 @@ pub struct TrainResult {
     pub weight: f32,
     /// Local metrics.
     pub metrics: LocalMetrics,
-    /// Simulated compute time.
-    pub compute: Duration,
+}
+
+/// One task handed to a [`Trainer`].
+#[derive(Clone, Debug)]
+pub struct TrainJob {
+    /// The client that trains.
+    pub client: ClientId,
+    /// The task.
+    pub request: TrainRequest,
+    /// The global parameters to train from (shared, not copied, when the task shipped the full model).
+    pub params: Arc<[f32]>,
 }
 
 /// Local training, as the fleet's clients do it.
+///
+/// The fleet first asks how long a task takes on the client's device (simulated time, which decides
+/// when the update is submitted and so who misses deadlines), and later trains every task that is
+/// due in one batch, so an implementation can spread a batch over all cores.
 pub trait Trainer {
-    /// Trains `client` on `request` from the global parameters `params`. `None` means training
-    /// failed (the client withdraws).
-    fn train(&mut self, client: ClientId, request: &TrainRequest, params: &[f32]) -> Option<TrainResult>;
+    /// Simulated device time `client` needs for `request` (training from `params`).
+    fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration;
+    /// Trains `jobs` (in any order, possibly in parallel) and returns one result per job, in order.
+    /// `None` means that client's training failed (it withdraws).
+    fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>>;
 }
 
-impl<F> Trainer for F
+/// Adapts a closure that trains one job and says how long it took into a [`Trainer`]. The closure
+/// runs when the task arrives (serially); handy for tests and small examples.
+pub struct FnTrainer<F> {
+    f: F,
+    done: HashMap<(ClientId, RoundId), Option<TrainResult>>,
+}
+
+impl<F> FnTrainer<F>
 where
-    F: FnMut(ClientId, &TrainRequest, &[f32]) -> Option<TrainResult>,
+    F: FnMut(ClientId, &TrainRequest, &[f32]) -> Option<(TrainResult, Duration)>,
 {
-    fn train(&mut self, client: ClientId, request: &TrainRequest, params: &[f32]) -> Option<TrainResult> {
-        self(client, request, params)
+    /// Wraps `f(client, request, params) -> Some((result, compute time))`.
+    pub fn new(f: F) -> Self {
+        Self { f, done: HashMap::new() }
+    }
+}
+
+impl<F> Trainer for FnTrainer<F>
+where
+    F: FnMut(ClientId, &TrainRequest, &[f32]) -> Option<(TrainResult, Duration)>,
+{
+    fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration {
+        let out = (self.f)(client, request, params);
+        let compute = out.as_ref().map_or(Duration::ZERO, |(_, d)| *d);
+        self.done.insert((client, request.round), out.map(|(r, _)| r));
+        compute
+    }
+
+    fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
+        jobs.iter().map(|j| self.done.remove(&(j.client, j.request.round)).flatten()).collect()
     }
 }
 
@@ -70,6 +110,9 @@ pub struct FleetConfig {
     pub response_timeout: Duration,
     /// Model family the clients run.
     pub model_family: String,
+    /// Whether clients keep the last model they received (needed for patch downloads; costs one
+    /// model per client unless tasks ship the shared full model).
+    pub cache_models: bool,
 }
 
 impl Default for FleetConfig {
@@ -83,6 +126,7 @@ impl Default for FleetConfig {
             seed: 0,
             response_timeout: Duration::from_secs(120),
             model_family: "test".into(),
+            cache_models: true,
         }
     }
 }
@@ -123,8 +167,8 @@ enum Delivery {
 
 struct Client {
     session: Session,
-    params: Option<(ModelVersion, Vec<f32>)>,
-    pending: Option<(RoundId, TrainResult)>,
+    params: Option<(ModelVersion, Arc<[f32]>)>,
+    job: Option<JobState>,
     online: bool,
 }
 
@@ -145,6 +189,13 @@ pub struct Fleet<T> {
     record_transcript: bool,
     outcomes: Vec<(ClientId, SessionOutcome)>,
     bytes_up_pending: u64,
+    queued: Vec<TrainJob>,
+}
+
+#[derive(Debug, PartialEq)]
+enum JobState {
+    Queued(RoundId),
+    Done(RoundId, Option<Box<TrainResult>>),
 }
 
 impl<T: Trainer> Fleet<T> {
@@ -162,7 +213,7 @@ impl<T: Trainer> Fleet<T> {
                     rng_seed: config.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 }),
                 params: None,
-                pending: None,
+                job: None,
                 online: true,
             })
             .collect();
@@ -182,6 +233,7 @@ impl<T: Trainer> Fleet<T> {
             record_transcript: false,
             outcomes: Vec::new(),
             bytes_up_pending: 0,
+            queued: Vec::new(),
         }
     }
 
@@ -331,25 +383,29 @@ impl<T: Trainer> Fleet<T> {
                 self.after_session(c);
             }
             Delivery::Trained(c, round) => {
-                let client = &mut self.clients[c.0 as usize];
-                if let Some((r, result)) = client.pending.take()
-                    && r == round
-                    && client.session.training_round() == Some(round)
-                {
-                    let update = EncodedUpdate::encode(
-                        &result.update,
-                        self.orchestrator_plan_encoding(),
-                        &mut self.rng,
-                    );
-                    let client = &mut self.clients[c.0 as usize];
-                    let _ = client.session.submit_update(now, round, update, result.weight, result.metrics);
-                    self.after_session(c);
+                if self.clients[c.0 as usize].job == Some(JobState::Queued(round)) {
+                    self.flush_jobs();
                 }
+                let client = &mut self.clients[c.0 as usize];
+                let Some(JobState::Done(r, result)) = client.job.take() else { return self.drain(out) };
+                if r != round || client.session.training_round() != Some(round) {
+                    return self.drain(out);
+                }
+                match result {
+                    Some(result) => {
+                        let kind = self.orchestrator.config().round.plan.encoding;
+                        let update = EncodedUpdate::encode(&result.update, kind, &mut self.rng);
+                        let session = &mut self.clients[c.0 as usize].session;
+                        let _ = session.submit_update(now, round, update, result.weight, result.metrics);
+                    }
+                    None => self.clients[c.0 as usize].session.withdraw(now, WithdrawReason::TrainingFailed),
+                }
+                self.after_session(c);
             }
             Delivery::Disconnect(c) => {
                 let client = &mut self.clients[c.0 as usize];
                 client.session.handle_disconnect(now);
-                client.pending = None;
+                client.job = None;
                 self.orchestrator.handle_disconnect(now, c);
                 self.after_session(c);
             }
@@ -359,10 +415,6 @@ impl<T: Trainer> Fleet<T> {
             }
         }
         self.drain(out);
-    }
-
-    fn orchestrator_plan_encoding(&self) -> crate::encoding::EncodingKind {
-        self.orchestrator.config().round.plan.encoding
     }
 
     /// Drains a session's outputs: transmits go on the network, actions are carried out.
@@ -378,7 +430,7 @@ impl<T: Trainer> Fleet<T> {
         while let Some(action) = self.clients[idx].session.poll_action() {
             match action {
                 SessionAction::Train(req) => self.start_training(c, &req),
-                SessionAction::Cancel { .. } => self.clients[idx].pending = None,
+                SessionAction::Cancel { .. } => self.clients[idx].job = None,
                 SessionAction::Finished(outcome) => self.outcomes.push((c, outcome)),
             }
         }
@@ -389,29 +441,46 @@ impl<T: Trainer> Fleet<T> {
 
     fn start_training(&mut self, c: ClientId, req: &TrainRequest) {
         let idx = c.0 as usize;
-        let base = self.clients[idx].params.as_ref().map(|(_, p)| p.as_slice());
-        let params = match req.model.materialize(base) {
-            Ok(p) => p,
-            Err(_) => {
-                self.clients[idx].session.withdraw(self.now, WithdrawReason::TrainingFailed);
-                return self.after_session(c);
+        let params: Arc<[f32]> = match &req.model {
+            ModelPayload::Full { values, shape } if values.len() == shape.len() => values.clone(),
+            payload => {
+                let base = self.clients[idx].params.as_ref().map(|(_, p)| &p[..]);
+                match payload.materialize(base) {
+                    Ok(p) => p.into(),
+                    Err(_) => {
+                        self.clients[idx].session.withdraw(self.now, WithdrawReason::TrainingFailed);
+                        return self.after_session(c);
+                    }
+                }
             }
         };
+        if self.config.cache_models {
+            self.clients[idx].params = Some((req.model_version, params.clone()));
+        }
+        let compute = self.trainer.compute_time(c, req, &params);
         let doomed = self.rng.random::<f64>() < self.config.dropout;
-        let result = self.trainer.train(c, req, &params);
-        self.clients[idx].params = Some((req.model_version, params));
-        let Some(result) = result else {
-            self.clients[idx].session.withdraw(self.now, WithdrawReason::TrainingFailed);
-            return self.after_session(c);
-        };
-        let finish = self.now + result.compute;
         if doomed {
             let frac = self.rng.random::<f64>();
-            let at = self.now + result.compute.mul_f64(frac);
-            self.schedule(at, Delivery::Disconnect(c));
+            self.schedule(self.now + compute.mul_f64(frac), Delivery::Disconnect(c));
         } else {
-            self.clients[idx].pending = Some((req.round, result));
-            self.schedule(finish, Delivery::Trained(c, req.round));
+            self.clients[idx].job = Some(JobState::Queued(req.round));
+            self.queued.push(TrainJob { client: c, request: req.clone(), params });
+            self.schedule(self.now + compute, Delivery::Trained(c, req.round));
+        }
+    }
+
+    /// Trains every queued job in one batch and parks the results with their clients.
+    fn flush_jobs(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let jobs = std::mem::take(&mut self.queued);
+        let results = self.trainer.train(&jobs);
+        for (job, result) in jobs.iter().zip(results) {
+            let client = &mut self.clients[job.client.0 as usize];
+            if client.job == Some(JobState::Queued(job.request.round)) {
+                client.job = Some(JobState::Done(job.request.round, result.map(Box::new)));
+            }
         }
     }
 

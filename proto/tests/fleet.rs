@@ -2,7 +2,7 @@
 
 use starling_proto::codec::{Codec, Inbound};
 use starling_proto::encoding::{EncodedUpdate, EncodingKind};
-use starling_proto::harness::{Fleet, FleetConfig, TrainResult};
+use starling_proto::harness::{Fleet, FleetConfig, FnTrainer, TrainResult};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::*;
 use starling_proto::round::*;
@@ -52,14 +52,20 @@ fn orchestrator(target: usize, min: usize) -> Orchestrator {
 }
 
 /// Client i touches row i % ROWS with values [i, 1], weight 1 + i % 3, training takes (1 + i % 5) s.
-fn fake_trainer(client: ClientId, _req: &TrainRequest, _params: &[f32]) -> Option<TrainResult> {
+fn fake(client: ClientId, _req: &TrainRequest, _params: &[f32]) -> Option<(TrainResult, Duration)> {
     let i = client.0;
-    Some(TrainResult {
+    let result = TrainResult {
         update: Update::sparse(shape(), vec![(i % u64::from(ROWS)) as u32], vec![i as f32, 1.0]).unwrap(),
         weight: (1 + i % 3) as f32,
         metrics: LocalMetrics { loss: 0.5, hit_rate_at_10: None, train_ms: 1 },
-        compute: Duration::from_secs(1 + i % 5),
-    })
+    };
+    Some((result, Duration::from_secs(1 + i % 5)))
+}
+
+type FakeTrainer = FnTrainer<fn(ClientId, &TrainRequest, &[f32]) -> Option<(TrainResult, Duration)>>;
+
+fn fake_trainer() -> FakeTrainer {
+    FnTrainer::new(fake)
 }
 
 fn expected_fedavg(accepted: &[ClientId]) -> Vec<f32> {
@@ -123,7 +129,7 @@ fn good_conditions() -> DeviceConditions {
 
 #[test]
 fn round_commits_fedavg_of_accepted_updates_and_aborts_extras() {
-    let mut fleet = Fleet::new(orchestrator(10, 5), 30, fake_trainer, FleetConfig::default());
+    let mut fleet = Fleet::new(orchestrator(10, 5), 30, fake_trainer(), FleetConfig::default());
     let r = fleet.run_round().unwrap();
     let c = committed(&r.events).expect("round commits");
     assert_eq!(c.version, ModelVersion(1));
@@ -160,10 +166,10 @@ fn second_round_ships_a_patch_to_clients_holding_the_previous_version() {
     let s2 = seen.clone();
     let trainer = move |c: ClientId, req: &TrainRequest, params: &[f32]| {
         s2.borrow_mut().push((req.round, matches!(req.model, ModelPayload::Patch { .. }), params.to_vec()));
-        fake_trainer(c, req, params)
+        fake(c, req, params)
     };
     // Three clients touch three of eight rows: the patch is smaller than the model.
-    let mut fleet = Fleet::new(orch, 3, trainer, FleetConfig::default());
+    let mut fleet = Fleet::new(orch, 3, FnTrainer::new(trainer), FleetConfig::default());
     let r1 = fleet.run_round().unwrap();
     let model1 = committed(&r1.events).unwrap().model.to_vec();
     assert!(fleet.run_round().unwrap().committed());
@@ -179,7 +185,7 @@ fn second_round_ships_a_patch_to_clients_holding_the_previous_version() {
 #[test]
 fn dropouts_still_commit_when_enough_report() {
     let fc = FleetConfig { dropout: 0.3, seed: 3, ..FleetConfig::default() };
-    let mut fleet = Fleet::new(orchestrator(20, 5), 40, fake_trainer, fc);
+    let mut fleet = Fleet::new(orchestrator(20, 5), 40, fake_trainer(), fc);
     let r = fleet.run_round().unwrap();
     let c = committed(&r.events).expect("commits despite dropouts");
     assert!(c.stats.dropped > 0, "some clients dropped: {:?}", c.stats);
@@ -189,7 +195,7 @@ fn dropouts_still_commit_when_enough_report() {
 #[test]
 fn too_few_reports_fails_and_leaves_the_model_unchanged() {
     let fc = FleetConfig { dropout: 1.0, ..FleetConfig::default() };
-    let mut fleet = Fleet::new(orchestrator(10, 5), 20, fake_trainer, fc);
+    let mut fleet = Fleet::new(orchestrator(10, 5), 20, fake_trainer(), fc);
     let r = fleet.run_round().unwrap();
     let failed = r.events.iter().find_map(|e| match e {
         RoundEvent::Failed { reason, .. } => Some(reason.clone()),
@@ -204,7 +210,7 @@ fn too_few_reports_fails_and_leaves_the_model_unchanged() {
 
 #[test]
 fn too_few_check_ins_fails_selection() {
-    let mut fleet = Fleet::new(orchestrator(10, 5), 3, fake_trainer, FleetConfig::default());
+    let mut fleet = Fleet::new(orchestrator(10, 5), 3, fake_trainer(), FleetConfig::default());
     let r = fleet.run_round().unwrap();
     let failed = r.events.iter().find_map(|e| match e {
         RoundEvent::Failed { reason, .. } => Some(reason.clone()),
@@ -219,7 +225,7 @@ fn stragglers_past_the_deadline_miss_it_and_the_round_commits_with_the_rest() {
     let mut cfg = config(10, 3);
     cfg.round.report_timeout = Duration::from_millis(2500);
     let mut fleet =
-        Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 10, fake_trainer, FleetConfig::default());
+        Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 10, fake_trainer(), FleetConfig::default());
     let r = fleet.run_round().unwrap();
     let c = committed(&r.events).expect("commits with the fast clients");
     // compute = 1 + i%5 seconds: only i%5 in {0,1} finish within 2.5 s.
@@ -373,7 +379,7 @@ fn same_seed_gives_byte_identical_runs_and_another_seed_differs() {
         cfg.rng_seed = seed;
         cfg.round.plan.encoding = EncodingKind::Quantized8;
         let fc = FleetConfig { seed, dropout: 0.2, ..FleetConfig::default() };
-        let mut fleet = Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 25, fake_trainer, fc);
+        let mut fleet = Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 25, fake_trainer(), fc);
         fleet.record_transcript(true);
         for _ in 0..3 {
             fleet.run_round().unwrap();
@@ -391,7 +397,7 @@ fn same_seed_gives_byte_identical_runs_and_another_seed_differs() {
 
 #[test]
 fn come_back_at_is_spread_and_enforced_by_the_session() {
-    let mut fleet = Fleet::new(orchestrator(2, 1), 10, fake_trainer, FleetConfig::default());
+    let mut fleet = Fleet::new(orchestrator(2, 1), 10, fake_trainer(), FleetConfig::default());
     let r = fleet.run_round().unwrap();
     let mut times: Vec<Instant> = r
         .outcomes
@@ -450,7 +456,8 @@ impl Strategy for Budgeted {
 #[test]
 fn exhausted_budget_refuses_the_round_and_later_check_ins() {
     let s = Budgeted { inner: Federated::fedavg(), left: 1 };
-    let mut fleet = Fleet::new(orch_with(config(3, 2), Box::new(s)), 5, fake_trainer, FleetConfig::default());
+    let mut fleet =
+        Fleet::new(orch_with(config(3, 2), Box::new(s)), 5, fake_trainer(), FleetConfig::default());
     assert!(fleet.run_round().unwrap().committed());
     let model = fleet.orchestrator().model().1.to_vec();
     let err = fleet.run_round().unwrap_err();
@@ -507,4 +514,33 @@ fn session_cancels_training_on_abort_and_refuses_late_submission() {
     s.check_in(Instant::from_millis(3000), DeviceConditions::default(), None).unwrap();
     s.handle_message(Instant::from_millis(3001), CoordinatorMessage::Receipt { round: RoundId(1) });
     assert!(matches!(s.poll_action(), Some(SessionAction::Finished(SessionOutcome::ProtocolViolation(_)))));
+}
+
+/// A trainer that records the batches it is given.
+struct BatchRecorder {
+    batches: Vec<usize>,
+}
+
+impl starling_proto::harness::Trainer for BatchRecorder {
+    fn compute_time(
+        &mut self,
+        client: ClientId,
+        _req: &TrainRequest,
+        _params: &std::sync::Arc<[f32]>,
+    ) -> Duration {
+        Duration::from_secs(1 + client.0 % 3)
+    }
+    fn train(&mut self, jobs: &[starling_proto::harness::TrainJob]) -> Vec<Option<TrainResult>> {
+        self.batches.push(jobs.len());
+        jobs.iter().map(|j| fake(j.client, &j.request, &j.params).map(|(r, _)| r)).collect()
+    }
+}
+
+#[test]
+fn a_round_trains_its_tasks_in_one_batch() {
+    let mut fleet =
+        Fleet::new(orchestrator(10, 5), 30, BatchRecorder { batches: vec![] }, FleetConfig::default());
+    let r = fleet.run_round().unwrap();
+    assert!(r.committed());
+    assert_eq!(fleet.trainer_mut().batches, vec![13], "all 13 selected clients' tasks in one batch");
 }
