@@ -160,6 +160,9 @@ pub enum ConfigError {
     /// `max_weight` is not a positive finite number.
     #[error("max_weight must be positive and finite")]
     MaxWeight,
+    /// `selection_pool` is zero.
+    #[error("selection_pool must be at least 1 when set")]
+    EmptyPool,
 }
 
 /// Settings of the orchestrator.
@@ -432,6 +435,9 @@ impl Orchestrator {
         }
         if !(r.max_weight.is_finite() && r.max_weight > 0.0) {
             return Err(ConfigError::MaxWeight);
+        }
+        if r.selection_pool == Some(0) {
+            return Err(ConfigError::EmptyPool);
         }
         if model.len() != config.shape.len() {
             return Err(ConfigError::ModelLength { got: model.len(), want: config.shape.len() });

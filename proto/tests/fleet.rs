@@ -544,3 +544,31 @@ fn a_round_trains_its_tasks_in_one_batch() {
     assert!(r.committed());
     assert_eq!(fleet.trainer_mut().batches, vec![13], "all 13 selected clients' tasks in one batch");
 }
+
+#[test]
+fn invalid_configs_are_typed_errors() {
+    let mk = |f: &dyn Fn(&mut OrchestratorConfig)| {
+        let mut c = config(10, 5);
+        f(&mut c);
+        Orchestrator::new(c, Box::new(Federated::fedavg()), vec![0.0; 16], ModelVersion(0), RoundId(1))
+            .unwrap_err()
+    };
+    assert_eq!(mk(&|c| c.round.target_participants = 0), ConfigError::NoTarget);
+    assert_eq!(mk(&|c| c.round.min_reports = 11), ConfigError::MinReports { min: 11, target: 10 });
+    assert_eq!(mk(&|c| c.round.over_selection = 0.5), ConfigError::OverSelection(0.5));
+    assert_eq!(mk(&|c| c.round.max_weight = f32::NAN), ConfigError::MaxWeight);
+    assert_eq!(mk(&|c| c.round.selection_pool = Some(0)), ConfigError::EmptyPool);
+    let bad_model = Orchestrator::new(
+        config(10, 5),
+        Box::new(Federated::fedavg()),
+        vec![0.0; 3],
+        ModelVersion(0),
+        RoundId(1),
+    );
+    assert_eq!(bad_model.unwrap_err(), ConfigError::ModelLength { got: 3, want: 16 });
+    let mut nan = vec![0.0; 16];
+    nan[3] = f32::NAN;
+    let bad_model =
+        Orchestrator::new(config(10, 5), Box::new(Federated::fedavg()), nan, ModelVersion(0), RoundId(1));
+    assert_eq!(bad_model.unwrap_err(), ConfigError::NonFiniteModel);
+}

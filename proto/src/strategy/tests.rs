@@ -88,7 +88,7 @@ fn median_and_trimmed_mean() {
     // Trimmed mean beta 0.25 of 4 drops one each end: col0 (2+3)/2, col1 (10+20)/2.
     let a = run(&mut Federated::trimmed_mean(0.25), s, ups()).unwrap();
     assert_eq!(a.delta, vec![2.5, 15.0]);
-    // beta 0.4 of 2 updates trims nothing (floor(0.8) = 0), of 5 trims 2 each end -> needs 5.
+    // beta 0.49 of 2 updates trims nothing (floor(0.98) = 0): a plain mean.
     let err = run(&mut Federated::trimmed_mean(0.49), s, ups()[..2].to_vec()).unwrap();
     assert_eq!(err.delta, vec![1.5, 15.0]);
     assert!(matches!(run(&mut Federated::trimmed_mean(0.5), s, ups()), Err(AggregateError::Other(_))));
