@@ -1,0 +1,332 @@
+//! What a simulation reports: one [`RoundRecord`] per round, written as `results.json` and as a
+//! self-contained `report.html` (inline SVG plots, no scripts or external files).
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Every figure of one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round number (1-based).
+    pub round: u64,
+    /// Whether the round committed a new model.
+    pub committed: bool,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Clients that checked in and were eligible.
+    pub candidates: usize,
+    /// Clients sent the task.
+    pub selected: usize,
+    /// Updates accepted.
+    pub participants: usize,
+    /// Selected clients that dropped out.
+    pub dropouts: usize,
+    /// Selected clients that missed the deadline.
+    pub stragglers: usize,
+    /// Weighted mean local training loss.
+    pub loss: Option<f64>,
+    /// HR@10 after this round (when evaluated).
+    pub hr_at_10: Option<f64>,
+    /// NDCG@10 after this round (when evaluated).
+    pub ndcg_at_10: Option<f64>,
+    /// Full-ranking HR@10 after this round (synthetic data, when evaluated).
+    pub full_hr_at_10: Option<f64>,
+    /// ε spent so far at the configured δ (when DP is on).
+    pub epsilon: Option<f64>,
+    /// Bytes sent by clients this round.
+    pub bytes_up: u64,
+    /// Bytes sent by the coordinator this round.
+    pub bytes_down: u64,
+    /// Wall-clock seconds of the whole round (protocol, training, aggregation; evaluation excluded).
+    pub round_seconds: f64,
+    /// Wall-clock seconds spent in local training.
+    pub train_seconds: f64,
+    /// Simulated (virtual) seconds the round took.
+    pub simulated_seconds: f64,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SimReport {
+    /// The configuration, as given.
+    pub config: serde_json::Value,
+    /// One record per round.
+    pub rounds: Vec<RoundRecord>,
+    /// Untrained model's HR@10 (round 0).
+    pub initial_hr_at_10: Option<f64>,
+    /// Untrained model's NDCG@10 (round 0).
+    pub initial_ndcg_at_10: Option<f64>,
+    /// Popularity ranking's HR@10, for reference.
+    pub popularity_hr_at_10: Option<f64>,
+    /// Total wall-clock seconds.
+    pub total_seconds: f64,
+    /// Median wall-clock seconds per round.
+    pub median_round_seconds: f64,
+    /// Median wall-clock seconds of training per round.
+    pub median_train_seconds: f64,
+    /// Peak resident memory in bytes, when the platform reports it.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Why a report could not be written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// Writing a file failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Serialising the JSON failed.
+    #[error("serialising results: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl SimReport {
+    /// Writes `results.json` and `report.html` into `dir` (created if missing).
+    pub fn write(&self, dir: &Path) -> Result<(), ReportError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| ReportError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let json = dir.join("results.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(self)?).map_err(io(&json))?;
+        let html = dir.join("report.html");
+        std::fs::write(&html, self.to_html()).map_err(io(&html))?;
+        Ok(())
+    }
+
+    /// The self-contained HTML report.
+    pub fn to_html(&self) -> String {
+        let xs = |f: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+            self.rounds.iter().filter_map(|r| f(r).map(|y| (r.round as f64, y))).collect()
+        };
+        let mut quality = vec![
+            Series { name: "HR@10", points: xs(&|r| r.hr_at_10) },
+            Series { name: "NDCG@10", points: xs(&|r| r.ndcg_at_10) },
+        ];
+        if self.rounds.iter().any(|r| r.full_hr_at_10.is_some()) {
+            quality.push(Series { name: "full-ranking HR@10", points: xs(&|r| r.full_hr_at_10) });
+        }
+        let mut cumulative_up = 0.0;
+        let mut cumulative_down = 0.0;
+        let bytes_up: Vec<(f64, f64)> = self
+            .rounds
+            .iter()
+            .map(|r| {
+                cumulative_up += r.bytes_up as f64 / 1e6;
+                (r.round as f64, cumulative_up)
+            })
+            .collect();
+        let bytes_down: Vec<(f64, f64)> = self
+            .rounds
+            .iter()
+            .map(|r| {
+                cumulative_down += r.bytes_down as f64 / 1e6;
+                (r.round as f64, cumulative_down)
+            })
+            .collect();
+        let mut html = String::new();
+        let _ = write!(
+            html,
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Starling simulation report</title>\
+             <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}\
+             .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:1.5em}}\
+             table{{border-collapse:collapse;font-size:0.85em}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}\
+             pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>\n\
+             <h1>Starling simulation report</h1>\n<p>{} rounds, total {:.1} s, median round {:.4} s (training {:.4} s){}.</p>\n",
+            self.rounds.len(),
+            self.total_seconds,
+            self.median_round_seconds,
+            self.median_train_seconds,
+            self.peak_rss_bytes.map(|b| format!(", peak RSS {:.1} MiB", b as f64 / 1048576.0)).unwrap_or_default()
+        );
+        html.push_str("<div class=\"grid\">\n");
+        html.push_str(&svg_chart("Recommendation quality", "round", &quality));
+        html.push_str(&svg_chart("Privacy spent (ε)", "round", &[Series { name: "ε", points: xs(&|r| r.epsilon) }]));
+        html.push_str(&svg_chart(
+            "Traffic (cumulative MB)",
+            "round",
+            &[Series { name: "up", points: bytes_up }, Series { name: "down", points: bytes_down }],
+        ));
+        html.push_str(&svg_chart(
+            "Round time (s)",
+            "round",
+            &[
+                Series { name: "round", points: xs(&|r| Some(r.round_seconds)) },
+                Series { name: "training", points: xs(&|r| Some(r.train_seconds)) },
+            ],
+        ));
+        html.push_str("</div>\n<h2>Rounds</h2>\n<table><tr><th>round</th><th>participants</th><th>dropouts</th><th>HR@10</th><th>NDCG@10</th><th>ε</th><th>bytes up</th><th>bytes down</th><th>round s</th></tr>\n");
+        let opt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into());
+        for r in &self.rounds {
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+                r.round,
+                r.participants,
+                r.dropouts,
+                opt(r.hr_at_10),
+                opt(r.ndcg_at_10),
+                opt(r.epsilon),
+                r.bytes_up,
+                r.bytes_down,
+                r.round_seconds
+            );
+        }
+        html.push_str("</table>\n<h2>Configuration</h2>\n<pre>");
+        html.push_str(&escape(&serde_json::to_string_pretty(&self.config).unwrap_or_default()));
+        html.push_str("</pre>\n</body></html>\n");
+        html
+    }
+}
+
+/// One line of a chart.
+struct Series {
+    name: &'static str,
+    points: Vec<(f64, f64)>,
+}
+
+const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+
+/// A line chart as inline SVG, with axes, ticks and a legend.
+fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
+    let (w, h, left, right, top, bottom) = (460.0, 280.0, 56.0, 12.0, 28.0, 40.0);
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).collect();
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        "<figure><svg xmlns=\"http://www.w3.org/2000/svg\" role=\"img\" aria-label=\"{t}\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\
+         <text x=\"{cx}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">{t}</text>",
+        t = escape(title),
+        cx = w / 2.0
+    );
+    if all.is_empty() {
+        let _ = write!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#888\">no data</text></svg></figure>\n", w / 2.0, h / 2.0);
+        return svg;
+    }
+    let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    y0 = y0.min(0.0);
+    if x1 <= x0 {
+        x0 -= 1.0;
+        x1 += 1.0;
+    }
+    if y1 <= y0 {
+        y1 = y0 + 1.0;
+    }
+    let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
+    let py = |y: f64| h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom);
+    let _ = write!(
+        svg,
+        "<line x1=\"{l}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#444\"/><line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{b}\" stroke=\"#444\"/>",
+        l = left,
+        r = w - right,
+        t = top,
+        b = h - bottom
+    );
+    for i in 0..=4 {
+        let fy = y0 + (y1 - y0) * f64::from(i) / 4.0;
+        let fx = x0 + (x1 - x0) * f64::from(i) / 4.0;
+        let _ = write!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"10\">{}</text><line x1=\"{l}\" y1=\"{y}\" x2=\"{r}\" y2=\"{y}\" stroke=\"#eee\"/>\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
+            left - 4.0,
+            py(fy) + 3.0,
+            tick(fy),
+            px(fx),
+            h - bottom + 14.0,
+            tick(fx),
+            l = left,
+            r = w - right,
+            y = py(fy)
+        );
+    }
+    let _ = write!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>", w / 2.0, h - 6.0, escape(x_label));
+    for (i, s) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let points: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        if points.len() == 1 {
+            let (x, y) = s.points[0];
+            let _ = write!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>", px(x), py(y));
+        } else if !points.is_empty() {
+            let _ = write!(svg, "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>", points.join(" "));
+        }
+        let _ = write!(
+            svg,
+            "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\" font-size=\"11\">{}</text>",
+            left + 10.0 + 110.0 * i as f64,
+            top + 2.0,
+            left + 24.0 + 110.0 * i as f64,
+            top + 11.0,
+            escape(s.name)
+        );
+    }
+    svg.push_str("</svg></figure>\n");
+    svg
+}
+
+fn tick(v: f64) -> String {
+    if v.abs() >= 100.0 || v == v.trunc() { format!("{v:.0}") } else { format!("{v:.3}") }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(round: u64) -> RoundRecord {
+        RoundRecord {
+            round,
+            committed: true,
+            failure: None,
+            candidates: 10,
+            selected: 8,
+            participants: 7,
+            dropouts: 1,
+            stragglers: 0,
+            loss: Some(0.5),
+            hr_at_10: Some(0.1 * round as f64),
+            ndcg_at_10: Some(0.05 * round as f64),
+            full_hr_at_10: None,
+            epsilon: Some(0.3 * round as f64),
+            bytes_up: 1000,
+            bytes_down: 5000,
+            round_seconds: 0.01,
+            train_seconds: 0.005,
+            simulated_seconds: 3.0,
+        }
+    }
+
+    #[test]
+    fn html_has_every_chart_and_json_round_trips() {
+        let report = SimReport {
+            config: serde_json::json!({"clients": 10, "note": "<script>"}),
+            rounds: (1..=3).map(record).collect(),
+            initial_hr_at_10: Some(0.1),
+            initial_ndcg_at_10: Some(0.05),
+            popularity_hr_at_10: Some(0.2),
+            total_seconds: 1.0,
+            median_round_seconds: 0.01,
+            median_train_seconds: 0.005,
+            peak_rss_bytes: Some(1 << 20),
+        };
+        let html = report.to_html();
+        assert_eq!(html.matches("<svg").count(), 4);
+        assert_eq!(html.matches("<polyline").count(), 2 + 1 + 2 + 2);
+        assert!(!html.contains("<script>"), "configuration text is escaped");
+        let dir = tempfile::tempdir().unwrap();
+        report.write(dir.path()).unwrap();
+        let back: SimReport = serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+        assert_eq!(back, report);
+    }
+}
