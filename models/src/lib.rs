@@ -1,1 +1,19 @@
-//! Starling's recommendation models. (Filled in by the models issue.)
+//! # starling-models
+//!
+//! Starling's recommendation models, behaviour data and evaluation protocol.
+//!
+//! ## Layout
+//! - [`mf`]: federated matrix factorisation with BPR — the per-client training loop, scoring,
+//!   top-k and the cold-start popularity ranking.
+//! - [`data`]: interactions, the MovieLens `u.data` loader ([`data::movielens`]), the lazy
+//!   synthetic population ([`data::synthetic`]) and the leave-one-out split.
+//! - [`eval`]: the reference evaluation protocol (SplitMix64 negatives, HR@10, NDCG@10,
+//!   full-ranking HR@10, export format).
+//!
+//! The global (shared) part of a model is seen by the protocol as one row-major `f32` matrix
+//! ([`starling_proto::update::ModelShape`]); the private part (the user vector) never leaves the
+//! device and is never part of an update.
+
+pub mod data;
+pub mod eval;
+pub mod mf;

@@ -1,0 +1,260 @@
+//! A synthetic population with a known latent structure, generated lazily.
+//!
+//! Ground truth: every item has a latent vector and a popularity that follows a power law; every
+//! user has a latent vector and an activity level drawn from a log-normal distribution. A user's
+//! interactions are drawn without replacement with probability ∝ `exp(affinity · uᵀv + pop_i)`
+//! (Gumbel top-k), with timestamps spread over the simulated period and a context (time-of-day
+//! bucket, weekday, device class) per interaction.
+//!
+//! Only the item side (`items × dim` floats) is held in memory. A user is a pure function of
+//! `(seed, user id)`: [`Population::user`] regenerates it on demand, so a population of millions
+//! costs nothing until its users are asked for, and the same seed always gives the same data.
+
+use super::Interaction;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, LogNormal, StandardNormal};
+
+/// Settings of a synthetic population.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticConfig {
+    /// Number of users (may be huge: users are generated on demand).
+    pub users: u64,
+    /// Number of items.
+    pub items: u32,
+    /// Dimension of the ground-truth latent space.
+    pub latent_dim: usize,
+    /// Strength of personal taste against popularity (0 = popularity only).
+    pub affinity: f32,
+    /// Power-law exponent of item popularity (weight of the item of rank r ∝ r^−exponent).
+    pub popularity_exponent: f32,
+    /// Median number of interactions per user.
+    pub median_interactions: f32,
+    /// Spread (σ of the log) of the interactions per user.
+    pub activity_sigma: f32,
+    /// Fewest interactions a user has.
+    pub min_interactions: u32,
+    /// Most interactions a user has.
+    pub max_interactions: u32,
+    /// Start of the simulated period, seconds since the Unix epoch.
+    pub start_time: i64,
+    /// Length of the simulated period in days.
+    pub days: u32,
+    /// Seed: the same seed gives the same population.
+    pub seed: u64,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        Self {
+            users: 1000,
+            items: 1000,
+            latent_dim: 8,
+            affinity: 2.5,
+            popularity_exponent: 0.8,
+            median_interactions: 40.0,
+            activity_sigma: 0.6,
+            min_interactions: 5,
+            max_interactions: 400,
+            start_time: 1_767_225_600, // 2026-01-01
+            days: 90,
+            seed: 1,
+        }
+    }
+}
+
+/// Context of an interaction: the "generic, implicit" signals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SyntheticContext {
+    /// Hour of the day, bucketed into 0–5 (4-hour buckets).
+    pub time_of_day: u8,
+    /// Day of the week, 0 = Monday.
+    pub weekday: u8,
+    /// Device class: 0 phone, 1 tablet, 2 desktop.
+    pub device: u8,
+}
+
+/// One generated user.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticUser {
+    /// The user id.
+    pub id: u64,
+    /// Interactions in time order.
+    pub interactions: Vec<Interaction>,
+    /// Context of each interaction (same order).
+    pub contexts: Vec<SyntheticContext>,
+}
+
+/// A population: the item side in memory, users on demand.
+#[derive(Clone, Debug)]
+pub struct Population {
+    config: SyntheticConfig,
+    item_factors: Vec<f32>,
+    item_bias: Vec<f32>,
+}
+
+/// Why a population could not be built.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyntheticError {
+    /// A setting is out of range; the text says which.
+    #[error("invalid synthetic population setting: {0}")]
+    Invalid(String),
+}
+
+fn mix(seed: u64, a: u64) -> u64 {
+    // SplitMix64 finaliser over (seed, a): decorrelated per-user streams.
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Population {
+    /// Builds the item side of a population.
+    pub fn new(config: SyntheticConfig) -> Result<Self, SyntheticError> {
+        let bad = |s: &str| Err(SyntheticError::Invalid(s.into()));
+        if config.items < 2 || config.users == 0 || config.latent_dim == 0 {
+            return bad("need at least 2 items, 1 user and a latent dimension");
+        }
+        if config.min_interactions < 2 || config.max_interactions < config.min_interactions {
+            return bad("need 2 <= min_interactions <= max_interactions");
+        }
+        if config.max_interactions >= config.items {
+            return bad("max_interactions must be below the number of items");
+        }
+        if !(config.median_interactions > 0.0 && config.activity_sigma >= 0.0 && config.affinity.is_finite())
+        {
+            return bad("median_interactions must be positive, activity_sigma non-negative");
+        }
+        if config.days == 0 {
+            return bad("days must be at least 1");
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(config.seed, u64::MAX));
+        let d = config.latent_dim;
+        let scale = 1.0 / (d as f32).sqrt();
+        let item_factors: Vec<f32> =
+            (0..config.items as usize * d).map(|_| rng.sample::<f32, _>(StandardNormal) * scale).collect();
+        // Popularity ranks are a random permutation, so popularity is independent of item id.
+        let mut ranks: Vec<u32> = (0..config.items).collect();
+        for k in (1..ranks.len()).rev() {
+            let j = rng.random_range(0..=k);
+            ranks.swap(k, j);
+        }
+        let item_bias = ranks.iter().map(|&r| -config.popularity_exponent * ((r + 1) as f32).ln()).collect();
+        Ok(Self { config, item_factors, item_bias })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SyntheticConfig {
+        &self.config
+    }
+
+    /// Number of users.
+    pub fn users(&self) -> u64 {
+        self.config.users
+    }
+
+    /// Number of items.
+    pub fn items(&self) -> u32 {
+        self.config.items
+    }
+
+    /// Generates user `id` (a pure function of the seed and the id).
+    pub fn user(&self, id: u64) -> SyntheticUser {
+        let c = &self.config;
+        let d = c.latent_dim;
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(c.seed, id));
+        let scale = 1.0 / (d as f32).sqrt();
+        let u: Vec<f32> = (0..d).map(|_| rng.sample::<f32, _>(StandardNormal) * scale).collect();
+        let activity = LogNormal::new(f64::from(c.median_interactions).ln(), f64::from(c.activity_sigma))
+            .map(|ln| ln.sample(&mut rng))
+            .unwrap_or(f64::from(c.median_interactions));
+        let n = (activity.round() as u32).clamp(c.min_interactions, c.max_interactions) as usize;
+        // Gumbel top-n: sampling n items without replacement ∝ exp(logit).
+        let mut keyed: Vec<(f32, u32)> = self
+            .item_factors
+            .chunks_exact(d)
+            .zip(&self.item_bias)
+            .enumerate()
+            .map(|(i, (v, &b))| {
+                let logit = c.affinity * v.iter().zip(&u).map(|(a, b)| a * b).sum::<f32>() + b;
+                let uniform: f32 = rng.random_range(f32::MIN_POSITIVE..1.0);
+                (logit - (-uniform.ln()).ln(), i as u32)
+            })
+            .collect();
+        keyed.select_nth_unstable_by(n - 1, |a, b| b.0.total_cmp(&a.0));
+        keyed.truncate(n);
+        keyed.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        let period = i64::from(c.days) * 86_400;
+        let mut times: Vec<i64> = (0..n).map(|_| c.start_time + rng.random_range(0..period)).collect();
+        times.sort_unstable();
+        let device = rng.random_range(0..3u8);
+        let mut interactions = Vec::with_capacity(n);
+        let mut contexts = Vec::with_capacity(n);
+        for ((_, item), t) in keyed.into_iter().zip(times) {
+            let rating = 1.0 + rng.random_range(0..5u8) as f32;
+            interactions.push(Interaction { user: id as u32, item, rating, timestamp: t });
+            let secs = t.rem_euclid(86_400);
+            // 1970-01-01 was a Thursday (weekday 3 with Monday = 0).
+            let weekday = ((t.div_euclid(86_400) + 3).rem_euclid(7)) as u8;
+            let dev = if rng.random_range(0..10u8) < 8 { device } else { rng.random_range(0..3u8) };
+            contexts.push(SyntheticContext { time_of_day: (secs / 14_400) as u8, weekday, device: dev });
+        }
+        SyntheticUser { id, interactions, contexts }
+    }
+
+    /// Every interaction of users `0..users` (for populations small enough to hold).
+    pub fn interactions(&self, users: u64) -> Vec<Interaction> {
+        (0..users.min(self.config.users)).flat_map(|u| self.user(u).interactions).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_per_seed_and_lazy_for_huge_populations() {
+        let cfg = SyntheticConfig { users: 1_000_000, items: 500, seed: 9, ..SyntheticConfig::default() };
+        let a = Population::new(cfg.clone()).unwrap();
+        let b = Population::new(cfg.clone()).unwrap();
+        assert_eq!(a.user(999_999), b.user(999_999));
+        assert_eq!(a.user(17), b.user(17));
+        assert_ne!(a.user(17), a.user(18));
+        let c = Population::new(SyntheticConfig { seed: 10, ..cfg }).unwrap();
+        assert_ne!(a.user(17), c.user(17));
+        let u = a.user(123_456);
+        assert!(u.interactions.len() >= 5);
+        let mut items: Vec<u32> = u.interactions.iter().map(|x| x.item).collect();
+        items.sort_unstable();
+        items.dedup();
+        assert_eq!(items.len(), u.interactions.len(), "no repeated items");
+        assert!(u.interactions.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+        assert!(u.contexts.iter().all(|c| c.time_of_day < 6 && c.weekday < 7 && c.device < 3));
+    }
+
+    #[test]
+    fn popularity_is_skewed_and_invalid_settings_are_refused() {
+        let p = Population::new(SyntheticConfig {
+            users: 400,
+            items: 300,
+            max_interactions: 100,
+            ..SyntheticConfig::default()
+        })
+        .unwrap();
+        let mut counts = vec![0u32; 300];
+        for x in p.interactions(400) {
+            counts[x.item as usize] += 1;
+        }
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let top: u32 = counts[..30].iter().sum();
+        let bottom: u32 = counts[270..].iter().sum();
+        assert!(top > 4 * bottom.max(1), "top decile {top} vs bottom decile {bottom}");
+        assert!(Population::new(SyntheticConfig { items: 1, ..SyntheticConfig::default() }).is_err());
+        assert!(
+            Population::new(SyntheticConfig { max_interactions: 5000, ..SyntheticConfig::default() })
+                .is_err()
+        );
+    }
+}
