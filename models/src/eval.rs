@@ -126,11 +126,11 @@ impl EvalSet {
             items.extend_from_slice(&c.negatives);
             scores.clear();
             score(c.user, &items, &mut scores);
-            if let Some(rank) = rank_of_first(&scores) {
-                if rank < 10 {
-                    hits += 1.0;
-                    ndcg += 1.0 / ((rank + 2) as f64).log2();
-                }
+            if let Some(rank) = rank_of_first(&scores)
+                && rank < 10
+            {
+                hits += 1.0;
+                ndcg += 1.0 / ((rank + 2) as f64).log2();
             }
         }
         let n = self.cases.len().max(1) as f64;

@@ -359,7 +359,7 @@ mod tests {
         let dense = r.update.to_dense();
         for (&row, g) in &gq {
             for k in 0..8 {
-                assert!((dense[row as usize * 8 + k] - (-1.0 * g[k])).abs() < 1e-6);
+                assert!((dense[row as usize * 8 + k] + g[k]).abs() < 1e-6);
             }
         }
     }
