@@ -1,1 +1,12 @@
-//! Starling coordinator.
+//! # starling-coordinator
+//!
+//! The coordinator side of Starling and the `starling` command-line tool.
+//!
+//! ## Layout
+//! - [`cli`]: the `starling` subcommands (the binary in `src/bin/starling.rs` only dispatches).
+//! - [`sim`]: the fleet simulator behind `starling simulate` — the real round engine and session
+//!   machines with real BPR-MF training on every simulated client, over a simulated network and
+//!   clock — and its reports (`results.json`, `report.html`).
+
+pub mod cli;
+pub mod sim;

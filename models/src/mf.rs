@@ -7,7 +7,11 @@
 //! [`local_epochs`] is the per-client training loop of `shared/docs/reference-workload.md`: BPR
 //! with one (configurable) uniformly sampled negative per positive from the items the user has not
 //! trained on, L2 regularisation on the rows in the batch, plain SGD on mini-batches whose gradient
-//! is the sum over the batch, separate learning rates for the user vector and the item rows. It is
+//! is the sum over the batch, separate learning rates for the user vector and the item rows.
+//! The regulariser is part of each example's loss (`−ln σ(x) + λ/2 (‖p‖² + ‖q_i‖² + ‖q_j‖²)`), so
+//! summing over the batch regularises a row once per example it appears in (the user vector once
+//! per example). This literal reading reproduces the reference figures; regularising the user
+//! vector once per batch instead gave HR@10 0.58 at C = 943 (reference 0.563). It is
 //! written out by hand (explicit gradients, no allocation per step, only the touched item rows
 //! copied) because a client's epoch is a few hundred tiny vector operations, where a tensor
 //! library's per-op overhead would dominate; `crate::burn_mf` holds the same model in burn, and a

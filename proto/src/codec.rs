@@ -400,3 +400,151 @@ mod tests {
         assert_eq!(fb.buffered(), 0);
     }
 }
+
+/// Serde adapters that put numeric arrays on the wire as one length-prefixed run of little-endian
+/// bytes instead of element by element: a decoder then turns a million `f32` into a vector at
+/// memory speed. Used through `#[serde(with = "…")]` on the large fields of the messages.
+pub(crate) mod packed {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+    use std::marker::PhantomData;
+    use std::sync::Arc;
+
+    /// A fixed-size little-endian element.
+    pub(crate) trait Element: bytemuck::Pod {
+        const SIZE: usize;
+        fn put(self, out: &mut Vec<u8>);
+        fn get(bytes: &[u8]) -> Self;
+    }
+
+    impl Element for f32 {
+        const SIZE: usize = 4;
+        fn put(self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.to_le_bytes());
+        }
+        fn get(b: &[u8]) -> Self {
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+    }
+
+    impl Element for u32 {
+        const SIZE: usize = 4;
+        fn put(self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.to_le_bytes());
+        }
+        fn get(b: &[u8]) -> Self {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+    }
+
+    impl Element for i8 {
+        const SIZE: usize = 1;
+        fn put(self, out: &mut Vec<u8>) {
+            out.push(self as u8);
+        }
+        fn get(b: &[u8]) -> Self {
+            b[0] as i8
+        }
+    }
+
+    /// Serialises `values` as one byte string: on little-endian machines the memory itself
+    /// (no copy), elsewhere converted element by element.
+    fn serialize_packed<S: Serializer, T: Element>(values: &[T], s: S) -> Result<S::Ok, S::Error> {
+        if cfg!(target_endian = "little") {
+            s.serialize_bytes(bytemuck::cast_slice(values))
+        } else {
+            let mut out = Vec::with_capacity(values.len() * T::SIZE);
+            for &v in values {
+                v.put(&mut out);
+            }
+            s.serialize_bytes(&out)
+        }
+    }
+
+    struct PackedVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Element> Visitor<'de> for PackedVisitor<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a byte string of {}-byte little-endian elements", T::SIZE)
+        }
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            if !v.len().is_multiple_of(T::SIZE) {
+                return Err(E::custom(format!(
+                    "{} bytes is not a whole number of {}-byte elements",
+                    v.len(),
+                    T::SIZE
+                )));
+            }
+            Ok(v.chunks_exact(T::SIZE).map(T::get).collect())
+        }
+        fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+            self.visit_bytes(v)
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+            self.visit_bytes(&v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            // Self-describing formats may hand the bytes over one by one.
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                bytes.push(b);
+            }
+            self.visit_bytes(&bytes)
+        }
+    }
+
+    /// `Vec<T>` as packed bytes.
+    pub(crate) mod vec {
+        use super::*;
+        pub(crate) fn serialize<S: Serializer, T: Element>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+            serialize_packed(v, s)
+        }
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>, T: Element>(d: D) -> Result<Vec<T>, D::Error> {
+            d.deserialize_bytes(PackedVisitor(PhantomData))
+        }
+    }
+
+    /// `Arc<[T]>` as packed bytes.
+    pub(crate) mod arc {
+        use super::*;
+        pub(crate) fn serialize<S: Serializer, T: Element>(v: &Arc<[T]>, s: S) -> Result<S::Ok, S::Error> {
+            serialize_packed(v, s)
+        }
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>, T: Element>(d: D) -> Result<Arc<[T]>, D::Error> {
+            d.deserialize_bytes(PackedVisitor(PhantomData)).map(Arc::from)
+        }
+    }
+
+    /// `Option<Vec<T>>` as packed bytes.
+    pub(crate) mod opt_vec {
+        use super::*;
+        use serde::Deserialize;
+
+        struct Ser<'a, T: Element>(&'a [T]);
+        impl<T: Element> serde::Serialize for Ser<'_, T> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                super::vec::serialize(self.0, s)
+            }
+        }
+        #[derive(Deserialize)]
+        #[serde(bound = "T: Element")]
+        struct De<T: Element>(#[serde(with = "super::vec")] Vec<T>);
+
+        pub(crate) fn serialize<S: Serializer, T: Element>(
+            v: &Option<Vec<T>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                None => s.serialize_none(),
+                Some(v) => s.serialize_some(&Ser(v)),
+            }
+        }
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>, T: Element>(
+            d: D,
+        ) -> Result<Option<Vec<T>>, D::Error> {
+            Ok(Option::<De<T>>::deserialize(d)?.map(|De(v)| v))
+        }
+    }
+}

@@ -36,6 +36,7 @@ pub enum EncodedUpdate {
         /// Declared shape.
         shape: ModelShape,
         /// `shape.rows × shape.row_len` values.
+        #[serde(with = "crate::codec::packed::vec")]
         values: Vec<f32>,
     },
     /// Only some rows.
@@ -43,8 +44,10 @@ pub enum EncodedUpdate {
         /// Declared shape.
         shape: ModelShape,
         /// Rows present, strictly increasing.
+        #[serde(with = "crate::codec::packed::vec")]
         rows: Vec<u32>,
         /// `rows.len() × shape.row_len` values.
+        #[serde(with = "crate::codec::packed::vec")]
         values: Vec<f32>,
     },
     /// Quantised rows: value = `code × scale[row position]`.
@@ -52,10 +55,13 @@ pub enum EncodedUpdate {
         /// Declared shape.
         shape: ModelShape,
         /// Rows present (strictly increasing), or `None` for all rows.
+        #[serde(with = "crate::codec::packed::opt_vec")]
         rows: Option<Vec<u32>>,
         /// One non-negative finite scale per row present.
+        #[serde(with = "crate::codec::packed::vec")]
         scales: Vec<f32>,
         /// One code per value, in `-127..=127`.
+        #[serde(with = "crate::codec::packed::vec")]
         codes: Vec<i8>,
     },
 }

@@ -177,6 +177,7 @@ pub enum ModelPayload {
         /// Shape of the parameters.
         shape: ModelShape,
         /// All values, row-major (shared, so queuing a task for many clients copies nothing).
+        #[serde(with = "crate::codec::packed::arc")]
         values: Arc<[f32]>,
     },
     /// Only the rows that changed since `from`, with their new values (exact, not differences).
@@ -186,8 +187,10 @@ pub enum ModelPayload {
         /// Shape of the parameters.
         shape: ModelShape,
         /// Changed rows, strictly increasing.
+        #[serde(with = "crate::codec::packed::arc")]
         rows: Arc<[u32]>,
         /// New values of those rows, row after row.
+        #[serde(with = "crate::codec::packed::arc")]
         values: Arc<[f32]>,
     },
 }

@@ -2,6 +2,7 @@
 //! `starling_coordinator::cli`.
 
 use clap::{Parser, Subcommand};
+use starling_coordinator::cli;
 
 /// Starling: federated-learning personalization.
 #[derive(Parser, Debug)]
@@ -13,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a simulated fleet end to end (the main job).
+    Simulate(Box<cli::simulate::SimulateArgs>),
     /// Print the protocol and build versions.
     Version,
 }
@@ -20,6 +23,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Simulate(args) => cli::simulate::run(&args)?,
         Command::Version => {
             println!(
                 "starling {} (protocol versions {}..={})",

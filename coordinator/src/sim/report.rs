@@ -144,11 +144,17 @@ impl SimReport {
             self.total_seconds,
             self.median_round_seconds,
             self.median_train_seconds,
-            self.peak_rss_bytes.map(|b| format!(", peak RSS {:.1} MiB", b as f64 / 1048576.0)).unwrap_or_default()
+            self.peak_rss_bytes
+                .map(|b| format!(", peak RSS {:.1} MiB", b as f64 / 1048576.0))
+                .unwrap_or_default()
         );
         html.push_str("<div class=\"grid\">\n");
         html.push_str(&svg_chart("Recommendation quality", "round", &quality));
-        html.push_str(&svg_chart("Privacy spent (ε)", "round", &[Series { name: "ε", points: xs(&|r| r.epsilon) }]));
+        html.push_str(&svg_chart(
+            "Privacy spent (ε)",
+            "round",
+            &[Series { name: "ε", points: xs(&|r| r.epsilon) }],
+        ));
         html.push_str(&svg_chart(
             "Traffic (cumulative MB)",
             "round",
@@ -207,7 +213,12 @@ fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
         cx = w / 2.0
     );
     if all.is_empty() {
-        let _ = write!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#888\">no data</text></svg></figure>\n", w / 2.0, h / 2.0);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#888\">no data</text></svg></figure>",
+            w / 2.0,
+            h / 2.0
+        );
         return svg;
     }
     let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
@@ -248,15 +259,27 @@ fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
             y = py(fy)
         );
     }
-    let _ = write!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>", w / 2.0, h - 6.0, escape(x_label));
+    let _ = write!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
+        w / 2.0,
+        h - 6.0,
+        escape(x_label)
+    );
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let points: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let points: Vec<String> =
+            s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
         if points.len() == 1 {
             let (x, y) = s.points[0];
-            let _ = write!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>", px(x), py(y));
+            let _ =
+                write!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>", px(x), py(y));
         } else if !points.is_empty() {
-            let _ = write!(svg, "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>", points.join(" "));
+            let _ = write!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+                points.join(" ")
+            );
         }
         let _ = write!(
             svg,
@@ -326,7 +349,8 @@ mod tests {
         assert!(!html.contains("<script>"), "configuration text is escaped");
         let dir = tempfile::tempdir().unwrap();
         report.write(dir.path()).unwrap();
-        let back: SimReport = serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+        let back: SimReport =
+            serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
         assert_eq!(back, report);
     }
 }

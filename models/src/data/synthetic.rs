@@ -50,7 +50,7 @@ impl Default for SyntheticConfig {
             users: 1000,
             items: 1000,
             latent_dim: 8,
-            affinity: 2.5,
+            affinity: 5.0,
             popularity_exponent: 0.8,
             median_interactions: 40.0,
             activity_sigma: 0.6,

@@ -1,0 +1,3 @@
+//! Subcommands of the `starling` tool, one module per group.
+
+pub mod simulate;

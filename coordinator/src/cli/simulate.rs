@@ -1,0 +1,247 @@
+//! `starling simulate`: the main job — a simulated fleet end to end.
+
+use crate::sim::report::RoundRecord;
+use crate::sim::{self, Dataset, SimConfig, StrategyKind};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use starling_proto::encoding::EncodingKind;
+use starling_proto::time::Duration;
+use std::path::PathBuf;
+
+/// Named workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// The built-in synthetic population (default).
+    Default,
+    /// The reference workload of `shared/docs/reference-workload.md` (needs `--data`).
+    Reference,
+}
+
+/// Strategy names on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StrategyArg {
+    /// Example-weighted FedAvg.
+    Fedavg,
+    /// FedAvg averaging each item row over the clients that touched it.
+    FedavgRow,
+    /// FedAvg with server momentum.
+    Fedavgm,
+    /// FedAdam.
+    Fedadam,
+    /// FedYogi.
+    Fedyogi,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise 10% trimmed mean.
+    TrimmedMean,
+}
+
+/// Update encodings on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EncodingArg {
+    /// Every value.
+    Dense,
+    /// Touched rows only.
+    RowSparse,
+    /// Touched rows, 8-bit stochastic quantisation.
+    Q8,
+}
+
+/// Options of `starling simulate`.
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Named workload: `default` (synthetic) or `reference` (MovieLens reference workload).
+    #[arg(long, value_enum, default_value_t = Workload::Default)]
+    pub workload: Workload,
+    /// A MovieLens `u.data`-format file; without it, the built-in synthetic population is used.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Synthetic population: users.
+    #[arg(long, default_value_t = 5000)]
+    pub users: u64,
+    /// Synthetic population: items.
+    #[arg(long, default_value_t = 2000)]
+    pub items: u32,
+    /// Reports per round (default 250; 100 for the reference workload).
+    #[arg(long)]
+    pub clients_per_round: Option<usize>,
+    /// Rounds.
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Local epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    /// Learning rate of the shared item rows.
+    #[arg(long, default_value_t = 1.0)]
+    pub item_lr: f32,
+    /// Learning rate of the private user vector.
+    #[arg(long, default_value_t = 0.2)]
+    pub user_lr: f32,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = 32)]
+    pub dim: u32,
+    /// Aggregation strategy.
+    #[arg(long, value_enum, default_value_t = StrategyArg::Fedavg)]
+    pub strategy: StrategyArg,
+    /// Update encoding.
+    #[arg(long, value_enum, default_value_t = EncodingArg::RowSparse)]
+    pub encoding: EncodingArg,
+    /// Probability that a selected client drops out mid-round.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Over-selection factor.
+    #[arg(long)]
+    pub over_selection: Option<f64>,
+    /// Evaluate every this many rounds.
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: u32,
+    /// Seed of everything (the same seed gives the same results).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Worker threads for local training (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Directory for `results.json` and `report.html`.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Print only the summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl SimulateArgs {
+    /// The simulation configuration these options describe.
+    pub fn to_config(&self) -> anyhow::Result<SimConfig> {
+        let mut c = match self.workload {
+            Workload::Reference => {
+                let data = self.data.clone().ok_or_else(|| {
+                    anyhow::anyhow!("--workload reference needs --data PATH (MovieLens u.data)")
+                })?;
+                SimConfig::reference(data, self.clients_per_round.unwrap_or(100), self.rounds.unwrap_or(200))
+            }
+            Workload::Default => {
+                let dataset = match &self.data {
+                    Some(p) => Dataset::File(p.clone()),
+                    None => Dataset::Synthetic { users: self.users, items: self.items, seed: self.seed },
+                };
+                let d = SimConfig::default();
+                SimConfig {
+                    dataset,
+                    clients_per_round: self.clients_per_round.unwrap_or(d.clients_per_round),
+                    rounds: self.rounds.unwrap_or(d.rounds),
+                    ..d
+                }
+            }
+        };
+        c.epochs = self.epochs;
+        c.item_lr = self.item_lr;
+        c.user_lr = self.user_lr;
+        c.dim = self.dim;
+        c.eval_every = self.eval_every;
+        c.seed = self.seed;
+        c.strategy = match self.strategy {
+            StrategyArg::Fedavg => StrategyKind::FedAvg,
+            StrategyArg::FedavgRow => StrategyKind::FedAvgRowAware,
+            StrategyArg::Fedavgm => StrategyKind::FedAvgM,
+            StrategyArg::Fedadam => StrategyKind::FedAdam,
+            StrategyArg::Fedyogi => StrategyKind::FedYogi,
+            StrategyArg::Median => StrategyKind::Median,
+            StrategyArg::TrimmedMean => StrategyKind::TrimmedMean,
+        };
+        c.encoding = match self.encoding {
+            EncodingArg::Dense => EncodingKind::Dense,
+            EncodingArg::RowSparse => EncodingKind::RowSparse,
+            EncodingArg::Q8 => EncodingKind::Quantized8,
+        };
+        if let Some(d) = self.dropout {
+            anyhow::ensure!((0.0..=1.0).contains(&d), "--dropout must be in [0, 1]");
+            c.dropout = d;
+        }
+        if let Some(o) = self.over_selection {
+            c.over_selection = o;
+        }
+        if let Some(t) = self.threads {
+            c.threads = t.max(1);
+        }
+        c.report_timeout = Duration::from_secs(120);
+        Ok(c)
+    }
+}
+
+fn fmt_opt(v: Option<f64>, width: usize) -> String {
+    v.map(|v| format!("{v:>width$.4}")).unwrap_or_else(|| format!("{:>width$}", "-"))
+}
+
+fn line(r: &RoundRecord) -> String {
+    format!(
+        "round {:>4}  participants {:>5}  dropouts {:>4}  HR@10 {}  NDCG@10 {}  eps {}  up {:>9} B  down {:>11} B  {:>8.4} s{}",
+        r.round,
+        r.participants,
+        r.dropouts + r.stragglers,
+        fmt_opt(r.hr_at_10, 6),
+        fmt_opt(r.ndcg_at_10, 6),
+        fmt_opt(r.epsilon, 6),
+        r.bytes_up,
+        r.bytes_down,
+        r.round_seconds,
+        r.failure.as_ref().map(|f| format!("  FAILED: {f}")).unwrap_or_default()
+    )
+}
+
+/// Runs `starling simulate`.
+pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(config.rounds)).with_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} rounds  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    };
+    let quiet = args.quiet;
+    let mut progress = |r: &RoundRecord, _rounds: u32| {
+        if !quiet {
+            bar.suspend(|| println!("{}", line(r)));
+        }
+        if let Some(h) = r.hr_at_10 {
+            bar.set_message(format!("HR@10 {h:.4}"));
+        }
+        bar.inc(1);
+    };
+    let report = sim::run(&config, &mut progress)?;
+    bar.finish_and_clear();
+    report.write(&args.out)?;
+    let last = report.rounds.iter().rev().find(|r| r.hr_at_10.is_some());
+    println!(
+        "initial HR@10 {:.4} NDCG@10 {:.4}; popularity HR@10 {:.4}",
+        report.initial_hr_at_10.unwrap_or(0.0),
+        report.initial_ndcg_at_10.unwrap_or(0.0),
+        report.popularity_hr_at_10.unwrap_or(0.0)
+    );
+    if let Some(l) = last {
+        println!(
+            "final (round {}) HR@10 {:.4} NDCG@10 {:.4}{}",
+            l.round,
+            l.hr_at_10.unwrap_or(0.0),
+            l.ndcg_at_10.unwrap_or(0.0),
+            l.full_hr_at_10.map(|f| format!(" full-ranking HR@10 {f:.4}")).unwrap_or_default()
+        );
+    }
+    println!(
+        "median round {:.4} s (training {:.4} s); total {:.1} s; peak RSS {}",
+        report.median_round_seconds,
+        report.median_train_seconds,
+        report.total_seconds,
+        report
+            .peak_rss_bytes
+            .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "n/a".into())
+    );
+    println!(
+        "wrote {} and {}",
+        args.out.join("results.json").display(),
+        args.out.join("report.html").display()
+    );
+    Ok(())
+}

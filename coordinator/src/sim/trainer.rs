@@ -1,0 +1,172 @@
+//! The simulated clients' local training: real BPR-MF training (the same kernel the SDK runs), each
+//! client with its own private user vector, a batch spread over worker threads.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use starling_models::mf::{LocalTraining, local_epochs};
+use starling_proto::harness::{TrainJob, TrainResult, Trainer};
+use starling_proto::ids::ClientId;
+use starling_proto::message::LocalMetrics;
+use starling_proto::session::TrainRequest;
+use starling_proto::time::Duration;
+use starling_proto::update::ModelShape;
+use std::sync::Arc;
+use std::time::Instant as WallClock;
+
+/// How long a simulated device takes: `base + per_example × examples × epochs`, times the device's
+/// slowness factor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceModel {
+    /// Fixed cost of a task (download handling, start-up).
+    pub base: Duration,
+    /// Cost per example and epoch on a reference device.
+    pub per_example: Duration,
+    /// Per-client slowness factors (1.0 = reference device), indexed by client id.
+    pub slowness: Vec<f32>,
+}
+
+/// Trains every simulated client's tasks with real BPR-MF.
+#[derive(Debug)]
+pub struct MfFleetTrainer {
+    shape: ModelShape,
+    users: Vec<Vec<f32>>,
+    positives: Arc<Vec<Vec<u32>>>,
+    device: DeviceModel,
+    seed: u64,
+    threads: usize,
+    /// Wall-clock time spent training since the last [`take_train_time`](Self::take_train_time).
+    train_time: std::time::Duration,
+    failures: usize,
+}
+
+impl MfFleetTrainer {
+    /// `users` holds each client's initial private vector; `positives` each client's training items.
+    pub fn new(
+        shape: ModelShape,
+        users: Vec<Vec<f32>>,
+        positives: Arc<Vec<Vec<u32>>>,
+        device: DeviceModel,
+        seed: u64,
+        threads: usize,
+    ) -> Self {
+        Self {
+            shape,
+            users,
+            positives,
+            device,
+            seed,
+            threads: threads.max(1),
+            train_time: std::time::Duration::ZERO,
+            failures: 0,
+        }
+    }
+
+    /// The private vectors (for evaluation).
+    pub fn users(&self) -> &[Vec<f32>] {
+        &self.users
+    }
+
+    /// Wall-clock training time accumulated since the last call.
+    pub fn take_train_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.train_time)
+    }
+
+    /// Local trainings that failed (diverged or bad input) so far.
+    pub fn failures(&self) -> usize {
+        self.failures
+    }
+}
+
+fn plan_to_training(req: &TrainRequest) -> LocalTraining {
+    LocalTraining {
+        epochs: req.plan.epochs,
+        batch_size: req.plan.batch_size.max(1) as usize,
+        negatives: req.plan.negatives.max(1),
+        item_lr: req.plan.learning_rate,
+        user_lr: req.plan.private_learning_rate,
+        reg: LocalTraining::default().reg,
+    }
+}
+
+fn train_one(
+    shape: ModelShape,
+    seed: u64,
+    job: &TrainJob,
+    user: &mut [f32],
+    positives: &[u32],
+) -> Option<TrainResult> {
+    let started = WallClock::now();
+    let cfg = plan_to_training(&job.request);
+    let stream =
+        seed ^ job.client.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ job.request.round.0.rotate_left(32);
+    let mut rng = ChaCha8Rng::seed_from_u64(stream);
+    let r = local_epochs(shape, &job.params, user, positives, &cfg, &mut rng).ok()?;
+    if r.examples == 0 {
+        return None;
+    }
+    let train_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+    Some(TrainResult {
+        update: r.update,
+        weight: r.examples as f32,
+        metrics: LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms },
+    })
+}
+
+impl Trainer for MfFleetTrainer {
+    fn compute_time(&mut self, client: ClientId, request: &TrainRequest, _params: &Arc<[f32]>) -> Duration {
+        let i = client.0 as usize;
+        let examples = self.positives.get(i).map_or(0, Vec::len) as u32;
+        let slow = self.device.slowness.get(i).copied().unwrap_or(1.0).max(0.01);
+        (self.device.base + self.device.per_example * examples * request.plan.epochs.max(1)).mul_f32(slow)
+    }
+
+    fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
+        let started = WallClock::now();
+        // Take each job's private vector out so worker threads own disjoint state.
+        let mut work: Vec<(usize, &TrainJob, Vec<f32>)> = jobs
+            .iter()
+            .enumerate()
+            .map(|(k, j)| {
+                (k, j, self.users.get_mut(j.client.0 as usize).map(std::mem::take).unwrap_or_default())
+            })
+            .collect();
+        let (shape, seed, positives) = (self.shape, self.seed, &*self.positives);
+        let chunk = work.len().div_ceil(self.threads).max(1);
+        let mut results: Vec<Option<TrainResult>> = vec![None; jobs.len()];
+        std::thread::scope(|s| {
+            let handles: Vec<_> = work
+                .chunks_mut(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter_mut()
+                            .map(|(k, job, user)| {
+                                let pos = positives.get(job.client.0 as usize).map_or(&[][..], Vec::as_slice);
+                                let out = if user.len() == shape.row_len as usize {
+                                    train_one(shape, seed, job, user, pos)
+                                } else {
+                                    None
+                                };
+                                (*k, out)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for h in handles {
+                if let Ok(part) = h.join() {
+                    for (k, out) in part {
+                        results[k] = out;
+                    }
+                }
+            }
+        });
+        for (_, job, user) in work {
+            if let Some(slot) = self.users.get_mut(job.client.0 as usize) {
+                *slot = user;
+            }
+        }
+        self.failures += results.iter().filter(|r| r.is_none()).count();
+        self.train_time += started.elapsed();
+        results
+    }
+}
