@@ -14,6 +14,8 @@
 //! ([`starling_proto::update::ModelShape`]); the private part (the user vector) never leaves the
 //! device and is never part of an update.
 
+pub mod burn_mf;
 pub mod data;
 pub mod eval;
+pub mod flat;
 pub mod mf;

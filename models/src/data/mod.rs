@@ -1,6 +1,7 @@
 //! Behaviour data: interactions, the MovieLens loader, the synthetic population, and the
 //! leave-one-out split used by every evaluation.
 
+pub mod events;
 pub mod movielens;
 pub mod synthetic;
 

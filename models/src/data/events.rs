@@ -1,0 +1,279 @@
+//! Behaviour events as an app records them, and how they become training examples.
+//!
+//! | event | meaning | training signal |
+//! |---|---|---|
+//! | `View { dwell_ms }` | the item was shown/opened for `dwell_ms` | positive (weight 1) if dwell ≥ 30 s, weak positive (0.5) if ≥ 10 s, ignored below |
+//! | `Click` | the user opened the item | positive, weight 1 |
+//! | `AddToCart` | intent | positive, weight 2 |
+//! | `Purchase` | strongest implicit signal | positive, weight 3 |
+//! | `Rating { stars }` (1–5) | explicit | ≥ 4: positive (weight 2); 3: weak positive (0.5); ≤ 2: negative |
+//! | `Skip` | shown and dismissed | negative (used as a hard negative, never as a positive) |
+//!
+//! For one item the strongest signal wins: its weight is the largest positive weight seen, and it
+//! is a negative only if it never earned a positive (a later purchase overrides an earlier skip).
+//! Matrix factorisation uses the positives (BPR treats every positive alike; the weights sum into
+//! the client's FedAvg weight); the two-tower model also uses each positive's context.
+
+use serde::{Deserialize, Serialize};
+
+/// Hour-of-day bucket (0: 0–4 h, 1: 4–8 h, …, 5: 20–24 h).
+pub const TIME_BUCKETS: usize = 6;
+/// Days of the week.
+pub const WEEKDAYS: usize = 7;
+/// Device classes.
+pub const DEVICE_CLASSES: usize = 3;
+
+/// The kind of device the event happened on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceClass {
+    /// A phone.
+    Phone,
+    /// A tablet.
+    Tablet,
+    /// A desktop or laptop.
+    Desktop,
+}
+
+impl DeviceClass {
+    /// Index in `0..DEVICE_CLASSES`.
+    pub fn index(self) -> usize {
+        match self {
+            DeviceClass::Phone => 0,
+            DeviceClass::Tablet => 1,
+            DeviceClass::Desktop => 2,
+        }
+    }
+}
+
+/// Generic, implicit context of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Context {
+    /// Hour-of-day bucket, `0..TIME_BUCKETS`.
+    pub time_of_day: u8,
+    /// Day of the week, 0 = Monday.
+    pub weekday: u8,
+    /// Device class.
+    pub device: DeviceClass,
+}
+
+impl Context {
+    /// The context of a moment (seconds since the Unix epoch, in the device's local time) on a device.
+    pub fn at(local_seconds: i64, device: DeviceClass) -> Self {
+        let secs = local_seconds.rem_euclid(86_400);
+        // 1970-01-01 was a Thursday (3 with Monday = 0).
+        let weekday = ((local_seconds.div_euclid(86_400) + 3).rem_euclid(7)) as u8;
+        Self { time_of_day: (secs / 14_400) as u8, weekday, device }
+    }
+
+    /// Whether every field is in range.
+    pub fn is_valid(&self) -> bool {
+        usize::from(self.time_of_day) < TIME_BUCKETS && usize::from(self.weekday) < WEEKDAYS
+    }
+}
+
+/// What the user did.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The item was viewed for `dwell_ms` milliseconds.
+    View {
+        /// Time spent on the item.
+        dwell_ms: u32,
+    },
+    /// The item was clicked/opened.
+    Click,
+    /// The item was added to a cart.
+    AddToCart,
+    /// The item was bought.
+    Purchase,
+    /// An explicit rating, 1–5 stars.
+    Rating {
+        /// Stars, 1–5.
+        stars: u8,
+    },
+    /// The item was shown and skipped.
+    Skip,
+}
+
+impl EventKind {
+    /// A short name (stored as a column by the SDK).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::View { .. } => "view",
+            EventKind::Click => "click",
+            EventKind::AddToCart => "add_to_cart",
+            EventKind::Purchase => "purchase",
+            EventKind::Rating { .. } => "rating",
+            EventKind::Skip => "skip",
+        }
+    }
+
+    /// The training signal: `Some(w > 0)` positive with weight `w`, `Some(w < 0)` negative,
+    /// `None` no signal. See the module docs for the table.
+    pub fn signal(&self) -> Option<f32> {
+        match *self {
+            EventKind::View { dwell_ms } if dwell_ms >= 30_000 => Some(1.0),
+            EventKind::View { dwell_ms } if dwell_ms >= 10_000 => Some(0.5),
+            EventKind::View { .. } => None,
+            EventKind::Click => Some(1.0),
+            EventKind::AddToCart => Some(2.0),
+            EventKind::Purchase => Some(3.0),
+            EventKind::Rating { stars } if stars >= 4 => Some(2.0),
+            EventKind::Rating { stars: 3 } => Some(0.5),
+            EventKind::Rating { .. } => Some(-1.0),
+            EventKind::Skip => Some(-1.0),
+        }
+    }
+}
+
+/// One recorded event.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The item (0-based id in the model's catalogue).
+    pub item: u32,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// Where and when, coarsely.
+    pub context: Context,
+}
+
+/// Why an event is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventError {
+    /// The item is not in the catalogue.
+    #[error("unknown item {item} (catalogue has {items} items)")]
+    UnknownItem {
+        /// The item.
+        item: u32,
+        /// Catalogue size.
+        items: u32,
+    },
+    /// A rating outside 1–5.
+    #[error("rating must be 1 to 5 stars, got {0}")]
+    BadRating(u8),
+    /// A context field out of range.
+    #[error("context out of range: time_of_day {time_of_day}, weekday {weekday}")]
+    BadContext {
+        /// The bucket given.
+        time_of_day: u8,
+        /// The weekday given.
+        weekday: u8,
+    },
+}
+
+impl Event {
+    /// Checks the event against a catalogue of `items` items.
+    pub fn validate(&self, items: u32) -> Result<(), EventError> {
+        if self.item >= items {
+            return Err(EventError::UnknownItem { item: self.item, items });
+        }
+        if let EventKind::Rating { stars } = self.kind
+            && !(1..=5).contains(&stars)
+        {
+            return Err(EventError::BadRating(stars));
+        }
+        if !self.context.is_valid() {
+            return Err(EventError::BadContext {
+                time_of_day: self.context.time_of_day,
+                weekday: self.context.weekday,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A positive training example.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Positive {
+    /// The item.
+    pub item: u32,
+    /// Its weight (strongest signal seen).
+    pub weight: f32,
+    /// Context of the strongest signal.
+    pub context: Context,
+}
+
+/// Training examples derived from a user's events.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Examples {
+    /// Positives, sorted by item.
+    pub positives: Vec<Positive>,
+    /// Items with only negative signals, sorted.
+    pub negatives: Vec<u32>,
+}
+
+impl Examples {
+    /// Applies the mapping of the module docs to `events`.
+    pub fn from_events(events: &[Event]) -> Self {
+        let mut best: std::collections::BTreeMap<u32, (f32, Context)> = std::collections::BTreeMap::new();
+        for e in events {
+            let Some(w) = e.kind.signal() else { continue };
+            let entry = best.entry(e.item).or_insert((w, e.context));
+            if w > entry.0 {
+                *entry = (w, e.context);
+            }
+        }
+        let mut out = Examples::default();
+        for (item, (w, context)) in best {
+            if w > 0.0 {
+                out.positives.push(Positive { item, weight: w, context });
+            } else {
+                out.negatives.push(item);
+            }
+        }
+        out
+    }
+
+    /// The positive items, sorted.
+    pub fn positive_items(&self) -> Vec<u32> {
+        self.positives.iter().map(|p| p.item).collect()
+    }
+
+    /// Sum of positive weights.
+    pub fn total_weight(&self) -> f32 {
+        self.positives.iter().map(|p| p.weight).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(item: u32, kind: EventKind) -> Event {
+        Event { item, at_ms: 0, kind, context: Context::at(0, DeviceClass::Phone) }
+    }
+
+    #[test]
+    fn strongest_signal_wins_and_skips_are_negatives() {
+        let events = [
+            ev(1, EventKind::Skip),
+            ev(1, EventKind::Purchase),
+            ev(2, EventKind::View { dwell_ms: 2_000 }),
+            ev(3, EventKind::View { dwell_ms: 45_000 }),
+            ev(4, EventKind::Skip),
+            ev(5, EventKind::Rating { stars: 1 }),
+            ev(6, EventKind::Rating { stars: 5 }),
+        ];
+        let x = Examples::from_events(&events);
+        assert_eq!(x.positive_items(), vec![1, 3, 6]);
+        assert_eq!(x.positives[0].weight, 3.0);
+        assert_eq!(x.negatives, vec![4, 5]);
+        assert_eq!(x.total_weight(), 6.0);
+    }
+
+    #[test]
+    fn validation_and_context() {
+        assert_eq!(ev(10, EventKind::Click).validate(5), Err(EventError::UnknownItem { item: 10, items: 5 }));
+        assert_eq!(ev(1, EventKind::Rating { stars: 6 }).validate(5), Err(EventError::BadRating(6)));
+        let c = Context::at(86_400 * 4 + 3600 * 13, DeviceClass::Desktop); // 1970-01-05 13:00, a Monday
+        assert_eq!((c.weekday, c.time_of_day), (0, 3));
+        let json = serde_json::to_string(&ev(1, EventKind::View { dwell_ms: 5 })).unwrap();
+        assert!(json.contains("\"type\":\"view\""), "{json}");
+        let back: Event = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ev(1, EventKind::View { dwell_ms: 5 }));
+    }
+}
