@@ -103,7 +103,7 @@ pub struct CentralTraining {
 
 impl Default for CentralTraining {
     fn default() -> Self {
-        Self { epochs: 20, batch_size: 1024, lr: 5e-3, reg: 1e-4, seed: 42 }
+        Self { epochs: 60, batch_size: 1024, lr: 2e-3, reg: 5e-4, seed: 42 }
     }
 }
 

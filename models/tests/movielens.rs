@@ -30,3 +30,16 @@ fn reference_split_and_evaluation_set_match_the_published_figures() {
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(hex, "5caf8c983d83011adebc1d25dc790064fc1e4d324aa33eaf06203a66528f121b");
 }
+
+#[test]
+fn centralized_mf_reaches_the_reference_quality() {
+    use starling_models::burn_mf::{CentralTraining, train_central};
+    let Some(path) = data_path() else { return };
+    let r = movielens::load(&path).unwrap();
+    let split = LeaveOneOut::split(&r.interactions, r.n_users, r.n_items);
+    let eval = EvalSet::build(&split).unwrap();
+    let mut last = None;
+    train_central(&split, &eval, 32, &CentralTraining::default(), |e| last = Some(e.metrics));
+    let m = last.unwrap();
+    assert!(m.hr_at_10 >= 0.58, "HR@10 {:.4} NDCG@10 {:.4}", m.hr_at_10, m.ndcg_at_10);
+}

@@ -16,6 +16,11 @@ struct Cli {
 enum Command {
     /// Run a simulated fleet end to end (the main job).
     Simulate(Box<cli::simulate::SimulateArgs>),
+    /// Reference-workload tools (`export-eval`).
+    #[command(subcommand)]
+    Workload(cli::workload::WorkloadCommand),
+    /// Train the centralized MF baseline and print HR@10/NDCG@10 per epoch and a JSON line.
+    Baseline(Box<cli::workload::BaselineArgs>),
     /// Print the protocol and build versions.
     Version,
 }
@@ -24,6 +29,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate(args) => cli::simulate::run(&args)?,
+        Command::Workload(cmd) => cli::workload::run_workload(&cmd)?,
+        Command::Baseline(args) => cli::workload::run_baseline(&args)?,
         Command::Version => {
             println!(
                 "starling {} (protocol versions {}..={})",
