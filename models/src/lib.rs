@@ -19,3 +19,4 @@ pub mod data;
 pub mod eval;
 pub mod flat;
 pub mod mf;
+pub mod two_tower;
