@@ -5,13 +5,13 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use starling_models::mf::{LocalTraining, local_epochs, score_all, top_k};
-use starling_proto::update::ModelShape;
+use starling_models::mf::{LocalTraining, MfLayout, local_epochs, score_all, top_k};
 use std::hint::black_box;
 
 fn local_epoch(c: &mut Criterion) {
     // The reference workload's model: 1682 items, dim 32; a user with 100 interactions.
-    let shape = ModelShape::new(1682, 32).expect("shape");
+    let layout = MfLayout::new(1682, 32);
+    let shape = layout.shape().expect("shape");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let items: Vec<f32> = (0..shape.len()).map(|_| rng.random_range(-0.1f32..0.1)).collect();
     let user0: Vec<f32> = (0..32).map(|_| rng.random_range(-0.1f32..0.1)).collect();
@@ -22,7 +22,7 @@ fn local_epoch(c: &mut Criterion) {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         b.iter(|| {
             let mut user = user0.clone();
-            black_box(local_epochs(shape, &items, &mut user, &positives, &cfg, &mut rng).expect("trains"))
+            black_box(local_epochs(layout, &items, &mut user, &positives, &cfg, &mut rng).expect("trains"))
         })
     });
 }
@@ -37,7 +37,7 @@ fn top10(c: &mut Criterion) {
         let mut scores = Vec::with_capacity(n);
         b.iter(|| {
             scores.clear();
-            score_all(&items, dim, &user, &mut scores);
+            score_all(MfLayout::new(n as u32, dim as u32), &items, &user, &mut scores);
             black_box(top_k(&scores, 10, &seen))
         })
     });

@@ -1,9 +1,10 @@
 //! Matrix factorisation as a burn module: the model definition, its BPR loss, and centralized
 //! training (the baseline every federated run is measured against).
 //!
-//! Shapes: `user.weight` is `[users, dim]` (on a device: `[1, dim]`, the private vector),
-//! `item.weight` is `[items, dim]` (the global part; see [`crate::flat`]). Scores are
-//! `user · item`.
+//! Shapes: `user.weight` is `[users, dim]` (on a device: `[1, dim]`, the private vector);
+//! the global part [`MfGlobal`] holds `item.weight` `[items, dim]` and, optionally,
+//! `bias.weight` `[items, 1]` (see [`crate::flat`]; its flat layout is [`crate::mf::MfLayout`]).
+//! Scores are `user · item + bias`.
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig};
@@ -23,6 +24,9 @@ pub struct MfConfig {
     /// Standard deviation of the normal initialisation.
     #[config(default = 0.1)]
     pub init_std: f64,
+    /// Whether items have a learned bias (initialised to zero).
+    #[config(default = false)]
+    pub item_bias: bool,
 }
 
 impl MfConfig {
@@ -31,9 +35,30 @@ impl MfConfig {
         let init = burn::nn::Initializer::Normal { mean: 0.0, std: self.init_std };
         MfModel {
             user: EmbeddingConfig::new(self.users, self.dim).with_initializer(init.clone()).init(device),
-            item: EmbeddingConfig::new(self.items, self.dim).with_initializer(init).init(device),
+            global: MfGlobal {
+                item: EmbeddingConfig::new(self.items, self.dim).with_initializer(init).init(device),
+                bias: self.item_bias.then(|| {
+                    EmbeddingConfig::new(self.items, 1)
+                        .with_initializer(burn::nn::Initializer::Zeros)
+                        .init(device)
+                }),
+            },
         }
     }
+
+    /// Where the global part sits in the flat view.
+    pub fn layout(&self) -> crate::mf::MfLayout {
+        crate::mf::MfLayout { items: self.items as u32, dim: self.dim as u32, bias: self.item_bias }
+    }
+}
+
+/// The global (shared) part of [`MfModel`].
+#[derive(Module, Debug)]
+pub struct MfGlobal {
+    /// `[items, dim]` item embeddings.
+    pub item: Embedding,
+    /// `[items, 1]` item biases, if enabled.
+    pub bias: Option<Embedding>,
 }
 
 /// Matrix factorisation: a private user table and a global item table.
@@ -41,8 +66,8 @@ impl MfConfig {
 pub struct MfModel {
     /// `[users, dim]`: private, never part of an update.
     pub user: Embedding,
-    /// `[items, dim]`: the global part.
-    pub item: Embedding,
+    /// The global part.
+    pub global: MfGlobal,
 }
 
 /// A tensor of indices from a vector.
@@ -56,8 +81,12 @@ impl MfModel {
     /// Scores of `items[b]` for `users[b]`: `[B]`.
     pub fn score(&self, users: Tensor<1, Int>, items: Tensor<1, Int>) -> Tensor<1> {
         let pu = self.user.weight.val().select(0, users);
-        let qi = self.item.weight.val().select(0, items);
-        (pu * qi).sum_dim(1).squeeze_dim(1)
+        let qi = self.global.item.weight.val().select(0, items.clone());
+        let dot: Tensor<1> = (pu * qi).sum_dim(1).squeeze_dim(1);
+        match &self.global.bias {
+            Some(b) => dot + b.weight.val().select(0, items).squeeze_dim(1),
+            None => dot,
+        }
     }
 
     /// BPR loss summed over the batch, with L2 regularisation `reg/2 · (‖p‖² + ‖q_i‖² + ‖q_j‖²)`
@@ -70,19 +99,34 @@ impl MfModel {
         reg: f32,
     ) -> Tensor<1> {
         let pu = self.user.weight.val().select(0, users);
-        let qi = self.item.weight.val().select(0, pos);
-        let qj = self.item.weight.val().select(0, neg);
-        let x: Tensor<1> = (pu.clone() * (qi.clone() - qj.clone())).sum_dim(1).squeeze_dim(1);
-        let norms = (pu.clone() * pu).sum() + (qi.clone() * qi).sum() + (qj.clone() * qj).sum();
+        let qi = self.global.item.weight.val().select(0, pos.clone());
+        let qj = self.global.item.weight.val().select(0, neg.clone());
+        let mut x: Tensor<1> = (pu.clone() * (qi.clone() - qj.clone())).sum_dim(1).squeeze_dim(1);
+        let mut norms = (pu.clone() * pu).sum() + (qi.clone() * qi).sum() + (qj.clone() * qj).sum();
+        if let Some(b) = &self.global.bias {
+            let bi: Tensor<1> = b.weight.val().select(0, pos).squeeze_dim(1);
+            let bj: Tensor<1> = b.weight.val().select(0, neg).squeeze_dim(1);
+            norms = norms + (bi.clone() * bi.clone()).sum() + (bj.clone() * bj.clone()).sum();
+            x = x + bi - bj;
+        }
         log_sigmoid(x).sum().neg() + norms.mul_scalar(reg / 2.0)
     }
 
     /// Scores of every item for user row `user`: `[items]`.
     pub fn score_all(&self, user: u32) -> Vec<f32> {
-        let device = self.item.weight.val().device();
+        let device = self.global.item.weight.val().device();
         let pu = self.user.weight.val().select(0, index_tensor(&[user], &device)); // [1, d]
-        let scores = pu.matmul(self.item.weight.val().transpose()); // [1, items]
+        let mut scores = pu.matmul(self.global.item.weight.val().transpose()); // [1, items]
+        if let Some(b) = &self.global.bias {
+            scores = scores + b.weight.val().transpose();
+        }
         scores.into_data().try_into_vec::<f32>().unwrap_or_default()
+    }
+
+    /// Where the global part sits in the flat view.
+    pub fn layout(&self) -> crate::mf::MfLayout {
+        let [items, dim] = self.global.item.weight.shape().dims::<2>();
+        crate::mf::MfLayout { items: items as u32, dim: dim as u32, bias: self.global.bias.is_some() }
     }
 }
 
@@ -99,11 +143,13 @@ pub struct CentralTraining {
     pub reg: f32,
     /// Seed of initialisation, shuffling and negative sampling.
     pub seed: u64,
+    /// Learn item biases too.
+    pub item_bias: bool,
 }
 
 impl Default for CentralTraining {
     fn default() -> Self {
-        Self { epochs: 60, batch_size: 1024, lr: 2e-3, reg: 5e-4, seed: 42 }
+        Self { epochs: 60, batch_size: 1024, lr: 2e-3, reg: 5e-4, seed: 42, item_bias: false }
     }
 }
 
@@ -118,20 +164,21 @@ pub struct EpochReport {
     pub metrics: crate::eval::Metrics,
 }
 
-/// The item and user tables of `model` as flat vectors `(users [U·d], items [I·d])`.
+/// The user table (`[U·d]`) and the flat global part (laid out as [`MfModel::layout`]).
 pub fn tables(model: &MfModel) -> (Vec<f32>, Vec<f32>) {
     let users = model.user.weight.val().into_data().try_into_vec::<f32>().unwrap_or_default();
-    let items = model.item.weight.val().into_data().try_into_vec::<f32>().unwrap_or_default();
-    (users, items)
+    let global = crate::flat::to_flat(&model.global, model.layout().dim).unwrap_or_default();
+    (users, global)
 }
 
 /// Evaluates `model` with the reference protocol.
 pub fn evaluate(model: &MfModel, eval: &crate::eval::EvalSet) -> crate::eval::Metrics {
-    let dim = model.item.weight.shape().dims::<2>()[1];
-    let (users, items) = tables(model);
+    let layout = model.layout();
+    let dim = layout.dim as usize;
+    let (users, global) = tables(model);
     eval.evaluate(|u, cand, out| {
         let start = u as usize * dim;
-        crate::mf::score_items(&items, dim, &users[start..start + dim], cand, out)
+        crate::mf::score_items(layout, &global, &users[start..start + dim], cand, out)
     })
 }
 
@@ -150,7 +197,10 @@ pub fn train_central(
     let base = Device::flex();
     let device = base.clone().autodiff();
     device.seed(cfg.seed);
-    let mut model = MfConfig::new(split.n_users as usize, split.n_items as usize).with_dim(dim).init(&device);
+    let mut model = MfConfig::new(split.n_users as usize, split.n_items as usize)
+        .with_dim(dim)
+        .with_item_bias(cfg.item_bias)
+        .init(&device);
     let mut optim = AdamConfig::new().init();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut pairs: Vec<(u32, u32)> = split

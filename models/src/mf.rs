@@ -44,6 +44,55 @@ impl Default for LocalTraining {
     }
 }
 
+/// Where matrix factorisation's global parameters sit in the flat view (the same layout
+/// [`crate::flat`] gives the burn model's global part): rows `0..items` are the item embeddings
+/// (`dim` values each); with biases, item `i`'s bias follows at flat index `items·dim + i`, packed
+/// into extra rows of `dim` values (zero-padded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MfLayout {
+    /// Items in the catalogue.
+    pub items: u32,
+    /// Embedding dimension.
+    pub dim: u32,
+    /// Whether items have a bias term.
+    pub bias: bool,
+}
+
+impl MfLayout {
+    /// Embeddings only.
+    pub fn new(items: u32, dim: u32) -> Self {
+        Self { items, dim, bias: false }
+    }
+
+    /// Embeddings and item biases.
+    pub fn with_bias(items: u32, dim: u32) -> Self {
+        Self { items, dim, bias: true }
+    }
+
+    /// The protocol shape of the global part.
+    pub fn shape(&self) -> Result<ModelShape, UpdateError> {
+        let extra = if self.bias { self.items.div_ceil(self.dim.max(1)) } else { 0 };
+        ModelShape::new(self.items.saturating_add(extra), self.dim)
+    }
+
+    /// Flat index of item `i`'s bias (meaningful when `bias` is on).
+    pub fn bias_index(&self, item: u32) -> usize {
+        self.items as usize * self.dim as usize + item as usize
+    }
+
+    /// Score of `item` for `user` from the flat global parameters (NaN outside the model).
+    pub fn score(&self, params: &[f32], user: &[f32], item: u32) -> f32 {
+        if item >= self.items {
+            return f32::NAN;
+        }
+        let d = self.dim as usize;
+        let start = item as usize * d;
+        let Some(q) = params.get(start..start + d) else { return f32::NAN };
+        let b = if self.bias { params.get(self.bias_index(item)).copied().unwrap_or(f32::NAN) } else { 0.0 };
+        dot(user, q) + b
+    }
+}
+
 /// What one client's local training produced.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalResult {
@@ -119,19 +168,20 @@ pub fn sample_negative(n_items: u32, positives: &[u32], rng: &mut impl rand::Rng
 
 /// Runs `cfg.epochs` local epochs of BPR-SGD for one user.
 ///
-/// `items` is the global item matrix (row-major, `shape`), `user` the private vector (updated in
-/// place), `positives` the user's training items (sorted, deduplicated). Only the touched rows are
-/// copied; the returned update holds their change.
+/// `items` is the flat global part (laid out as `layout`), `user` the private vector (updated in
+/// place), `positives` the user's training items (sorted, deduplicated). Only the touched rows (and
+/// their biases) are copied; the returned update holds their change.
 pub fn local_epochs(
-    shape: ModelShape,
+    layout: MfLayout,
     items: &[f32],
     user: &mut [f32],
     positives: &[u32],
     cfg: &LocalTraining,
     rng: &mut impl rand::Rng,
 ) -> Result<LocalResult, TrainError> {
-    let dim = shape.row_len as usize;
-    let n_items = shape.rows;
+    let shape = layout.shape()?;
+    let dim = layout.dim as usize;
+    let n_items = layout.items;
     if items.len() != shape.len() || user.len() != dim {
         return Err(TrainError::Shape {
             items: items.len(),
@@ -176,6 +226,9 @@ pub fn local_epochs(
         let start = r as usize * dim;
         local.extend_from_slice(&items[start..start + dim]);
     }
+    let mut local_bias: Vec<f32> =
+        rows.iter().map(|&r| if layout.bias { items[layout.bias_index(r)] } else { 0.0 }).collect();
+    let mut grad_bias = vec![0.0f32; rows.len()];
     let mut grad_rows = vec![0.0f32; rows.len() * dim];
     let mut dirty: Vec<usize> = Vec::with_capacity(2 * cfg.batch_size.max(1));
     let mut grad_user = vec![0.0f32; dim];
@@ -192,7 +245,7 @@ pub fn local_epochs(
                 for k in 0..dim {
                     diff[k] = qi[k] - qj[k];
                 }
-                let x = dot(user, &diff);
+                let x = dot(user, &diff) + local_bias[si] - local_bias[sj];
                 loss_sum += f64::from(bpr_loss(x));
                 n_steps += 1;
                 let g = sigmoid_neg(x); // −dL/dx
@@ -202,6 +255,9 @@ pub fn local_epochs(
                 for (s, sign) in [(si, -1.0f32), (sj, 1.0f32)] {
                     if !dirty.contains(&s) {
                         dirty.push(s);
+                    }
+                    if layout.bias {
+                        grad_bias[s] += sign * g + cfg.reg * local_bias[s];
                     }
                     let q = &local[s * dim..(s + 1) * dim];
                     let gr = &mut grad_rows[s * dim..(s + 1) * dim];
@@ -220,11 +276,13 @@ pub fn local_epochs(
                     q[k] -= cfg.item_lr * gr[k];
                     gr[k] = 0.0;
                 }
+                local_bias[s] -= cfg.item_lr * grad_bias[s];
+                grad_bias[s] = 0.0;
             }
             dirty.clear();
         }
     }
-    if user.iter().chain(&local).any(|v| !v.is_finite()) {
+    if user.iter().chain(&local).chain(&local_bias).any(|v| !v.is_finite()) {
         return Err(TrainError::Diverged);
     }
     for (k, &r) in rows.iter().enumerate() {
@@ -233,22 +291,36 @@ pub fn local_epochs(
             *l -= g;
         }
     }
-    let update = Update::sparse(shape, rows, local)?;
+    let update = if layout.bias {
+        // The item rows, then the rows holding the touched items' biases.
+        let mut bias_rows: std::collections::BTreeMap<u32, Vec<f32>> = std::collections::BTreeMap::new();
+        for (k, &r) in rows.iter().enumerate() {
+            let idx = layout.bias_index(r);
+            bias_rows.entry((idx / dim) as u32).or_insert_with(|| vec![0.0; dim])[idx % dim] =
+                local_bias[k] - items[idx];
+        }
+        let mut all_rows = rows;
+        let mut values = local;
+        for (row, vals) in bias_rows {
+            all_rows.push(row);
+            values.extend(vals);
+        }
+        Update::sparse(shape, all_rows, values)?
+    } else {
+        Update::sparse(shape, rows, local)?
+    };
     let loss = if n_steps > 0 { (loss_sum / n_steps as f64) as f32 } else { 0.0 };
     Ok(LocalResult { update, examples: positives.len(), loss })
 }
 
-/// Scores of `candidates` for `user`.
-pub fn score_items(items: &[f32], dim: usize, user: &[f32], candidates: &[u32], out: &mut Vec<f32>) {
-    out.extend(candidates.iter().map(|&i| {
-        let start = i as usize * dim;
-        items.get(start..start + dim).map_or(f32::NAN, |q| dot(user, q))
-    }));
+/// Scores of `candidates` for `user` (NaN for an item outside the model).
+pub fn score_items(layout: MfLayout, params: &[f32], user: &[f32], candidates: &[u32], out: &mut Vec<f32>) {
+    out.extend(candidates.iter().map(|&i| layout.score(params, user, i)));
 }
 
 /// Scores of every item for `user`.
-pub fn score_all(items: &[f32], dim: usize, user: &[f32], out: &mut Vec<f32>) {
-    out.extend(items.chunks_exact(dim).map(|q| dot(user, q)));
+pub fn score_all(layout: MfLayout, params: &[f32], user: &[f32], out: &mut Vec<f32>) {
+    out.extend((0..layout.items).map(|i| layout.score(params, user, i)));
 }
 
 /// The `k` best-scoring items (best first) among those not in `exclude` (sorted). Ties go to the
@@ -282,10 +354,11 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    fn setup() -> (ModelShape, Vec<f32>, Vec<f32>) {
-        let shape = ModelShape::new(50, 8).unwrap();
+    fn setup() -> (MfLayout, Vec<f32>, Vec<f32>) {
+        let shape = MfLayout::new(50, 8);
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let items: Vec<f32> = (0..shape.len()).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let items: Vec<f32> =
+            (0..shape.shape().unwrap().len()).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         let user: Vec<f32> = (0..8).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         (shape, items, user)
     }

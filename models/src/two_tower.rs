@@ -74,7 +74,8 @@ impl TwoTowerConfig {
     /// zero on the context), so an untrained model ranks like plain matrix factorisation.
     pub fn init(&self, device: &Device) -> TwoTower {
         let normal = Initializer::Normal { mean: 0.0, std: self.init_std };
-        let emb = |n: usize, d: usize| EmbeddingConfig::new(n, d).with_initializer(normal.clone()).init(device);
+        let emb =
+            |n: usize, d: usize| EmbeddingConfig::new(n, d).with_initializer(normal.clone()).init(device);
         let d_in = self.dim + 3 * self.context_dim;
         let mut identity = vec![0.0f32; d_in * self.dim];
         for k in 0..self.dim {
@@ -179,7 +180,11 @@ impl TwoTower {
         let all: Vec<u32> = (0..items as u32).collect();
         let u = self.user_repr(&[user], &[context]); // [1, d]
         let v = self.item_repr(&all, features); // [items, d]
-        u.matmul(v.transpose()).try_into_data().ok().and_then(|d| d.try_into_vec::<f32>().ok()).unwrap_or_default()
+        u.matmul(v.transpose())
+            .try_into_data()
+            .ok()
+            .and_then(|d| d.try_into_vec::<f32>().ok())
+            .unwrap_or_default()
     }
 }
 

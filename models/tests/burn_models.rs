@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use starling_models::burn_mf::{MfConfig, index_tensor};
 use starling_models::flat;
-use starling_models::mf::{LocalTraining, local_epochs};
+use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
 
 fn device() -> Device {
     let d = Device::flex().autodiff();
@@ -19,27 +19,27 @@ fn device() -> Device {
 fn flat_view_round_trips_exactly_and_keeps_gradients() {
     let dev = device();
     let model = MfConfig::new(4, 10).with_dim(6).init(&dev);
-    let shape = flat::shape_of(&model.item, 6).unwrap();
+    let shape = flat::shape_of(&model.global.item, 6).unwrap();
     assert_eq!((shape.rows, shape.row_len), (10, 6));
-    let v = flat::to_flat(&model.item, 6).unwrap();
+    let v = flat::to_flat(&model.global.item, 6).unwrap();
     assert_eq!(v.len(), 60);
     let changed: Vec<f32> = v.iter().map(|x| x * 2.0 + 1.0).collect();
     let mut model = model;
-    model.item = flat::load_flat(model.item, 6, &changed).unwrap();
-    assert_eq!(flat::to_flat(&model.item, 6).unwrap(), changed, "exact round trip");
+    model.global.item = flat::load_flat(model.global.item, 6, &changed).unwrap();
+    assert_eq!(flat::to_flat(&model.global.item, 6).unwrap(), changed, "exact round trip");
     // The loaded table still receives gradients.
     let loss =
         model.bpr_loss_sum(index_tensor(&[0], &dev), index_tensor(&[1], &dev), index_tensor(&[2], &dev), 0.0);
     let grads = loss.backward();
-    assert!(model.item.weight.val().grad(&grads).is_some());
+    assert!(model.global.item.weight.val().grad(&grads).is_some());
     // Bad input is a typed error.
     assert!(matches!(
-        flat::load_flat(model.item.clone(), 6, &changed[1..]),
+        flat::load_flat(model.global.item.clone(), 6, &changed[1..]),
         Err(flat::FlatError::Length { .. })
     ));
     let mut nan = changed.clone();
     nan[5] = f32::NAN;
-    assert_eq!(flat::load_flat(model.item, 6, &nan).unwrap_err(), flat::FlatError::NonFinite(5));
+    assert_eq!(flat::load_flat(model.global.item, 6, &nan).unwrap_err(), flat::FlatError::NonFinite(5));
 }
 
 #[test]
@@ -73,22 +73,32 @@ fn a_training_step_lowers_the_loss_on_a_fixed_batch() {
     assert!(after < before, "loss {before} -> {after}");
 }
 
-#[test]
-fn the_federated_kernel_computes_the_burn_models_sgd_step() {
+fn kernel_matches_burn(bias: bool) {
     // One client, one batch: the hand-written kernel and burn's autodiff + SGD must agree.
     let dim = 8;
     let dev = device();
-    let model = MfConfig::new(1, 30).with_dim(dim).init(&dev);
-    let items = flat::to_flat(&model.item, dim as u32).unwrap();
-    let shape = flat::shape_of(&model.item, dim as u32).unwrap();
+    let mut model = MfConfig::new(1, 30).with_dim(dim).with_item_bias(bias).init(&dev);
+    if bias {
+        // Non-zero biases, so their gradients and regularisation are exercised.
+        let mut g = flat::to_flat(&model.global, dim as u32).unwrap();
+        for i in 0..30 {
+            g[30 * dim + i] = 0.01 * i as f32 - 0.1;
+        }
+        model.global = flat::load_flat(model.global, dim as u32, &g).unwrap();
+    }
+    let layout = model.layout();
+    assert_eq!(layout, MfLayout { items: 30, dim: dim as u32, bias });
+    let global = flat::to_flat(&model.global, dim as u32).unwrap();
+    assert_eq!(global.len(), layout.shape().unwrap().len());
     let user0 = flat::to_flat(&model.user, dim as u32).unwrap();
     let positives = vec![2, 5, 7, 19];
     let lr = 0.3;
     let cfg = LocalTraining { epochs: 1, batch_size: 32, negatives: 1, item_lr: lr, user_lr: lr, reg: 0.01 };
-    // The kernel draws its pairs from this seed; draw the same ones for burn.
     let mut user = user0.clone();
     let result =
-        local_epochs(shape, &items, &mut user, &positives, &cfg, &mut ChaCha8Rng::seed_from_u64(11)).unwrap();
+        local_epochs(layout, &global, &mut user, &positives, &cfg, &mut ChaCha8Rng::seed_from_u64(11))
+            .unwrap();
+    // The kernel draws its pairs from this seed; draw the same ones for burn.
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut order = positives.clone();
     for k in (1..order.len()).rev() {
@@ -109,19 +119,29 @@ fn the_federated_kernel_computes_the_burn_models_sgd_step() {
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let model = SgdConfig::new().init().step(f64::from(lr), model, grads);
     let burn_user = flat::to_flat(&model.user, dim as u32).unwrap();
-    let burn_items = flat::to_flat(&model.item, dim as u32).unwrap();
+    let burn_global = flat::to_flat(&model.global, dim as u32).unwrap();
     for (a, b) in user.iter().zip(&burn_user) {
         assert!((a - b).abs() < 1e-5, "user {a} vs {b}");
     }
-    let mut kernel_items = items.clone();
+    let mut kernel_global = global.clone();
     for (row, vals) in result.update.iter_rows() {
         for (k, d) in vals.iter().enumerate() {
-            kernel_items[row as usize * dim + k] += d;
+            kernel_global[row as usize * dim + k] += d;
         }
     }
-    for (k, (a, b)) in kernel_items.iter().zip(&burn_items).enumerate() {
-        assert!((a - b).abs() < 1e-5, "item value {k}: kernel {a} vs burn {b}");
+    for (k, (a, b)) in kernel_global.iter().zip(&burn_global).enumerate() {
+        assert!((a - b).abs() < 1e-5, "global value {k}: kernel {a} vs burn {b}");
     }
+}
+
+#[test]
+fn the_federated_kernel_computes_the_burn_models_sgd_step() {
+    kernel_matches_burn(false);
+}
+
+#[test]
+fn the_federated_kernel_matches_burn_with_item_biases() {
+    kernel_matches_burn(true);
 }
 
 #[test]

@@ -39,7 +39,10 @@ fn global_part_excludes_the_user_and_starts_with_item_rows() {
     let items: Vec<f32> = model.global.item.weight.val().into_data().try_into_vec::<f32>().unwrap();
     assert_eq!(&flat_global[..320], items.as_slice(), "rows 0..items are the item embeddings");
     let user: Vec<f32> = model.user.weight.val().into_data().try_into_vec::<f32>().unwrap();
-    assert!(!flat_global.windows(8).any(|w| w == user.as_slice()), "the private vector is not in the global view");
+    assert!(
+        !flat_global.windows(8).any(|w| w == user.as_slice()),
+        "the private vector is not in the global view"
+    );
     let back = flat::load_flat(model.global, 8, &flat_global).unwrap();
     assert_eq!(flat::to_flat(&back, 8).unwrap(), flat_global);
 }
@@ -58,7 +61,12 @@ fn training_lowers_the_loss_and_the_update_holds_only_global_rows() {
             kind: EventKind::Purchase,
             context: ctx(20, DeviceClass::Tablet),
         })
-        .chain(std::iter::once(Event { item: 7, at_ms: 9, kind: EventKind::Skip, context: ctx(9, DeviceClass::Phone) }))
+        .chain(std::iter::once(Event {
+            item: 7,
+            at_ms: 9,
+            kind: EventKind::Skip,
+            context: ctx(9, DeviceClass::Phone),
+        }))
         .collect();
     let examples = Examples::from_events(&events);
     let batch = Batch {
@@ -69,7 +77,8 @@ fn training_lowers_the_loss_and_the_update_holds_only_global_rows() {
     };
     let before: f32 = model.bpr_loss(&batch, Some(&f), 0.0).into_scalar::<f32>();
     let cfg = LocalTraining { epochs: 10, batch_size: 8, item_lr: 0.5, ..LocalTraining::default() };
-    let (model, result) = local_train(model, &examples, Some(&f), &cfg, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+    let (model, result) =
+        local_train(model, &examples, Some(&f), &cfg, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
     let after: f32 = model.bpr_loss(&batch, Some(&f), 0.0).into_scalar::<f32>();
     assert!(after < before, "loss {before} -> {after}");
     assert_eq!(result.examples, 5);

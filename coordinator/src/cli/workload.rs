@@ -69,6 +69,9 @@ pub struct BaselineArgs {
     /// Seed.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Learn item biases too.
+    #[arg(long)]
+    pub item_bias: bool,
 }
 
 /// Runs `starling baseline`: centralized MF, HR@10/NDCG@10 per epoch, then one JSON line.
@@ -112,6 +115,7 @@ pub fn run_baseline(args: &BaselineArgs) -> anyhow::Result<()> {
         lr: args.lr,
         reg: args.reg,
         seed: args.seed,
+        item_bias: args.item_bias,
     };
     let mut best = (0usize, 0.0f64, 0.0f64);
     let model = train_central(&split, &eval, args.dim, &cfg, |r| {
@@ -129,10 +133,10 @@ pub fn run_baseline(args: &BaselineArgs) -> anyhow::Result<()> {
     });
     let last = starling_models::burn_mf::evaluate(&model, &eval);
     let full = synthetic.then(|| {
-        let (users, items) = starling_models::burn_mf::tables(&model);
-        let d = args.dim;
+        let (users, global) = starling_models::burn_mf::tables(&model);
+        let (layout, d) = (model.layout(), args.dim);
         full_ranking_hr_at_10(&split, |u, out| {
-            starling_models::mf::score_all(&items, d, &users[u as usize * d..(u as usize + 1) * d], out)
+            starling_models::mf::score_all(layout, &global, &users[u as usize * d..(u as usize + 1) * d], out)
         })
     });
     let json = serde_json::json!({
@@ -143,6 +147,7 @@ pub fn run_baseline(args: &BaselineArgs) -> anyhow::Result<()> {
         "lr": args.lr,
         "reg": args.reg,
         "seed": args.seed,
+        "item_bias": args.item_bias,
         "hr_at_10": last.hr_at_10,
         "ndcg_at_10": last.ndcg_at_10,
         "full_ranking_hr_at_10": full,

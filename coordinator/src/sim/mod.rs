@@ -303,13 +303,17 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     };
     let mut fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
 
+    let layout = mf::MfLayout::new(n_items, config.dim);
     let evaluate = |fleet: &mut Fleet<MfFleetTrainer>| {
         let model = fleet.orchestrator().model().1.clone();
         let users = fleet.trainer_mut().users();
-        let m =
-            data.eval.evaluate(|u, items, out| mf::score_items(&model, dim, &users[u as usize], items, out));
+        let m = data
+            .eval
+            .evaluate(|u, items, out| mf::score_items(layout, &model, &users[u as usize], items, out));
         let full = data.full_ranking.then(|| {
-            full_ranking_hr_at_10(&data.split, |u, out| mf::score_all(&model, dim, &users[u as usize], out))
+            full_ranking_hr_at_10(&data.split, |u, out| {
+                mf::score_all(layout, &model, &users[u as usize], out)
+            })
         });
         (m, full)
     };

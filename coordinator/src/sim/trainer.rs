@@ -3,7 +3,7 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use starling_models::mf::{LocalTraining, local_epochs};
+use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
 use starling_proto::message::LocalMetrics;
@@ -100,7 +100,8 @@ fn train_one(
     let stream =
         seed ^ job.client.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ job.request.round.0.rotate_left(32);
     let mut rng = ChaCha8Rng::seed_from_u64(stream);
-    let r = local_epochs(shape, &job.params, user, positives, &cfg, &mut rng).ok()?;
+    let layout = MfLayout::new(shape.rows, shape.row_len);
+    let r = local_epochs(layout, &job.params, user, positives, &cfg, &mut rng).ok()?;
     if r.examples == 0 {
         return None;
     }
