@@ -467,4 +467,17 @@ mod tests {
         let pop = popular(&[5, 0, 9, 2], 2, &[]);
         assert_eq!(pop.iter().map(|p| p.0).collect::<Vec<_>>(), vec![2, 0]);
     }
+
+    #[test]
+    fn cold_start_returns_k_items_with_zero_events() {
+        // A brand-new catalogue with no interactions at all still yields k distinct items.
+        let counts = vec![0u32; 50];
+        let recs = popular(&counts, 10, &[]);
+        assert_eq!(recs.len(), 10);
+        let mut ids: Vec<u32> = recs.iter().map(|r| r.0).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 10);
+        // Fewer items than asked for: all of them, never an error.
+        assert_eq!(popular(&[3, 1], 10, &[]).len(), 2);
+    }
 }

@@ -204,6 +204,42 @@ impl Population {
         SyntheticUser { id, interactions, contexts }
     }
 
+    /// User `id`'s behaviour as app events: each interaction becomes a long view (50%), a click
+    /// (25%), an add-to-cart (15%) or a purchase (10%) in its context, and one in five interactions
+    /// is accompanied by a skip of an item the user never engaged with. Deterministic per seed.
+    pub fn user_events(&self, id: u64) -> Vec<crate::data::events::Event> {
+        use crate::data::events::{Context, DeviceClass, Event, EventKind};
+        let user = self.user(id);
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed ^ 0xE7E7, id));
+        let mut seen: Vec<u32> = user.interactions.iter().map(|x| x.item).collect();
+        seen.sort_unstable();
+        let mut events = Vec::with_capacity(user.interactions.len() * 6 / 5);
+        for (x, c) in user.interactions.iter().zip(&user.contexts) {
+            let device = match c.device {
+                0 => DeviceClass::Phone,
+                1 => DeviceClass::Tablet,
+                _ => DeviceClass::Desktop,
+            };
+            let context = Context { time_of_day: c.time_of_day, weekday: c.weekday, device };
+            let roll = rng.random_range(0..100u8);
+            let kind = match roll {
+                0..50 => EventKind::View { dwell_ms: rng.random_range(30_000..300_000) },
+                50..75 => EventKind::Click,
+                75..90 => EventKind::AddToCart,
+                _ => EventKind::Purchase,
+            };
+            let at_ms = x.timestamp * 1000;
+            events.push(Event { item: x.item, at_ms, kind, context });
+            if rng.random_range(0..5u8) == 0 {
+                let skipped = rng.random_range(0..self.config.items);
+                if seen.binary_search(&skipped).is_err() {
+                    events.push(Event { item: skipped, at_ms: at_ms + 1, kind: EventKind::Skip, context });
+                }
+            }
+        }
+        events
+    }
+
     /// Every interaction of users `0..users` (for populations small enough to hold).
     pub fn interactions(&self, users: u64) -> Vec<Interaction> {
         (0..users.min(self.config.users)).flat_map(|u| self.user(u).interactions).collect()
@@ -232,6 +268,11 @@ mod tests {
         assert_eq!(items.len(), u.interactions.len(), "no repeated items");
         assert!(u.interactions.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
         assert!(u.contexts.iter().all(|c| c.time_of_day < 6 && c.weekday < 7 && c.device < 3));
+        let events = a.user_events(123_456);
+        assert_eq!(events, b.user_events(123_456));
+        let x = crate::data::events::Examples::from_events(&events);
+        assert_eq!(x.positive_items(), items, "every interaction is a positive");
+        assert!(events.iter().all(|e| e.validate(500).is_ok()));
     }
 
     #[test]
