@@ -9,12 +9,14 @@
 //! - [`message`]: every wire message of a round, both directions.
 //! - [`codec`]: versioned, length-prefixed frames (the only module that knows the byte format).
 //! - [`strategy`]: aggregation strategies and server optimizers behind one trait.
+//! - [`dp`]: differential privacy — clipping, noise, the RDP accountant, the ledger, DP-FedAvg.
 //!
 //! ## Contract
 //! Nothing in this crate performs I/O, reads a clock, spawns a thread or depends on an async
 //! runtime. Time is passed in as [`time::Instant`]; randomness comes from RNGs seeded by the caller.
 
 pub mod codec;
+pub mod dp;
 pub mod encoding;
 pub mod harness;
 pub mod ids;

@@ -1,0 +1,270 @@
+//! [`DpFedAvg`]: user-level DP-FedAvg (McMahan et al. 2018) as a decorator over any strategy,
+//! with optional adaptive clipping (Andrew et al. 2021).
+//!
+//! Each round: every update is clipped to L2 norm `C` (clients clip too, but the coordinator never
+//! trusts that); the clipped updates are **summed with equal weight**, Gaussian noise
+//! `N(0, (σ_sum·C)²)` is added to every coordinate, and the sum is divided by a **fixed**
+//! denominator — the expected number of participants — so one user's influence on the release is
+//! at most `C / denominator` whatever the others send. The inner strategy keeps its selection and
+//! its server optimizer (FedAvg's `x += Δ`, FedAdam, …); its aggregation rule is replaced by this
+//! mechanism (example weights are not used: unbounded weights would break the sensitivity bound).
+//!
+//! Adaptive clipping: each update also contributes a bit `1[‖Δ‖ ≤ C]`; the noised fraction `b̄`
+//! moves the clip norm geometrically towards the target quantile γ: `C ← C·exp(−η (b̄ − γ))`. The
+//! bits are a second Gaussian release; to keep the accounted noise multiplier at the configured σ,
+//! the sum's multiplier is raised to `σ_sum = (σ⁻² − (2σ_b)⁻²)^{−1/2}` (Andrew et al., Thm. 1).
+//!
+//! Accounting: [`Strategy::admit`] refuses a round whose release would take ε past the budget, and
+//! [`Strategy::apply`] records the release in the in-memory [`PrivacyLedger`]. The aggregate carries
+//! the [`PrivacyCharge`]; the host must persist it before releasing the model, and replay its
+//! persisted entries into [`DpFedAvg::with_ledger`] after a restart.
+
+use super::accountant::Mechanism;
+use super::ledger::{LedgerEntry, PrivacyLedger};
+use super::noise::{add_gaussian, gaussian};
+use super::params::{Budget, ClipNorm, NoiseMultiplier, ParamError, Quantile, SamplingRate};
+use crate::ids::ClientId;
+use crate::message::{NoiseSettings, TrainingPlan};
+use crate::strategy::norm::clip_l2;
+use crate::strategy::{
+    AdmissionError, Aggregate, AggregateError, Aggregator, PrivacyCharge, RoundContext, Strategy,
+};
+use crate::update::{ModelShape, Update};
+use std::sync::{Arc, Mutex};
+
+/// Adaptive clipping settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveClipping {
+    /// γ: the quantile of update norms `C` should track (0.5 = median).
+    pub target: Quantile,
+    /// η: geometric learning rate of `C` (0.2 in Andrew et al.).
+    pub learning_rate: f64,
+    /// σ_b: standard deviation of the noise on the count of clipping bits (Andrew et al. use
+    /// expected participants / 20).
+    pub count_noise: f64,
+}
+
+/// Settings of [`DpFedAvg`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpConfig {
+    /// Clip norm `C` (the initial one under adaptive clipping).
+    pub clip: ClipNorm,
+    /// σ: the noise multiplier that is accounted for.
+    pub noise: NoiseMultiplier,
+    /// The fixed denominator: expected participants per round.
+    pub expected_participants: usize,
+    /// q: probability that a given user takes part in a round (participants / population).
+    pub sampling_rate: SamplingRate,
+    /// The budget.
+    pub budget: Budget,
+    /// Adaptive clipping, if wanted.
+    pub adaptive: Option<AdaptiveClipping>,
+}
+
+/// Why a DP configuration was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DpConfigError {
+    /// A parameter is out of range.
+    #[error(transparent)]
+    Param(#[from] ParamError),
+    /// The fixed denominator is zero.
+    #[error("expected_participants must be at least 1")]
+    NoParticipants,
+    /// Under adaptive clipping the count noise is too small for the configured σ
+    /// (need 2σ_b > σ), or the learning rate is not positive.
+    #[error("adaptive clipping needs count_noise > noise/2 and a positive learning rate")]
+    Adaptive,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Noised fraction of unclipped updates from the last finished aggregation.
+    unclipped_fraction: Option<f64>,
+}
+
+/// The DP-FedAvg decorator. See the module docs.
+#[derive(Debug)]
+pub struct DpFedAvg<S> {
+    inner: S,
+    config: DpConfig,
+    clip: f64,
+    sum_multiplier: f64,
+    ledger: PrivacyLedger,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl<S: Strategy> DpFedAvg<S> {
+    /// Wraps `inner` with an empty ledger.
+    pub fn new(inner: S, config: DpConfig) -> Result<Self, DpConfigError> {
+        Self::with_ledger(inner, config, PrivacyLedger::new(config.budget))
+    }
+
+    /// Wraps `inner`, continuing from `ledger` (replayed from durable storage).
+    pub fn with_ledger(inner: S, config: DpConfig, ledger: PrivacyLedger) -> Result<Self, DpConfigError> {
+        if config.expected_participants == 0 {
+            return Err(DpConfigError::NoParticipants);
+        }
+        let sigma = config.noise.get();
+        let sum_multiplier = match config.adaptive {
+            None => sigma,
+            Some(a) => {
+                if !(a.learning_rate > 0.0 && a.count_noise.is_finite() && 2.0 * a.count_noise > sigma) {
+                    return Err(DpConfigError::Adaptive);
+                }
+                if sigma == 0.0 { 0.0 } else { (sigma.powi(-2) - (2.0 * a.count_noise).powi(-2)).powf(-0.5) }
+            }
+        };
+        Ok(Self { inner, clip: config.clip.get(), config, sum_multiplier, ledger, shared: Arc::default() })
+    }
+
+    /// The ledger (ε spent, entries).
+    pub fn ledger(&self) -> &PrivacyLedger {
+        &self.ledger
+    }
+
+    /// The current clip norm.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip
+    }
+
+    /// The noise multiplier applied to the sum (above σ under adaptive clipping).
+    pub fn sum_noise_multiplier(&self) -> f64 {
+        self.sum_multiplier
+    }
+
+    fn mechanism(&self) -> Mechanism {
+        Mechanism { q: self.config.sampling_rate, sigma: self.config.noise, steps: 1 }
+    }
+}
+
+struct DpAggregator {
+    shape: ModelShape,
+    clip: f64,
+    sum: Vec<f64>,
+    count: usize,
+    centred_bits: f64,
+    noise_std: f64,
+    count_std: Option<f64>,
+    denominator: f64,
+    charge: PrivacyCharge,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Aggregator for DpAggregator {
+    fn accept(&mut self, mut update: Update, _weight: f64) -> Result<(), AggregateError> {
+        if update.shape() != self.shape {
+            return Err(AggregateError::ShapeMismatch { got: update.shape(), want: self.shape });
+        }
+        let norm = clip_l2(&mut update, self.clip);
+        self.centred_bits += if norm <= self.clip { 0.5 } else { -0.5 };
+        update.add_to(&mut self.sum, 1.0);
+        self.count += 1;
+        Ok(())
+    }
+
+    fn accepted(&self) -> usize {
+        self.count
+    }
+
+    fn finish(mut self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError> {
+        if self.count == 0 {
+            return Err(AggregateError::Empty);
+        }
+        add_gaussian(&mut self.sum, self.noise_std, rng);
+        let delta: Vec<f32> = self.sum.iter().map(|s| (s / self.denominator) as f32).collect();
+        if delta.iter().any(|v| !v.is_finite()) {
+            return Err(AggregateError::NonFinite);
+        }
+        if let Some(std) = self.count_std {
+            let noised = self.centred_bits + gaussian(std, rng);
+            if let Ok(mut s) = self.shared.lock() {
+                s.unclipped_fraction = Some(noised / self.denominator + 0.5);
+            }
+        }
+        Ok(Aggregate {
+            delta,
+            contributors: self.count,
+            total_weight: self.count as f64,
+            privacy: Some(self.charge),
+        })
+    }
+}
+
+impl<S: Strategy> Strategy for DpFedAvg<S> {
+    fn name(&self) -> String {
+        let adaptive = if self.config.adaptive.is_some() { ", adaptive" } else { "" };
+        format!(
+            "dp-fedavg(C={:.3}, sigma={}{adaptive})/{}",
+            self.clip,
+            self.config.noise.get(),
+            self.inner.name()
+        )
+    }
+
+    fn admit(&mut self, ctx: &RoundContext) -> Result<(), AdmissionError> {
+        self.ledger.check(&self.mechanism()).map_err(|e| match e {
+            super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
+                AdmissionError::BudgetExhausted {
+                    projected_epsilon: projected,
+                    budget_epsilon: budget,
+                    delta,
+                }
+            }
+        })?;
+        self.inner.admit(ctx)
+    }
+
+    fn configure(&mut self, ctx: &RoundContext, plan: &mut TrainingPlan) {
+        self.inner.configure(ctx, plan);
+        plan.clip_norm = Some(self.clip as f32);
+        plan.noise = NoiseSettings::Central { multiplier: self.config.noise.get() as f32 };
+    }
+
+    fn select(
+        &mut self,
+        ctx: &RoundContext,
+        candidates: &[ClientId],
+        wanted: usize,
+        rng: &mut dyn rand::Rng,
+    ) -> Vec<ClientId> {
+        self.inner.select(ctx, candidates, wanted, rng)
+    }
+
+    fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
+        Box::new(DpAggregator {
+            shape: ctx.shape,
+            clip: self.clip,
+            sum: vec![0.0; ctx.shape.len()],
+            count: 0,
+            centred_bits: 0.0,
+            noise_std: self.sum_multiplier * self.clip,
+            count_std: self.config.adaptive.map(|a| a.count_noise),
+            denominator: self.config.expected_participants as f64,
+            charge: PrivacyCharge {
+                sampling_rate: self.config.sampling_rate.get(),
+                noise_multiplier: self.config.noise.get(),
+                steps: 1,
+            },
+            shared: self.shared.clone(),
+        })
+    }
+
+    fn apply(
+        &mut self,
+        ctx: &RoundContext,
+        global: &mut [f32],
+        aggregate: &Aggregate,
+    ) -> Result<(), AggregateError> {
+        self.inner.apply(ctx, global, aggregate)?;
+        // The noised aggregate is now part of the model: it is released.
+        self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism: self.mechanism() });
+        if let Some(a) = self.config.adaptive {
+            let fraction = self.shared.lock().ok().and_then(|mut s| s.unclipped_fraction.take());
+            if let Some(b) = fraction {
+                self.clip *= (-a.learning_rate * (b - a.target.get())).exp();
+            }
+        }
+        Ok(())
+    }
+}
