@@ -51,3 +51,44 @@ fn bad_settings_are_errors_not_panics() {
     let err = sim::run(&c, &mut |_: &RoundRecord, _: u32| {}).unwrap_err();
     assert!(err.to_string().contains("cannot read"), "{err}");
 }
+
+#[test]
+fn central_dp_charges_every_round_and_stops_at_the_budget() {
+    let mut c = small(3);
+    c.rounds = 200;
+    c.privacy = sim::PrivacyMode::Central {
+        clip: 0.5,
+        noise_multiplier: 0.8,
+        epsilon: 6.0,
+        delta: 1e-5,
+        adaptive_quantile: None,
+        sampler: sim::NoiseSampler::Fast,
+    };
+    let r = run(&c);
+    let eps: Vec<f64> = r.rounds.iter().map(|x| x.epsilon.expect("epsilon reported under DP")).collect();
+    assert!(eps.windows(2).all(|w| w[1] > w[0]), "epsilon grows every round: {eps:?}");
+    assert!(*eps.last().unwrap() <= 6.0);
+    assert!(r.rounds.len() < 200, "the budget ends the run early");
+    let why = r.stopped.as_deref().expect("the run says why it stopped");
+    assert!(why.contains("privacy budget"), "{why}");
+    assert!(r.rounds.last().unwrap().hr_at_10.is_some(), "the last round is evaluated");
+    // Same seed, same run — noise included (the fast sampler runs on the seeded RNG).
+    assert_eq!(deterministic_part(&r), deterministic_part(&run(&c)));
+}
+
+#[test]
+fn local_dp_noises_dense_updates_and_reports_the_worst_device_epsilon() {
+    let mut c = small(4);
+    c.rounds = 5;
+    c.privacy = sim::PrivacyMode::Local { clip: 0.5, noise_multiplier: 2.0, delta: 1e-5 };
+    let r = run(&c);
+    let plain = run(&SimConfig { rounds: 5, ..small(4) });
+    assert!(r.rounds.iter().all(|x| x.committed));
+    let eps: Vec<f64> = r.rounds.iter().map(|x| x.epsilon.unwrap()).collect();
+    assert!(eps[0] > 0.0 && eps.windows(2).all(|w| w[1] >= w[0]), "{eps:?}");
+    // Dense updates: every value of the 200 x 32 item matrix goes up, not just touched rows.
+    let dense_bytes = 200 * 32 * 4;
+    let first = &r.rounds[0];
+    assert!(first.bytes_up >= (first.participants * dense_bytes) as u64, "{} B up", first.bytes_up);
+    assert!(plain.rounds[0].bytes_up < first.bytes_up);
+}

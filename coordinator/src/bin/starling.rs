@@ -21,6 +21,9 @@ enum Command {
     Workload(cli::workload::WorkloadCommand),
     /// Train the centralized MF baseline and print HR@10/NDCG@10 per epoch and a JSON line.
     Baseline(Box<cli::workload::BaselineArgs>),
+    /// Differential privacy: epsilon of a schedule, the sigma a budget needs, a coordinator's ledger.
+    #[command(subcommand)]
+    Privacy(cli::privacy::PrivacyCommand),
     /// Print the protocol and build versions.
     Version,
 }
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => cli::simulate::run(&args)?,
         Command::Workload(cmd) => cli::workload::run_workload(&cmd)?,
         Command::Baseline(args) => cli::workload::run_baseline(&args)?,
+        Command::Privacy(cmd) => cli::privacy::run(&cmd)?,
         Command::Version => {
             println!(
                 "starling {} (protocol versions {}..={})",

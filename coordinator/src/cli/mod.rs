@@ -1,4 +1,5 @@
 //! Subcommands of the `starling` tool, one module per group.
 
+pub mod privacy;
 pub mod simulate;
 pub mod workload;

@@ -1,7 +1,7 @@
 //! `starling simulate`: the main job — a simulated fleet end to end.
 
 use crate::sim::report::RoundRecord;
-use crate::sim::{self, Dataset, SimConfig, StrategyKind};
+use crate::sim::{self, Dataset, NoiseSampler, PrivacyMode, SimConfig, StrategyKind};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use starling_proto::encoding::EncodingKind;
@@ -45,6 +45,28 @@ pub enum EncodingArg {
     RowSparse,
     /// Touched rows, 8-bit stochastic quantisation.
     Q8,
+}
+
+/// Differential-privacy modes on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DpArg {
+    /// No differential privacy.
+    Off,
+    /// User-level DP-FedAvg: clients clip, the coordinator adds calibrated noise and keeps the ledger.
+    Central,
+    /// Local DP: every client noises its own update and keeps its own ledger.
+    Local,
+}
+
+/// Noise samplers on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SamplerArg {
+    /// rand_distr on the seeded RNG (reproducible).
+    Fast,
+    /// opendp's exact discrete Gaussian (slow; not reproducible from the seed).
+    Opendp,
+    /// opendp's discrete Gaussian on a 2^-20 grid.
+    OpendpGrid,
 }
 
 /// Options of `starling simulate`.
@@ -101,6 +123,27 @@ pub struct SimulateArgs {
     /// Worker threads for local training (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Differential privacy: off, central (DP-FedAvg) or local.
+    #[arg(long, value_enum, default_value_t = DpArg::Off)]
+    pub dp: DpArg,
+    /// DP: the L2 norm every update is clipped to (the initial one with --adaptive-clip).
+    #[arg(long, default_value_t = 0.5)]
+    pub clip: f64,
+    /// DP: noise multiplier sigma (noise standard deviation over the clip norm).
+    #[arg(long, default_value_t = 1.0)]
+    pub noise_multiplier: f64,
+    /// DP (central): the epsilon budget; the run stops when the next round would exceed it.
+    #[arg(long, default_value_t = 8.0)]
+    pub epsilon: f64,
+    /// DP: delta.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// DP (central): adapt the clip norm towards this quantile of update norms (e.g. 0.5).
+    #[arg(long)]
+    pub adaptive_clip: Option<f64>,
+    /// DP (central): the sampler of the coordinator's noise.
+    #[arg(long, value_enum, default_value_t = SamplerArg::Fast)]
+    pub noise_sampler: SamplerArg,
     /// Directory for `results.json` and `report.html`.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
@@ -164,6 +207,26 @@ impl SimulateArgs {
             c.threads = t.max(1);
         }
         c.report_timeout = Duration::from_secs(120);
+        c.privacy = match self.dp {
+            DpArg::Off => PrivacyMode::Off,
+            DpArg::Central => PrivacyMode::Central {
+                clip: self.clip,
+                noise_multiplier: self.noise_multiplier,
+                epsilon: self.epsilon,
+                delta: self.delta,
+                adaptive_quantile: self.adaptive_clip,
+                sampler: match self.noise_sampler {
+                    SamplerArg::Fast => NoiseSampler::Fast,
+                    SamplerArg::Opendp => NoiseSampler::OpenDpExact,
+                    SamplerArg::OpendpGrid => NoiseSampler::OpenDpGrid,
+                },
+            },
+            DpArg::Local => PrivacyMode::Local {
+                clip: self.clip,
+                noise_multiplier: self.noise_multiplier,
+                delta: self.delta,
+            },
+        };
         Ok(c)
     }
 }
@@ -212,6 +275,9 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     let report = sim::run(&config, &mut progress)?;
     bar.finish_and_clear();
     report.write(&args.out)?;
+    if let Some(why) = &report.stopped {
+        println!("stopped early: {why}");
+    }
     let last = report.rounds.iter().rev().find(|r| r.hr_at_10.is_some());
     println!(
         "initial HR@10 {:.4} NDCG@10 {:.4}; popularity HR@10 {:.4}",

@@ -9,6 +9,8 @@
 pub mod report;
 pub mod trainer;
 
+use crate::privacy::{DurableLedger, OpenDpGaussian};
+use crate::store::Store;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, StandardNormal};
@@ -17,12 +19,19 @@ use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
 use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
 use starling_models::mf;
+use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
+use starling_proto::dp::{
+    Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile, SamplingRate,
+};
 use starling_proto::encoding::EncodingKind;
 use starling_proto::harness::{Fleet, FleetConfig};
 use starling_proto::ids::{ModelVersion, RoundId};
+use starling_proto::message::NoiseSettings;
 use starling_proto::message::{DeviceConditions, TrainingPlan};
-use starling_proto::round::{Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent};
-use starling_proto::strategy::{Federated, Strategy};
+use starling_proto::round::{
+    Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, StartError,
+};
+use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
 use starling_proto::time::Duration;
 use starling_proto::update::ModelShape;
 use std::path::PathBuf;
@@ -79,6 +88,49 @@ impl StrategyKind {
     }
 }
 
+/// Which Gaussian sampler adds the coordinator's noise (see `starling_proto::dp::noise`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoiseSampler {
+    /// rand_distr on the run's seeded RNG: fast and reproducible.
+    Fast,
+    /// opendp's exact discrete Gaussian (about 25 k values/s; not reproducible from the seed).
+    OpenDpExact,
+    /// opendp's discrete Gaussian on a 2⁻²⁰ grid (about 240 k values/s; not reproducible).
+    OpenDpGrid,
+}
+
+/// Differential privacy in a simulation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PrivacyMode {
+    /// No DP: updates are neither clipped nor noised.
+    Off,
+    /// User-level DP-FedAvg: clients clip, the coordinator clips again, sums, adds noise and
+    /// charges every round to the ledger; rounds beyond the budget are refused and the run stops.
+    Central {
+        /// Clip norm C (the initial one under adaptive clipping).
+        clip: f64,
+        /// Noise multiplier σ.
+        noise_multiplier: f64,
+        /// ε budget.
+        epsilon: f64,
+        /// δ.
+        delta: f64,
+        /// Adaptive clipping towards this quantile of update norms, if set.
+        adaptive_quantile: Option<f64>,
+        /// The sampler of the coordinator's noise.
+        sampler: NoiseSampler,
+    },
+    /// Local DP: every client clips and noises its own (dense) update and keeps its own ledger.
+    Local {
+        /// Clip norm C.
+        clip: f64,
+        /// Noise multiplier σ.
+        noise_multiplier: f64,
+        /// δ at which each device's ε is reported.
+        delta: f64,
+    },
+}
+
 /// Everything a simulation run needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimConfig {
@@ -118,6 +170,8 @@ pub struct SimConfig {
     pub seed: u64,
     /// Worker threads for local training.
     pub threads: usize,
+    /// Differential privacy.
+    pub privacy: PrivacyMode,
 }
 
 impl Default for SimConfig {
@@ -142,6 +196,7 @@ impl Default for SimConfig {
             eval_every: 10,
             seed: 42,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            privacy: PrivacyMode::Off,
         }
     }
 }
@@ -185,6 +240,12 @@ pub enum SimError {
     /// A round could not start.
     #[error(transparent)]
     Start(#[from] starling_proto::round::StartError),
+    /// The differential-privacy settings are invalid.
+    #[error(transparent)]
+    Privacy(#[from] starling_proto::dp::strategy::DpConfigError),
+    /// The privacy ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] crate::privacy::LedgerError),
 }
 
 /// The data of a run, prepared.
@@ -285,13 +346,20 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         max_update_values: shape.len(),
         ..RoundConfig::default()
     };
+    let mut round = round;
+    let goal = ((target as f64) * config.over_selection).ceil() as usize;
+    let sampling_rate = (goal as f64 / n_users as f64).min(1.0);
+    let (strategy, mut ledger) =
+        build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
-    let orchestrator =
-        Orchestrator::new(orch_config, config.strategy.build(), items, ModelVersion(0), RoundId(1))?;
+    let orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
     let device =
         DeviceModel { base: Duration::from_millis(200), per_example: Duration::from_millis(2), slowness };
-    let trainer = MfFleetTrainer::new(shape, users, positives, device, config.seed, config.threads);
+    let mut trainer = MfFleetTrainer::new(shape, users, positives, device, config.seed, config.threads);
+    if let PrivacyMode::Local { delta, .. } = config.privacy {
+        trainer = trainer.with_local_ledgers(Delta::new(delta).map_err(|e| SimError::Config(e.to_string()))?);
+    }
     let fleet_config = FleetConfig {
         dropout: config.dropout,
         seed: config.seed,
@@ -322,9 +390,17 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         data.eval.evaluate(|_, items, out| out.extend(items.iter().map(|&i| popularity[i as usize] as f32)));
 
     let mut records = Vec::with_capacity(config.rounds as usize);
+    let mut stopped = None;
     for r in 1..=config.rounds {
         let round_started = WallClock::now();
-        let fr = fleet.run_round()?;
+        let fr = match fleet.run_round() {
+            Ok(fr) => fr,
+            Err(StartError::Refused(reason)) => {
+                stopped = Some(format!("round {r} refused: {reason}"));
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let round_seconds = round_started.elapsed().as_secs_f64();
         let train_seconds = fleet.trainer_mut().take_train_time().as_secs_f64();
         let mut rec = RoundRecord {
@@ -351,6 +427,9 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             let stats = match e {
                 RoundEvent::Committed(c) => {
                     rec.committed = true;
+                    if let (Some(charge), Some(l)) = (c.privacy, ledger.as_mut()) {
+                        l.record(fr.round.0, charge)?;
+                    }
                     &c.stats
                 }
                 RoundEvent::Failed { reason, stats, .. } => {
@@ -366,6 +445,11 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             rec.stragglers = stats.unfinished;
             rec.loss = stats.mean_loss;
         }
+        rec.epsilon = match (&ledger, &config.privacy) {
+            (Some(l), _) => Some(l.spent()),
+            (None, PrivacyMode::Local { .. }) => Some(fleet.trainer_mut().max_device_epsilon()),
+            _ => None,
+        };
         if r % config.eval_every == 0 || r == config.rounds {
             let (m, full) = evaluate(&mut fleet);
             rec.hr_at_10 = Some(m.hr_at_10);
@@ -374,6 +458,16 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         }
         progress.round(&rec, config.rounds);
         records.push(rec);
+    }
+    // A run stopped by the budget still gets its final evaluation.
+    if stopped.is_some()
+        && let Some(last) = records.last_mut()
+        && last.hr_at_10.is_none()
+    {
+        let (m, full) = evaluate(&mut fleet);
+        last.hr_at_10 = Some(m.hr_at_10);
+        last.ndcg_at_10 = Some(m.ndcg_at_10);
+        last.full_hr_at_10 = full;
     }
     let median = |f: &dyn Fn(&RoundRecord) -> f64| {
         let mut v: Vec<f64> = records.iter().map(f).collect();
@@ -389,8 +483,94 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         median_round_seconds: median(&|r| r.round_seconds),
         median_train_seconds: median(&|r| r.train_seconds),
         peak_rss_bytes: peak_rss_bytes(),
+        stopped,
         rounds: records,
     })
+}
+
+fn round_strategy(config: &SimConfig) -> Box<dyn Strategy> {
+    config.strategy.build()
+}
+
+/// The run's ledger under central DP: the coordinator's durable ledger on an in-memory store.
+struct SimLedger {
+    store: Store,
+    ledger: DurableLedger,
+}
+
+impl SimLedger {
+    fn record(&mut self, round: u64, charge: PrivacyCharge) -> Result<(), SimError> {
+        let bad = |e: starling_proto::dp::params::ParamError| SimError::Config(e.to_string());
+        let mechanism = Mechanism {
+            q: SamplingRate::new(charge.sampling_rate).map_err(bad)?,
+            sigma: NoiseMultiplier::new(charge.noise_multiplier).map_err(bad)?,
+            steps: u64::from(charge.steps),
+        };
+        self.ledger.record(&mut self.store, LedgerEntry { round, mechanism }, 0)?;
+        Ok(())
+    }
+
+    fn spent(&self) -> f64 {
+        self.ledger.status().epsilon_spent
+    }
+}
+
+/// Wraps `strategy` for the configured privacy mode and sets the clients' plan accordingly.
+fn build_privacy(
+    config: &SimConfig,
+    strategy: Box<dyn Strategy>,
+    target: usize,
+    sampling_rate: f64,
+    round: &mut RoundConfig,
+) -> Result<(Box<dyn Strategy>, Option<SimLedger>), SimError> {
+    let bad = |e: starling_proto::dp::params::ParamError| SimError::Config(e.to_string());
+    match config.privacy {
+        PrivacyMode::Off => Ok((strategy, None)),
+        PrivacyMode::Local { clip, noise_multiplier, .. } => {
+            ClipNorm::new(clip).map_err(bad)?;
+            NoiseMultiplier::new(noise_multiplier).map_err(bad)?;
+            round.plan.clip_norm = Some(clip as f32);
+            round.plan.noise = NoiseSettings::Local { multiplier: noise_multiplier as f32 };
+            // Noise goes on every coordinate, so the update travels dense.
+            round.plan.encoding = EncodingKind::Dense;
+            // The coordinator cannot check the noise, but it can bound every update's norm.
+            let bounded = NormBound::new(strategy, clip).map_err(|e| SimError::Config(e.to_string()))?;
+            Ok((Box::new(bounded), None))
+        }
+        PrivacyMode::Central { clip, noise_multiplier, epsilon, delta, adaptive_quantile, sampler } => {
+            let budget = Budget {
+                epsilon: Epsilon::new(epsilon).map_err(bad)?,
+                delta: Delta::new(delta).map_err(bad)?,
+            };
+            let adaptive = adaptive_quantile
+                .map(|q| {
+                    Ok::<_, SimError>(AdaptiveClipping {
+                        target: Quantile::new(q).map_err(bad)?,
+                        learning_rate: 0.2,
+                        // Andrew et al.: σ_b = expected participants / 20 (and above σ/2).
+                        count_noise: (target as f64 / 20.0).max(noise_multiplier),
+                    })
+                })
+                .transpose()?;
+            let dp_config = DpConfig {
+                clip: ClipNorm::new(clip).map_err(bad)?,
+                noise: NoiseMultiplier::new(noise_multiplier).map_err(bad)?,
+                expected_participants: target,
+                sampling_rate: SamplingRate::new(sampling_rate).map_err(bad)?,
+                budget,
+                adaptive,
+            };
+            let store = Store::open_in_memory().map_err(crate::privacy::LedgerError::from)?;
+            let ledger = DurableLedger::open(&store, budget)?;
+            let dp = DpFedAvg::with_ledger(strategy, dp_config, ledger.ledger().clone())?;
+            let dp = match sampler {
+                NoiseSampler::Fast => dp,
+                NoiseSampler::OpenDpExact => dp.with_sampler(Arc::new(OpenDpGaussian::exact())),
+                NoiseSampler::OpenDpGrid => dp.with_sampler(Arc::new(OpenDpGaussian::with_granularity(-20))),
+            };
+            Ok((Box::new(dp), Some(SimLedger { store, ledger })))
+        }
+    }
 }
 
 fn config_json(c: &SimConfig) -> serde_json::Value {
@@ -400,7 +580,18 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         }
         Dataset::File(p) => serde_json::json!({"kind": "file", "path": p.display().to_string()}),
     };
+    let privacy = match &c.privacy {
+        PrivacyMode::Off => serde_json::json!({"mode": "off"}),
+        PrivacyMode::Central { clip, noise_multiplier, epsilon, delta, adaptive_quantile, sampler } => {
+            serde_json::json!({"mode": "central", "clip": clip, "noise_multiplier": noise_multiplier,
+                "epsilon_budget": epsilon, "delta": delta, "adaptive_quantile": adaptive_quantile,
+                "sampler": format!("{sampler:?}")})
+        }
+        PrivacyMode::Local { clip, noise_multiplier, delta } => serde_json::json!({"mode": "local",
+            "clip": clip, "noise_multiplier": noise_multiplier, "delta": delta}),
+    };
     serde_json::json!({
+        "privacy": privacy,
         "dataset": dataset,
         "clients_per_round": c.clients_per_round,
         "rounds": c.rounds,

@@ -67,6 +67,9 @@ pub struct SimReport {
     pub median_train_seconds: f64,
     /// Peak resident memory in bytes, when the platform reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Why the run stopped before its last round (e.g. the privacy budget refused a round).
+    #[serde(default)]
+    pub stopped: Option<String>,
 }
 
 /// Why a report could not be written.
@@ -342,6 +345,7 @@ mod tests {
             median_round_seconds: 0.01,
             median_train_seconds: 0.005,
             peak_rss_bytes: Some(1 << 20),
+            stopped: None,
         };
         let html = report.to_html();
         assert_eq!(html.matches("<svg").count(), 4);

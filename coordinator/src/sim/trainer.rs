@@ -4,6 +4,8 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
+use starling_proto::dp::Delta;
+use starling_proto::dp::local::{DeviceLedger, LocalRelease, protect};
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
 use starling_proto::message::LocalMetrics;
@@ -37,6 +39,10 @@ pub struct MfFleetTrainer {
     /// Wall-clock time spent training since the last [`take_train_time`](Self::take_train_time).
     train_time: std::time::Duration,
     failures: usize,
+    /// Each device's own ledger under local DP (empty otherwise), indexed by client id.
+    ledgers: Vec<Option<DeviceLedger>>,
+    ledger_delta: Option<Delta>,
+    max_device_epsilon: f64,
 }
 
 impl MfFleetTrainer {
@@ -58,7 +64,32 @@ impl MfFleetTrainer {
             threads: threads.max(1),
             train_time: std::time::Duration::ZERO,
             failures: 0,
+            ledgers: Vec::new(),
+            ledger_delta: None,
+            max_device_epsilon: 0.0,
         }
+    }
+
+    /// Keeps a ledger per device for local-DP releases, measuring ε at `delta`.
+    pub fn with_local_ledgers(mut self, delta: Delta) -> Self {
+        self.ledger_delta = Some(delta);
+        self
+    }
+
+    /// The largest ε any device has spent under local DP (the worst-off user).
+    pub fn max_device_epsilon(&self) -> f64 {
+        self.max_device_epsilon
+    }
+
+    fn record_release(&mut self, client: ClientId, release: LocalRelease) {
+        let Some(delta) = self.ledger_delta else { return };
+        let i = client.0 as usize;
+        if self.ledgers.len() <= i {
+            self.ledgers.resize(i + 1, None);
+        }
+        let ledger = self.ledgers[i].get_or_insert_with(|| DeviceLedger::new(delta));
+        let eps = ledger.record(release);
+        self.max_device_epsilon = self.max_device_epsilon.max(eps);
     }
 
     /// The private vectors (for evaluation).
@@ -94,7 +125,7 @@ fn train_one(
     job: &TrainJob,
     user: &mut [f32],
     positives: &[u32],
-) -> Option<TrainResult> {
+) -> Option<(TrainResult, Option<LocalRelease>)> {
     let started = WallClock::now();
     let cfg = plan_to_training(&job.request);
     let stream =
@@ -105,12 +136,15 @@ fn train_one(
     if r.examples == 0 {
         return None;
     }
+    // Clip (and under local DP, noise) exactly as the SDK does before anything leaves the device.
+    let (update, release) = protect(r.update, &job.request.plan, job.request.round.0, &mut rng).ok()?;
     let train_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-    Some(TrainResult {
-        update: r.update,
+    let result = TrainResult {
+        update,
         weight: r.examples as f32,
         metrics: LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms },
-    })
+    };
+    Some((result, release))
 }
 
 impl Trainer for MfFleetTrainer {
@@ -133,7 +167,7 @@ impl Trainer for MfFleetTrainer {
             .collect();
         let (shape, seed, positives) = (self.shape, self.seed, &*self.positives);
         let chunk = work.len().div_ceil(self.threads).max(1);
-        let mut results: Vec<Option<TrainResult>> = vec![None; jobs.len()];
+        let mut results: Vec<Option<(TrainResult, Option<LocalRelease>)>> = vec![None; jobs.len()];
         std::thread::scope(|s| {
             let handles: Vec<_> = work
                 .chunks_mut(chunk)
@@ -169,5 +203,15 @@ impl Trainer for MfFleetTrainer {
         self.failures += results.iter().filter(|r| r.is_none()).count();
         self.train_time += started.elapsed();
         results
+            .into_iter()
+            .zip(jobs)
+            .map(|(r, job)| {
+                let (result, release) = r?;
+                if let Some(release) = release {
+                    self.record_release(job.client, release);
+                }
+                Some(result)
+            })
+            .collect()
     }
 }

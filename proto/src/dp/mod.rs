@@ -2,8 +2,8 @@
 //!
 //! - [`params`]: validated settings (clip norm, noise multiplier, δ, ε, sampling rate, quantile).
 //! - [`clip`]: L2 clipping, the same function clients and the coordinator call.
-//! - [`noise`]: Gaussian noise on the caller's seeded RNG (and why opendp is the reference, not
-//!   the hot path).
+//! - [`noise`]: the [`GaussianSampler`] seam and the fast sampler on the caller's seeded RNG
+//!   (opendp's exact sampler lives in the coordinator; the module docs say which runs where).
 //! - [`accountant`]: RDP of the Poisson-subsampled Gaussian, composition, conversion to (ε, δ),
 //!   σ calibration.
 //! - [`ledger`]: the pure privacy ledger with its budget guard.
@@ -23,7 +23,8 @@ pub mod clip {
     pub use crate::strategy::norm::clip_l2;
 }
 
-pub use accountant::{Mechanism, RdpAccountant, calibrate_sigma, epsilon};
+pub use accountant::{Mechanism, RdpAccountant, calibrate_sigma, epsilon, zcdp_epsilon};
 pub use ledger::{LedgerEntry, PrivacyLedger};
+pub use noise::{FastGaussian, GaussianSampler};
 pub use params::{Budget, ClipNorm, Delta, Epsilon, NoiseMultiplier, Quantile, SamplingRate};
 pub use strategy::{AdaptiveClipping, DpConfig, DpFedAvg};

@@ -1,47 +1,115 @@
-//! Gaussian noise for the released aggregates.
+//! Gaussian noise for released aggregates and local-DP updates.
 //!
-//! Which sampler runs where, and why:
-//! - **Here (coordinator and device): rand_distr's `Normal` (ziggurat) on the caller's seeded RNG.**
-//!   It draws about 150 million values per second, so noising a model of millions of coordinates
-//!   every round costs milliseconds, and a seeded RNG keeps simulations reproducible.
-//! - **opendp is the reference**: its exact Gaussian sampler (discrete, on a 2^k grid, immune to the
-//!   floating-point attacks of Mironov 2012) draws about 25 000 values per second — seconds per
-//!   round for a 100 000-parameter model, far too slow per client update. The tests check that this
-//!   sampler's output matches opendp's distribution (mean, variance, tails), and opendp's zCDP
-//!   conversion cross-checks the accountant (`proto/tests/dp_opendp.rs`).
+//! Noise is drawn through the [`GaussianSampler`] trait so the host picks the sampler:
 //!
-//! Caveat (documented in `docs/privacy.md`): floating-point Gaussian samples carry the textbook
-//! precision caveat; deployments that need the formal guarantee against an adversary who sees the
-//! exact bits of the output should switch the coordinator's final noise to opendp's exact sampler.
+//! | sampler | where it runs | speed (1 core) | why |
+//! |---|---|---|---|
+//! | [`FastGaussian`] (here) | devices (local DP), the simulator, the coordinator by default | ≈150 M values/s | rand_distr's ziggurat on the caller's **seeded** RNG: milliseconds per round for millions of coordinates, and simulations stay reproducible |
+//! | `OpenDpGaussian` (`starling-coordinator`) | the coordinator, when configured (`noise_sampler = "opendp"`) | ≈25 k values/s exact, ≈240 k/s on a 2⁻²⁰ grid | opendp's discrete Gaussian: immune to the floating-point attacks on textbook samplers (Mironov 2012), but far too slow per client update |
+//!
+//! The sans-IO core cannot hold opendp's sampler (it draws from the operating system's RNG, so a
+//! run could not be replayed from a seed), which is why that one lives in the coordinator crate.
+//! Tests there check that both samplers produce the same distribution (mean, variance, tails).
+//! `docs/privacy.md` states the floating-point caveat of the fast path.
 
 use rand_distr::{Distribution, Normal};
+use std::fmt;
 
-/// Adds independent `N(0, std²)` noise to every value.
-pub fn add_gaussian(values: &mut [f64], std: f64, rng: &mut dyn rand::Rng) {
-    if std <= 0.0 || !std.is_finite() {
-        return;
-    }
-    let Ok(normal) = Normal::new(0.0, std) else { return };
-    for v in values {
-        *v += normal.sample(rng);
+/// Why noise could not be added. Nothing is released when this happens.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NoiseError {
+    /// The standard deviation is negative or not finite.
+    #[error("noise standard deviation must be finite and >= 0, got {0}")]
+    BadStd(f64),
+    /// A value to be noised is NaN or infinite (a sampler over a finite domain refuses it).
+    #[error("cannot noise a non-finite value")]
+    NonFinite,
+    /// The sampler itself failed.
+    #[error("noise sampler failed: {0}")]
+    Sampler(String),
+}
+
+/// A source of Gaussian noise `N(0, std²)`.
+pub trait GaussianSampler: Send + Sync + fmt::Debug {
+    /// A short name for logs and reports.
+    fn name(&self) -> &'static str;
+
+    /// Adds independent `N(0, std²)` noise to every value, in place. `rng` is the caller's seeded
+    /// RNG; a sampler with its own entropy source may ignore it. On error the values may be
+    /// partly noised and must not be released.
+    fn add_noise(&self, values: &mut [f64], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError>;
+
+    /// The factor (≥ 1) by which this sampler inflates an L2 sensitivity of `sensitivity` when it
+    /// adds noise of standard deviation `std` to `len` values: 1 for a continuous sampler; a
+    /// discretising sampler pays for its rounding with a slightly larger sensitivity, so the noise
+    /// multiplier it achieves is `std / (sensitivity × factor)`.
+    fn sensitivity_inflation(&self, std: f64, sensitivity: f64, len: usize) -> f64 {
+        let _ = (std, sensitivity, len);
+        1.0
     }
 }
 
-/// Adds independent `N(0, std²)` noise to every `f32` value.
-pub fn add_gaussian_f32(values: &mut [f32], std: f64, rng: &mut dyn rand::Rng) {
-    if std <= 0.0 || !std.is_finite() {
-        return;
+/// rand_distr's `Normal` on the caller's seeded RNG. See the module docs for when to use it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastGaussian;
+
+impl GaussianSampler for FastGaussian {
+    fn name(&self) -> &'static str {
+        "fast"
     }
-    let Ok(normal) = Normal::new(0.0, std) else { return };
+
+    fn add_noise(&self, values: &mut [f64], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError> {
+        check_std(std)?;
+        if std == 0.0 {
+            return Ok(());
+        }
+        let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
+        for v in values {
+            *v += normal.sample(rng);
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a negative or non-finite standard deviation.
+pub fn check_std(std: f64) -> Result<(), NoiseError> {
+    if std.is_finite() && std >= 0.0 { Ok(()) } else { Err(NoiseError::BadStd(std)) }
+}
+
+/// Adds independent `N(0, std²)` noise to every `f32` value with the fast sampler (the device's
+/// local-DP path).
+pub fn add_gaussian_f32(values: &mut [f32], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError> {
+    check_std(std)?;
+    if std == 0.0 {
+        return Ok(());
+    }
+    let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
     for v in values {
         *v += normal.sample(rng) as f32;
     }
+    Ok(())
 }
 
-/// One `N(0, std²)` draw.
-pub fn gaussian(std: f64, rng: &mut dyn rand::Rng) -> f64 {
-    match Normal::new(0.0, std.max(0.0)) {
-        Ok(n) if std > 0.0 => n.sample(rng),
-        _ => 0.0,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn fast_sampler_has_the_requested_moments_and_refuses_bad_std() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut v = vec![0.0f64; 200_000];
+        FastGaussian.add_noise(&mut v, 2.5, &mut rng).unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert!((var.sqrt() - 2.5).abs() / 2.5 < 0.01, "std {}", var.sqrt());
+        assert_eq!(FastGaussian.add_noise(&mut v, -1.0, &mut rng), Err(NoiseError::BadStd(-1.0)));
+        assert!(FastGaussian.add_noise(&mut v, f64::NAN, &mut rng).is_err());
+        let before = v.clone();
+        FastGaussian.add_noise(&mut v, 0.0, &mut rng).unwrap();
+        assert_eq!(v, before, "zero noise is the identity");
     }
 }

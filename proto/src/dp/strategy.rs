@@ -21,7 +21,7 @@
 
 use super::accountant::Mechanism;
 use super::ledger::{LedgerEntry, PrivacyLedger};
-use super::noise::{add_gaussian, gaussian};
+use super::noise::{FastGaussian, GaussianSampler};
 use super::params::{Budget, ClipNorm, NoiseMultiplier, ParamError, Quantile, SamplingRate};
 use crate::ids::ClientId;
 use crate::message::{NoiseSettings, TrainingPlan};
@@ -91,6 +91,7 @@ pub struct DpFedAvg<S> {
     clip: f64,
     sum_multiplier: f64,
     ledger: PrivacyLedger,
+    sampler: Arc<dyn GaussianSampler>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -115,7 +116,32 @@ impl<S: Strategy> DpFedAvg<S> {
                 if sigma == 0.0 { 0.0 } else { (sigma.powi(-2) - (2.0 * a.count_noise).powi(-2)).powf(-0.5) }
             }
         };
-        Ok(Self { inner, clip: config.clip.get(), config, sum_multiplier, ledger, shared: Arc::default() })
+        Ok(Self {
+            inner,
+            clip: config.clip.get(),
+            config,
+            sum_multiplier,
+            ledger,
+            sampler: Arc::new(FastGaussian),
+            shared: Arc::default(),
+        })
+    }
+
+    /// Draws the noise with `sampler` instead of [`FastGaussian`] (e.g. the coordinator's opendp
+    /// sampler). A discretising sampler is accounted at the multiplier it really achieves.
+    pub fn with_sampler(mut self, sampler: Arc<dyn GaussianSampler>) -> Self {
+        self.sampler = sampler;
+        self
+    }
+
+    /// The wrapped strategy.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DpConfig {
+        &self.config
     }
 
     /// The ledger (ε spent, entries).
@@ -133,8 +159,34 @@ impl<S: Strategy> DpFedAvg<S> {
         self.sum_multiplier
     }
 
-    fn mechanism(&self) -> Mechanism {
-        Mechanism { q: self.config.sampling_rate, sigma: self.config.noise, steps: 1 }
+    /// The noise multiplier charged for one round on a model of `len` parameters: the configured σ
+    /// for a continuous sampler; slightly less for a discretising one (it pays for its rounding).
+    pub fn accounted_sigma(&self, len: usize) -> f64 {
+        let sigma = self.config.noise.get();
+        if sigma == 0.0 {
+            return 0.0;
+        }
+        let std = self.sum_multiplier * self.clip;
+        let sum_slack = self.sampler.sensitivity_inflation(std, self.clip, len);
+        match self.config.adaptive {
+            None => sigma / sum_slack,
+            Some(a) => {
+                // The count of centred clipping bits has sensitivity 1/2.
+                let count_slack = self.sampler.sensitivity_inflation(a.count_noise, 0.5, 1);
+                if sum_slack == 1.0 && count_slack == 1.0 {
+                    return sigma;
+                }
+                let sum_sigma = self.sum_multiplier / sum_slack;
+                let count_sigma = 2.0 * a.count_noise / count_slack;
+                (sum_sigma.powi(-2) + count_sigma.powi(-2)).powf(-0.5)
+            }
+        }
+    }
+
+    /// The mechanism one round on a model of `len` parameters releases.
+    pub fn mechanism(&self, len: usize) -> Mechanism {
+        let sigma = NoiseMultiplier::new(self.accounted_sigma(len)).unwrap_or(self.config.noise);
+        Mechanism { q: self.config.sampling_rate, sigma, steps: 1 }
     }
 }
 
@@ -148,6 +200,7 @@ struct DpAggregator {
     count_std: Option<f64>,
     denominator: f64,
     charge: PrivacyCharge,
+    sampler: Arc<dyn GaussianSampler>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -171,15 +224,17 @@ impl Aggregator for DpAggregator {
         if self.count == 0 {
             return Err(AggregateError::Empty);
         }
-        add_gaussian(&mut self.sum, self.noise_std, rng);
+        let noise_err = |e: super::noise::NoiseError| AggregateError::Noise(e.to_string());
+        self.sampler.add_noise(&mut self.sum, self.noise_std, rng).map_err(noise_err)?;
         let delta: Vec<f32> = self.sum.iter().map(|s| (s / self.denominator) as f32).collect();
         if delta.iter().any(|v| !v.is_finite()) {
             return Err(AggregateError::NonFinite);
         }
         if let Some(std) = self.count_std {
-            let noised = self.centred_bits + gaussian(std, rng);
+            let mut noised = [self.centred_bits];
+            self.sampler.add_noise(&mut noised, std, rng).map_err(noise_err)?;
             if let Ok(mut s) = self.shared.lock() {
-                s.unclipped_fraction = Some(noised / self.denominator + 0.5);
+                s.unclipped_fraction = Some(noised[0] / self.denominator + 0.5);
             }
         }
         Ok(Aggregate {
@@ -203,7 +258,7 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
     }
 
     fn admit(&mut self, ctx: &RoundContext) -> Result<(), AdmissionError> {
-        self.ledger.check(&self.mechanism()).map_err(|e| match e {
+        self.ledger.check(&self.mechanism(ctx.shape.len())).map_err(|e| match e {
             super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
                 AdmissionError::BudgetExhausted {
                     projected_epsilon: projected,
@@ -243,9 +298,10 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
             denominator: self.config.expected_participants as f64,
             charge: PrivacyCharge {
                 sampling_rate: self.config.sampling_rate.get(),
-                noise_multiplier: self.config.noise.get(),
+                noise_multiplier: self.accounted_sigma(ctx.shape.len()),
                 steps: 1,
             },
+            sampler: self.sampler.clone(),
             shared: self.shared.clone(),
         })
     }
@@ -258,7 +314,8 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
     ) -> Result<(), AggregateError> {
         self.inner.apply(ctx, global, aggregate)?;
         // The noised aggregate is now part of the model: it is released.
-        self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism: self.mechanism() });
+        let mechanism = self.mechanism(ctx.shape.len());
+        self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism });
         if let Some(a) = self.config.adaptive {
             let fraction = self.shared.lock().ok().and_then(|mut s| s.unclipped_fraction.take());
             if let Some(b) = fraction {

@@ -116,6 +116,9 @@ pub enum AggregateError {
         /// Parameters expected.
         want: usize,
     },
+    /// Noise could not be added (a differential-privacy layer refuses to release anything).
+    #[error("noise could not be added: {0}")]
+    Noise(String),
     /// A strategy-specific failure.
     #[error("{0}")]
     Other(String),
@@ -171,6 +174,43 @@ pub trait Strategy: Send {
         global: &mut [f32],
         aggregate: &Aggregate,
     ) -> Result<(), AggregateError>;
+}
+
+impl Strategy for Box<dyn Strategy> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+
+    fn admit(&mut self, ctx: &RoundContext) -> Result<(), AdmissionError> {
+        (**self).admit(ctx)
+    }
+
+    fn configure(&mut self, ctx: &RoundContext, plan: &mut TrainingPlan) {
+        (**self).configure(ctx, plan)
+    }
+
+    fn select(
+        &mut self,
+        ctx: &RoundContext,
+        candidates: &[ClientId],
+        wanted: usize,
+        rng: &mut dyn rand::Rng,
+    ) -> Vec<ClientId> {
+        (**self).select(ctx, candidates, wanted, rng)
+    }
+
+    fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
+        (**self).aggregator(ctx)
+    }
+
+    fn apply(
+        &mut self,
+        ctx: &RoundContext,
+        global: &mut [f32],
+        aggregate: &Aggregate,
+    ) -> Result<(), AggregateError> {
+        (**self).apply(ctx, global, aggregate)
+    }
 }
 
 /// Uniform sampling without replacement, keeping the candidates' relative order.
