@@ -4,5 +4,7 @@
 //!
 //! ## Layout
 //! - [`store`]: the on-device SQLite database (events, private model state, consent, ledger).
+//! - [`privacy`]: the device's own privacy ledger (local-DP ε), persisted in the store.
 
+pub mod privacy;
 pub mod store;
