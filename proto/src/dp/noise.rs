@@ -60,16 +60,26 @@ impl GaussianSampler for FastGaussian {
     }
 
     fn add_noise(&self, values: &mut [f64], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError> {
-        check_std(std)?;
-        if std == 0.0 {
-            return Ok(());
-        }
-        let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
-        for v in values {
-            *v += normal.sample(rng);
-        }
-        Ok(())
+        add_normal(values, std, rng, |v, n| *v += n)
     }
+}
+
+/// Adds `N(0, std²)` draws to every value with `add(value, draw)`.
+fn add_normal<T>(
+    values: &mut [T],
+    std: f64,
+    rng: &mut dyn rand::Rng,
+    add: impl Fn(&mut T, f64),
+) -> Result<(), NoiseError> {
+    check_std(std)?;
+    if std == 0.0 {
+        return Ok(());
+    }
+    let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
+    for v in values {
+        add(v, normal.sample(rng));
+    }
+    Ok(())
 }
 
 /// Refuses a negative or non-finite standard deviation.
@@ -80,15 +90,7 @@ pub fn check_std(std: f64) -> Result<(), NoiseError> {
 /// Adds independent `N(0, std²)` noise to every `f32` value with the fast sampler (the device's
 /// local-DP path).
 pub fn add_gaussian_f32(values: &mut [f32], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError> {
-    check_std(std)?;
-    if std == 0.0 {
-        return Ok(());
-    }
-    let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
-    for v in values {
-        *v += normal.sample(rng) as f32;
-    }
-    Ok(())
+    add_normal(values, std, rng, |v, n| *v += n as f32)
 }
 
 #[cfg(test)]
