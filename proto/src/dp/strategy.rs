@@ -19,7 +19,7 @@
 //! the [`PrivacyCharge`]; the host must persist it before releasing the model, and replay its
 //! persisted entries into [`DpFedAvg::with_ledger`] after a restart.
 
-use super::accountant::Mechanism;
+use super::accountant::{Mechanism, effective_sigma};
 use super::ledger::{LedgerEntry, PrivacyLedger};
 use super::noise::{FastGaussian, GaussianSampler};
 use super::params::{Budget, ClipNorm, NoiseMultiplier, ParamError, Quantile, SamplingRate};
@@ -176,9 +176,7 @@ impl<S: Strategy> DpFedAvg<S> {
                 if sum_slack == 1.0 && count_slack == 1.0 {
                     return sigma;
                 }
-                let sum_sigma = self.sum_multiplier / sum_slack;
-                let count_sigma = 2.0 * a.count_noise / count_slack;
-                (sum_sigma.powi(-2) + count_sigma.powi(-2)).powf(-0.5)
+                effective_sigma(self.sum_multiplier / sum_slack, a.count_noise / count_slack)
             }
         }
     }
