@@ -9,6 +9,7 @@
 //! Both ends of a connection implement [`Connection`], so a coordinator can serve in-process and
 //! QUIC clients with the same code.
 
+use bytes::Bytes;
 use std::future::Future;
 
 /// Why a transport operation failed.
@@ -42,9 +43,11 @@ impl TransportError {
 /// One open connection to (or from) a peer.
 pub trait Connection: Send + 'static {
     /// Sends `bytes` (one or more whole frames). Waits while the peer is not keeping up
-    /// (backpressure), never buffers without bound.
-    fn send(&mut self, bytes: Vec<u8>) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// (backpressure), never buffers without bound. `Bytes` lets one encoded model be sent to
+    /// many clients without a copy per client.
+    fn send(&mut self, bytes: Bytes) -> impl Future<Output = Result<(), TransportError>> + Send;
     /// The next bytes from the peer, in any chunking; `Ok(None)` once the peer has finished.
+    /// Must be cancel-safe: dropping the future before it completes loses no data.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, TransportError>> + Send;
     /// Closes the connection, telling the peer `reason` where the transport can.
     fn close(&mut self, reason: &str) -> impl Future<Output = ()> + Send;
@@ -64,6 +67,7 @@ pub mod memory {
     //! and a [`MemoryListener`] (the coordinator accepts from it).
 
     use super::{Connection, Transport, TransportError};
+    use bytes::Bytes;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::sync::mpsc;
@@ -74,8 +78,8 @@ pub mod memory {
     /// One end of an in-process connection.
     #[derive(Debug)]
     pub struct MemoryConnection {
-        tx: Option<mpsc::Sender<Vec<u8>>>,
-        rx: mpsc::Receiver<Vec<u8>>,
+        tx: Option<mpsc::Sender<Bytes>>,
+        rx: mpsc::Receiver<Bytes>,
         id: u64,
     }
 
@@ -89,18 +93,21 @@ pub mod memory {
         pub fn pair(id: u64) -> (MemoryConnection, MemoryConnection) {
             let (a_tx, b_rx) = mpsc::channel(CHANNEL_DEPTH);
             let (b_tx, a_rx) = mpsc::channel(CHANNEL_DEPTH);
-            (MemoryConnection { tx: Some(a_tx), rx: a_rx, id }, MemoryConnection { tx: Some(b_tx), rx: b_rx, id })
+            (
+                MemoryConnection { tx: Some(a_tx), rx: a_rx, id },
+                MemoryConnection { tx: Some(b_tx), rx: b_rx, id },
+            )
         }
     }
 
     impl Connection for MemoryConnection {
-        async fn send(&mut self, bytes: Vec<u8>) -> Result<(), TransportError> {
+        async fn send(&mut self, bytes: Bytes) -> Result<(), TransportError> {
             let tx = self.tx.as_ref().ok_or_else(|| TransportError::Closed("closed locally".into()))?;
             tx.send(bytes).await.map_err(|_| TransportError::Closed("peer went away".into()))
         }
 
         async fn recv(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
-            Ok(self.rx.recv().await)
+            Ok(self.rx.recv().await.map(Vec::from))
         }
 
         async fn close(&mut self, _reason: &str) {
@@ -156,7 +163,11 @@ pub mod memory {
     pub fn network(backlog: usize) -> (MemoryTransport, MemoryListener) {
         let (tx, rx) = mpsc::channel(backlog.max(1));
         (
-            MemoryTransport { accept: tx, attempts: Arc::new(AtomicU64::new(0)), next_id: Arc::new(AtomicU64::new(1)) },
+            MemoryTransport {
+                accept: tx,
+                attempts: Arc::new(AtomicU64::new(0)),
+                next_id: Arc::new(AtomicU64::new(1)),
+            },
             MemoryListener { rx },
         )
     }

@@ -361,6 +361,11 @@ pub enum WithdrawReason {
     ConsentWithdrawn,
     /// Local training failed.
     TrainingFailed,
+    /// The device refused the task's privacy settings (too little protection for its privacy
+    /// mode, or its own privacy budget is spent).
+    PrivacyRefused,
+    /// The device has no data to train on.
+    NoData,
 }
 
 /// Metrics the client computed locally (never raw data).

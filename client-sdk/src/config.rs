@@ -1,0 +1,253 @@
+//! How an app configures the SDK: identity, storage, model, when to train, privacy, retention.
+//!
+//! Every setting has a default that is safe for a phone; [`ClientConfig::new`] needs only the
+//! client's identity and the model the coordinator trains. Consent defaults to **off** for both
+//! personalization and training: the app asks the user and calls `set_consent`.
+
+use serde::{Deserialize, Serialize};
+use starling_proto::ids::ClientId;
+use starling_proto::message::DeviceConditions;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the SDK keeps its database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// `DIR/starling.db` (the directory is created if missing).
+    Dir(PathBuf),
+    /// In memory only: nothing survives the process (tests, simulations, kiosk mode).
+    InMemory,
+}
+
+/// The coordinator to train with: its address and the CA that signed its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoordinatorEndpoint {
+    /// `host:port` of the coordinator's QUIC endpoint.
+    pub address: String,
+    /// The name the coordinator's certificate must carry (TLS server name).
+    pub server_name: String,
+    /// PEM of the CA certificate(s) to trust for the coordinator (and nothing else).
+    pub ca_pem: Vec<u8>,
+}
+
+/// The recommendation model on the device. It must match the coordinator's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Model family name announced at check-in (the coordinator refuses other families).
+    pub family: String,
+    /// Items in the catalogue: item ids are `0..items`.
+    pub items: u32,
+    /// Embedding dimension.
+    pub dim: u32,
+    /// Whether the model has per-item biases (the global non-personal ranking then uses them).
+    pub item_bias: bool,
+}
+
+impl ModelSpec {
+    /// Matrix factorisation over `items` items with `dim`-dimensional embeddings, no biases.
+    pub fn mf(items: u32, dim: u32) -> Self {
+        Self { family: "bpr-mf".into(), items, dim, item_bias: false }
+    }
+}
+
+/// When the device may train. Production federated learning trains only on devices that are
+/// charging, on an unmetered network and idle, so that users never pay for it in battery, data or
+/// responsiveness; that is the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipationPolicy {
+    /// Train only while charging.
+    pub require_charging: bool,
+    /// Train only on an unmetered network (e.g. Wi-Fi).
+    pub require_unmetered: bool,
+    /// Train only while the device is idle.
+    pub require_idle: bool,
+    /// Train only above this battery level (percent).
+    pub min_battery_percent: u8,
+}
+
+impl Default for ParticipationPolicy {
+    fn default() -> Self {
+        Self { require_charging: true, require_unmetered: true, require_idle: true, min_battery_percent: 0 }
+    }
+}
+
+/// Why the device conditions do not allow training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum NotAllowed {
+    /// Not charging.
+    #[error("the device is not charging")]
+    NotCharging,
+    /// On a metered network.
+    #[error("the network is metered")]
+    Metered,
+    /// In use.
+    #[error("the device is in use")]
+    NotIdle,
+    /// Battery below the minimum.
+    #[error("battery at {0}% is below the policy's minimum")]
+    LowBattery(u8),
+}
+
+impl ParticipationPolicy {
+    /// Any conditions allow training (simulations, tests, desktop apps that do not care).
+    pub fn always() -> Self {
+        Self {
+            require_charging: false,
+            require_unmetered: false,
+            require_idle: false,
+            min_battery_percent: 0,
+        }
+    }
+
+    /// Whether `c` allows training, and if not, the first reason why.
+    pub fn check(&self, c: &DeviceConditions) -> Result<(), NotAllowed> {
+        if self.require_charging && !c.charging {
+            return Err(NotAllowed::NotCharging);
+        }
+        if self.require_unmetered && !c.unmetered {
+            return Err(NotAllowed::Metered);
+        }
+        if self.require_idle && !c.idle {
+            return Err(NotAllowed::NotIdle);
+        }
+        if c.battery_percent < self.min_battery_percent {
+            return Err(NotAllowed::LowBattery(c.battery_percent));
+        }
+        Ok(())
+    }
+}
+
+/// What protection the device insists on before its update leaves it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum PrivacyMode {
+    /// Trust the coordinator's plan (central DP: the coordinator adds the noise), but always clip:
+    /// a task without a clip norm is refused.
+    Central,
+    /// Add the noise on the device (local DP): tasks whose plan does not ask for local noise of at
+    /// least `min_noise_multiplier` are refused.
+    Local {
+        /// The smallest noise multiplier the device accepts.
+        min_noise_multiplier: f64,
+    },
+}
+
+/// The device's privacy settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyPolicy {
+    /// Central or local DP.
+    pub mode: PrivacyMode,
+    /// δ at which the device's own ε is reported.
+    pub delta: f64,
+    /// The most ε this device will ever spend under local DP (tasks beyond it are refused).
+    pub max_epsilon: Option<f64>,
+}
+
+impl Default for PrivacyPolicy {
+    fn default() -> Self {
+        Self { mode: PrivacyMode::Central, delta: 1e-5, max_epsilon: None }
+    }
+}
+
+/// How long events are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Events older than this are deleted.
+    pub max_age: Option<Duration>,
+    /// At most this many events are kept (the oldest go first).
+    pub max_events: Option<u64>,
+}
+
+impl Default for Retention {
+    /// 90 days, 10,000 events.
+    fn default() -> Self {
+        Self { max_age: Some(Duration::from_secs(90 * 86_400)), max_events: Some(10_000) }
+    }
+}
+
+/// The user's consent, one switch per purpose.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    /// Personal recommendations from the user's own on-device data.
+    pub personalization: bool,
+    /// Taking part in federated training (sending clipped, noised model updates).
+    pub training: bool,
+}
+
+/// Retry policy for reaching the coordinator: exponential backoff with full jitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Connection attempts per round (1 = no retry).
+    pub attempts: u32,
+    /// Delay before the first retry.
+    pub initial_backoff: Duration,
+    /// Upper bound of any delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 4,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the SDK needs. See the module docs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientConfig {
+    /// The client's enrolled id.
+    pub client_id: ClientId,
+    /// The enrollment token presented at check-in.
+    pub credential: Vec<u8>,
+    /// The coordinator to reach (used by the QUIC transport).
+    pub coordinator: Option<CoordinatorEndpoint>,
+    /// Where the database lives.
+    pub storage: Storage,
+    /// The model.
+    pub model: ModelSpec,
+    /// When training is allowed.
+    pub participation: ParticipationPolicy,
+    /// Privacy settings.
+    pub privacy: PrivacyPolicy,
+    /// Retention of events.
+    pub retention: Retention,
+    /// Consent used until the user has made a choice (stored choices take precedence).
+    pub default_consent: Consent,
+    /// Positive interactions needed before recommendations become personal.
+    pub min_personal_events: usize,
+    /// How long to wait for the coordinator to answer a check-in or an upload.
+    pub response_timeout: Duration,
+    /// Connection retries.
+    pub retry: RetryPolicy,
+    /// Largest accepted clock skew of an event's timestamp into the future.
+    pub max_future_skew: Duration,
+    /// Seed of the device's randomness (training order, negatives, noise). `None`: from the OS.
+    /// Only simulations and tests should fix it.
+    pub seed: Option<u64>,
+}
+
+impl ClientConfig {
+    /// Defaults for a client `client_id` with `credential`, running `model`, storing in `storage`.
+    pub fn new(client_id: ClientId, credential: Vec<u8>, model: ModelSpec, storage: Storage) -> Self {
+        Self {
+            client_id,
+            credential,
+            coordinator: None,
+            storage,
+            model,
+            participation: ParticipationPolicy::default(),
+            privacy: PrivacyPolicy::default(),
+            retention: Retention::default(),
+            default_consent: Consent::default(),
+            min_personal_events: 3,
+            response_timeout: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+            max_future_skew: Duration::from_secs(300),
+            seed: None,
+        }
+    }
+}

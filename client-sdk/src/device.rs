@@ -1,0 +1,744 @@
+//! The device's state and everything the SDK does locally: recording behaviour, recommending,
+//! training on the device, and the user's controls (consent, forget, export, privacy report).
+//!
+//! A [`Device`] owns the SQLite [`Store`] and the in-memory copies of what is in it: the global
+//! model the device last received, the user's private vector and the device's privacy ledger.
+//! Nothing here touches the network: [`crate::participant`] drives the session machine around it,
+//! and [`crate::client`] adds a transport and a clock.
+//!
+//! ## What is stored (keys of the store's `kv` table)
+//! | key | value |
+//! |---|---|
+//! | `consent` | the user's [`Consent`] (JSON) |
+//! | `global_version` | version of the stored global model (JSON number) |
+//! | `global_params` | the global model's parameters (raw little-endian `f32`) |
+//! | `user_vector` | the private user vector (raw `f32`); never leaves the device |
+//! | `stats` | counters for the privacy report ([`Stats`], JSON) |
+
+use crate::config::{ClientConfig, Consent, ModelSpec, PrivacyMode, Retention, Storage};
+use crate::privacy::{self, Contribution};
+use crate::store::{LedgerEntry, Store, StoreError};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use starling_models::data::events::{Context, Event, EventError, Examples};
+use starling_models::mf::{self, LocalTraining, MfLayout};
+use starling_proto::dp::ledger::BudgetError;
+use starling_proto::dp::local::{DeviceLedger, LocalDpError, LocalRelease, protect};
+use starling_proto::dp::{Budget, Delta, Epsilon};
+use starling_proto::ids::{ClientId, ModelVersion, RoundId};
+use starling_proto::message::{NoiseSettings, TrainingPlan};
+use starling_proto::update::{ModelShape, Update};
+use std::sync::Arc;
+
+const KEY_CONSENT: &str = "consent";
+const KEY_GLOBAL_VERSION: &str = "global_version";
+const KEY_GLOBAL_PARAMS: &str = "global_params";
+const KEY_USER: &str = "user_vector";
+const KEY_STATS: &str = "stats";
+
+/// Why the device could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The model settings are unusable.
+    #[error("invalid model settings: {0}")]
+    Model(String),
+    /// A privacy setting is out of range.
+    #[error("invalid privacy settings: {0}")]
+    Privacy(String),
+    /// The storage directory could not be created.
+    #[error("cannot create storage directory {path}: {detail}")]
+    Dir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The database could not be opened (foreign, corrupt, too new, I/O).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why an event was not recorded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The user has consented neither to personalization nor to training: nothing is stored.
+    #[error("the user has not consented to personalization or training; the event was not stored")]
+    NoConsent,
+    /// The event is malformed (unknown item, bad rating, context out of range).
+    #[error("invalid event: {0}")]
+    Invalid(#[from] EventError),
+    /// The event's time is further in the future than the allowed clock skew.
+    #[error("event time {at_ms} ms is in the future (now {now_ms} ms)")]
+    InFuture {
+        /// The event's time.
+        at_ms: i64,
+        /// The device's time.
+        now_ms: i64,
+    },
+    /// The event is older than the retention period and would be deleted at once.
+    #[error("event time {at_ms} ms is older than the retention period (cut-off {cutoff_ms} ms)")]
+    TooOld {
+        /// The event's time.
+        at_ms: i64,
+        /// The oldest time kept.
+        cutoff_ms: i64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why the device will not (or could not) train on a task.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The user has not consented to training.
+    #[error("the user has not consented to federated training")]
+    NoConsent,
+    /// The device has no positive interaction to learn from.
+    #[error("no training data on the device")]
+    NoData,
+    /// The task's model does not match the device's model.
+    #[error("the task's model ({got:?}) does not match the device's ({expected:?})")]
+    Shape {
+        /// The device's model shape.
+        expected: ModelShape,
+        /// The task's.
+        got: ModelShape,
+    },
+    /// The plan does not give the protection the device's privacy mode requires.
+    #[error("the plan's protection is too weak for this device: {0}")]
+    Protection(String),
+    /// The device's own privacy budget would be exceeded.
+    #[error("the device's privacy budget would be exceeded: {0}")]
+    Budget(#[from] BudgetError),
+    /// Clipping or noising refused the plan or the update.
+    #[error("local privacy step failed: {0}")]
+    Privatize(#[from] LocalDpError),
+    /// Local training failed (diverged, bad parameters).
+    #[error("local training failed: {0}")]
+    Training(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a list of recommendations came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The user's private vector and the global model.
+    Personal,
+    /// The global model's non-personal ranking (too little local data, or no consent to personalize).
+    Global,
+    /// The app's configured fallback order (no global model on the device yet).
+    Catalogue,
+}
+
+/// One recommended item.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    /// The item.
+    pub item: u32,
+    /// Its score (comparable within one list only).
+    pub score: f32,
+}
+
+/// A list of recommendations, best first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recommendations {
+    /// The items.
+    pub items: Vec<Scored>,
+    /// How they were ranked.
+    pub source: Source,
+}
+
+/// Counters kept for the privacy report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Check-ins (sessions started).
+    pub sessions: u64,
+    /// Rounds whose update the coordinator accepted.
+    pub rounds_accepted: u64,
+    /// Bytes sent to the coordinator (all messages, frame headers included).
+    pub bytes_sent: u64,
+    /// Bytes received from the coordinator.
+    pub bytes_received: u64,
+}
+
+/// What has been shared, as shown to the user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyReport {
+    /// The consent in force.
+    pub consent: Consent,
+    /// Events stored on the device.
+    pub events_stored: u64,
+    /// Time of the oldest stored event.
+    pub oldest_event_ms: Option<i64>,
+    /// Updates sent (one per round joined).
+    pub updates_sent: u64,
+    /// Rounds whose update was accepted.
+    pub rounds_accepted: u64,
+    /// Bytes sent to the coordinator.
+    pub bytes_sent: u64,
+    /// Bytes received from the coordinator.
+    pub bytes_received: u64,
+    /// The rounds this device sent an update to.
+    pub rounds: Vec<u64>,
+    /// Privacy mode.
+    pub mode: PrivacyMode,
+    /// ε this device has spent under local DP (0 when all noise was central), at `delta`.
+    pub local_epsilon: f64,
+    /// δ of `local_epsilon`.
+    pub delta: f64,
+    /// The device's ε cap, if any.
+    pub max_epsilon: Option<f64>,
+    /// Version of the global model on the device.
+    pub model_version: Option<u64>,
+}
+
+/// Schema identifier of [`Export`].
+pub const EXPORT_SCHEMA: &str = "starling.sdk.export/1";
+
+/// Everything the device stores about its user ("show me my data"). The JSON schema is
+/// documented in `docs/sdk.md`; `schema` identifies its version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Export {
+    /// [`EXPORT_SCHEMA`].
+    pub schema: String,
+    /// When the export was made, ms since the Unix epoch.
+    pub exported_at_ms: i64,
+    /// The client's id at the coordinator.
+    pub client_id: u64,
+    /// The consent in force.
+    pub consent: Consent,
+    /// Retention settings.
+    pub retention: Retention,
+    /// Every stored event, oldest first.
+    pub events: Vec<ExportedEvent>,
+    /// The private user vector (never sent anywhere), if one exists.
+    pub user_vector: Option<Vec<f32>>,
+    /// Version of the (non-personal) global model held, if any.
+    pub global_model_version: Option<u64>,
+    /// Every contribution this device made (the local privacy ledger).
+    pub contributions: Vec<LedgerEntry>,
+    /// The privacy report.
+    pub privacy: PrivacyReport,
+}
+
+/// One event in an [`Export`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExportedEvent {
+    /// Row id.
+    pub id: i64,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// A trained, protected update, ready to encode and send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trained {
+    /// The round.
+    pub round: RoundId,
+    /// The update (clipped, and noised under local DP).
+    pub update: Update,
+    /// FedAvg weight (positive examples).
+    pub weight: f32,
+    /// Mean local loss.
+    pub loss: f32,
+    /// The local-DP release to charge when the update is sent.
+    pub release: Option<LocalRelease>,
+    /// The clip norm applied.
+    pub clip_norm: Option<f32>,
+}
+
+/// The global model held by the device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlobalModel {
+    /// Its version.
+    pub version: ModelVersion,
+    /// Its parameters (shape of the device's [`ModelSpec`]).
+    pub params: Arc<[f32]>,
+}
+
+/// The device. See the module docs.
+#[derive(Debug)]
+pub struct Device {
+    client: ClientId,
+    spec: ModelSpec,
+    layout: MfLayout,
+    shape: ModelShape,
+    mode: PrivacyMode,
+    delta: Delta,
+    max_epsilon: Option<f64>,
+    retention: Retention,
+    default_consent: Consent,
+    min_personal_events: usize,
+    max_future_skew_ms: i64,
+    store: Store,
+    consent: Consent,
+    global: Option<GlobalModel>,
+    user: Option<Vec<f32>>,
+    ledger: DeviceLedger,
+    stats: Stats,
+    event_count: u64,
+    rng: ChaCha8Rng,
+}
+
+fn budget(delta: Delta, max_epsilon: Option<f64>) -> Result<Option<Budget>, OpenError> {
+    max_epsilon
+        .map(|e| {
+            Epsilon::new(e)
+                .map(|epsilon| Budget { epsilon, delta })
+                .map_err(|err| OpenError::Privacy(format!("max_epsilon: {err}")))
+        })
+        .transpose()
+}
+
+impl Device {
+    /// Opens the device's store (creating it if needed) and loads its state.
+    pub fn open(config: &ClientConfig) -> Result<Self, OpenError> {
+        let spec = config.model.clone();
+        if spec.items == 0 || spec.dim == 0 {
+            return Err(OpenError::Model(format!("{} items of dimension {}", spec.items, spec.dim)));
+        }
+        let layout = if spec.item_bias {
+            MfLayout::with_bias(spec.items, spec.dim)
+        } else {
+            MfLayout::new(spec.items, spec.dim)
+        };
+        let shape = layout.shape().map_err(|e| OpenError::Model(e.to_string()))?;
+        let delta =
+            Delta::new(config.privacy.delta).map_err(|e| OpenError::Privacy(format!("delta: {e}")))?;
+        if let PrivacyMode::Local { min_noise_multiplier } = config.privacy.mode
+            && !(min_noise_multiplier.is_finite() && min_noise_multiplier > 0.0)
+        {
+            return Err(OpenError::Privacy(format!(
+                "min_noise_multiplier {min_noise_multiplier} must be > 0"
+            )));
+        }
+        let store = match &config.storage {
+            Storage::InMemory => Store::open_in_memory()?,
+            Storage::Dir(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| OpenError::Dir { path: dir.clone(), detail: e.to_string() })?;
+                Store::open(dir.join("starling.db"))?
+            }
+        };
+        let ledger = privacy::load(&store, delta, budget(delta, config.privacy.max_epsilon)?)?;
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let mut device = Self {
+            client: config.client_id,
+            spec,
+            layout,
+            shape,
+            mode: config.privacy.mode,
+            delta,
+            max_epsilon: config.privacy.max_epsilon,
+            retention: config.retention,
+            default_consent: config.default_consent,
+            min_personal_events: config.min_personal_events,
+            max_future_skew_ms: config.max_future_skew.as_millis().min(i64::MAX as u128) as i64,
+            consent: config.default_consent,
+            global: None,
+            user: None,
+            ledger,
+            stats: Stats::default(),
+            event_count: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            store,
+        };
+        device.load_state()?;
+        Ok(device)
+    }
+
+    fn load_state(&mut self) -> Result<(), StoreError> {
+        self.consent = self.store.get(KEY_CONSENT)?.unwrap_or(self.default_consent);
+        self.stats = self.store.get(KEY_STATS)?.unwrap_or_default();
+        self.global =
+            match (self.store.get::<u64>(KEY_GLOBAL_VERSION)?, self.store.get_f32s(KEY_GLOBAL_PARAMS)?) {
+                // A model of another shape (the app changed its catalogue) is dropped, not used.
+                (Some(v), Some(p)) if p.len() == self.shape.len() => {
+                    Some(GlobalModel { version: ModelVersion(v), params: p.into() })
+                }
+                _ => None,
+            };
+        self.user = self.store.get_f32s(KEY_USER)?.filter(|u| u.len() == self.spec.dim as usize);
+        self.event_count = self.store.event_count()?;
+        Ok(())
+    }
+
+    /// The client's id.
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+
+    /// The model settings.
+    pub fn model(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The shape of the global parameters.
+    pub fn shape(&self) -> ModelShape {
+        self.shape
+    }
+
+    /// The consent in force.
+    pub fn consent(&self) -> Consent {
+        self.consent
+    }
+
+    /// Records the user's choice. Withdrawing both consents deletes the stored events (nothing
+    /// may be kept for a purpose the user refused); withdrawing personalization alone keeps them
+    /// for training, and vice versa.
+    pub fn set_consent(&mut self, consent: Consent) -> Result<(), StoreError> {
+        self.store.put(KEY_CONSENT, &consent)?;
+        self.consent = consent;
+        if !consent.personalization && !consent.training {
+            self.store.purge_before(i64::MAX)?;
+            self.event_count = 0;
+        }
+        Ok(())
+    }
+
+    /// The global model held, if any.
+    pub fn global(&self) -> Option<&GlobalModel> {
+        self.global.as_ref()
+    }
+
+    /// Version of the global model held, if any.
+    pub fn model_version(&self) -> Option<ModelVersion> {
+        self.global.as_ref().map(|g| g.version)
+    }
+
+    /// Stores a newer global model (ignored if not newer or of the wrong shape).
+    pub fn set_global(&mut self, version: ModelVersion, params: Arc<[f32]>) -> Result<bool, StoreError> {
+        if params.len() != self.shape.len() || self.model_version().is_some_and(|v| v >= version) {
+            return Ok(false);
+        }
+        self.store.put_f32s(KEY_GLOBAL_PARAMS, &params)?;
+        self.store.put(KEY_GLOBAL_VERSION, &version.0)?;
+        self.global = Some(GlobalModel { version, params });
+        Ok(true)
+    }
+
+    /// Events stored.
+    pub fn event_count(&self) -> u64 {
+        self.event_count
+    }
+
+    /// Validates and stores one event. `now_ms` is the device's clock.
+    pub fn record(&mut self, event: &Event, now_ms: i64) -> Result<i64, RecordError> {
+        self.check_event(event, now_ms)?;
+        let id = self.store.insert_event(event.at_ms, event.kind.name(), event.item, event)?;
+        self.event_count += 1;
+        self.enforce_retention(now_ms)?;
+        Ok(id)
+    }
+
+    /// Validates and stores several events in one transaction; all or none are stored.
+    pub fn record_batch(&mut self, events: &[Event], now_ms: i64) -> Result<Vec<i64>, RecordError> {
+        for e in events {
+            self.check_event(e, now_ms)?;
+        }
+        let ids = self.store.insert_events(events.iter().map(|e| (e.at_ms, e.kind.name(), e.item, e)))?;
+        self.event_count += ids.len() as u64;
+        self.enforce_retention(now_ms)?;
+        Ok(ids)
+    }
+
+    fn check_event(&self, event: &Event, now_ms: i64) -> Result<(), RecordError> {
+        if !self.consent.personalization && !self.consent.training {
+            return Err(RecordError::NoConsent);
+        }
+        event.validate(self.spec.items)?;
+        if event.at_ms > now_ms.saturating_add(self.max_future_skew_ms) {
+            return Err(RecordError::InFuture { at_ms: event.at_ms, now_ms });
+        }
+        if let Some(cutoff_ms) = self.cutoff_ms(now_ms)
+            && event.at_ms < cutoff_ms
+        {
+            return Err(RecordError::TooOld { at_ms: event.at_ms, cutoff_ms });
+        }
+        Ok(())
+    }
+
+    fn cutoff_ms(&self, now_ms: i64) -> Option<i64> {
+        self.retention.max_age.map(|a| now_ms.saturating_sub(a.as_millis().min(i64::MAX as u128) as i64))
+    }
+
+    /// Applies the retention limits now; returns how many events were deleted.
+    pub fn enforce_retention(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let mut deleted = 0;
+        if let Some(cutoff) = self.cutoff_ms(now_ms) {
+            deleted += self.store.purge_before(cutoff)?;
+        }
+        if let Some(cap) = self.retention.max_events
+            && self.event_count.saturating_sub(deleted as u64) > cap
+        {
+            deleted += self.store.enforce_cap(cap)?;
+        }
+        if deleted > 0 {
+            self.event_count = self.store.event_count()?;
+        }
+        Ok(deleted)
+    }
+
+    /// Every stored event, oldest first.
+    pub fn events(&self) -> Result<Vec<Event>, StoreError> {
+        Ok(self.store.events::<Event>()?.into_iter().map(|e| e.event).collect())
+    }
+
+    fn examples(&self) -> Result<Examples, StoreError> {
+        Ok(Examples::from_events(&self.events()?))
+    }
+
+    /// The `k` best items for the user now. Never fails: with no consent to personalize, too
+    /// little data, no global model yet or an unreadable store, it falls back to a non-personal
+    /// ranking (the global model's, else the catalogue order). Items the user already interacted
+    /// with positively are left out of personal lists. The MF model does not use `context`.
+    pub fn recommend(&self, k: usize, _context: Option<Context>) -> Recommendations {
+        let k = k.min(self.spec.items as usize);
+        let examples = if self.consent.personalization { self.examples().ok() } else { None };
+        let seen: Vec<u32> = examples.as_ref().map(Examples::positive_items).unwrap_or_default();
+        if let (Some(global), Some(user)) = (&self.global, &self.user)
+            && seen.len() >= self.min_personal_events
+        {
+            let mut scores = Vec::with_capacity(self.spec.items as usize);
+            mf::score_all(self.layout, &global.params, user, &mut scores);
+            if scores.iter().all(|s| s.is_finite()) {
+                let items = mf::top_k(&scores, k, &seen);
+                return Recommendations { items: to_scored(items), source: Source::Personal };
+            }
+        }
+        if let Some(global) = &self.global {
+            let scores = global_ranking(self.layout, &global.params);
+            let items = mf::top_k(&scores, k, &seen);
+            return Recommendations { items: to_scored(items), source: Source::Global };
+        }
+        let items = (0..self.spec.items)
+            .filter(|i| seen.binary_search(i).is_err())
+            .take(k)
+            .map(|item| Scored { item, score: 0.0 })
+            .collect();
+        Recommendations { items, source: Source::Catalogue }
+    }
+
+    /// Whether the device would accept a task with `plan` (consent, protection, budget, data).
+    pub fn check_task(&self, plan: &TrainingPlan) -> Result<(), TrainError> {
+        if !self.consent.training {
+            return Err(TrainError::NoConsent);
+        }
+        let sigma = match (&self.mode, &plan.noise) {
+            (_, NoiseSettings::Local { multiplier }) => Some(f64::from(*multiplier)),
+            (PrivacyMode::Local { .. }, _) => {
+                return Err(TrainError::Protection("local DP required, the plan adds no local noise".into()));
+            }
+            (PrivacyMode::Central, _) => None,
+        };
+        if plan.clip_norm.is_none() {
+            return Err(TrainError::Protection("the plan does not clip updates".into()));
+        }
+        if let (PrivacyMode::Local { min_noise_multiplier }, Some(s)) = (self.mode, sigma)
+            && s < min_noise_multiplier
+        {
+            return Err(TrainError::Protection(format!(
+                "local noise multiplier {s} is below the device's minimum {min_noise_multiplier}"
+            )));
+        }
+        if let Some(s) = sigma {
+            self.ledger.check(s)?;
+        }
+        Ok(())
+    }
+
+    /// Trains on the device's data from the global `params` (version `version`) as `plan` says,
+    /// then clips (and under local DP noises) the update. The private vector is updated and
+    /// stored; the global model is kept for recommendations. The release is not charged yet:
+    /// call [`record_contribution`](Self::record_contribution) before sending it.
+    pub fn train(
+        &mut self,
+        round: RoundId,
+        version: ModelVersion,
+        params: Arc<[f32]>,
+        plan: &TrainingPlan,
+    ) -> Result<Trained, TrainError> {
+        self.check_task(plan)?;
+        if params.len() != self.shape.len() {
+            let rows = (params.len() / self.shape.row_len.max(1) as usize) as u32;
+            return Err(TrainError::Shape {
+                expected: self.shape,
+                got: ModelShape::new(rows, self.shape.row_len).unwrap_or(self.shape),
+            });
+        }
+        let examples = self.examples()?;
+        let positives = examples.positive_items();
+        if positives.is_empty() {
+            return Err(TrainError::NoData);
+        }
+        let dim = self.spec.dim as usize;
+        let mut user = match self.user.clone() {
+            Some(u) => u,
+            None => self.init_user(dim),
+        };
+        let cfg = LocalTraining {
+            epochs: plan.epochs.clamp(1, 100),
+            batch_size: plan.batch_size.max(1) as usize,
+            negatives: plan.negatives.clamp(1, 100),
+            item_lr: plan.learning_rate,
+            user_lr: plan.private_learning_rate,
+            reg: LocalTraining::default().reg,
+        };
+        let result = mf::local_epochs(self.layout, &params, &mut user, &positives, &cfg, &mut self.rng)
+            .map_err(|e| TrainError::Training(e.to_string()))?;
+        if !user.iter().all(|v| v.is_finite()) || !result.loss.is_finite() {
+            return Err(TrainError::Training("local training diverged".into()));
+        }
+        let (update, release) = protect(result.update, plan, round.0, &mut self.rng)?;
+        self.store.put_f32s(KEY_USER, &user)?;
+        self.user = Some(user);
+        self.set_global(version, params)?;
+        Ok(Trained {
+            round,
+            update,
+            weight: examples.total_weight().max(1.0),
+            loss: result.loss,
+            release,
+            clip_norm: plan.clip_norm,
+        })
+    }
+
+    fn init_user(&mut self, dim: usize) -> Vec<f32> {
+        // N(0, 0.1²), as the reference model initialises user vectors.
+        (0..dim)
+            .map(|_| {
+                let z: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
+                0.1 * z
+            })
+            .collect()
+    }
+
+    /// Charges a contribution durably (ledger row first, then counters) — call it before the
+    /// update leaves the device. Returns the device's ε after it.
+    pub fn record_contribution(
+        &mut self,
+        round: RoundId,
+        bytes: u64,
+        trained: &Trained,
+        now_ms: i64,
+    ) -> Result<f64, StoreError> {
+        let c = Contribution {
+            round: round.0,
+            at_ms: now_ms,
+            bytes_sent: bytes,
+            clip_norm: trained.clip_norm.map(f64::from),
+            release: trained.release,
+        };
+        privacy::record(&self.store, &mut self.ledger, c)
+    }
+
+    /// Adds to the traffic counters (and, if `accepted`, the accepted rounds) and stores them.
+    pub fn count_session(&mut self, sent: u64, received: u64, accepted: bool) -> Result<(), StoreError> {
+        self.stats.sessions += 1;
+        self.stats.bytes_sent += sent;
+        self.stats.bytes_received += received;
+        self.stats.rounds_accepted += u64::from(accepted);
+        self.store.put(KEY_STATS, &self.stats)
+    }
+
+    /// The device's ε under local DP.
+    pub fn local_epsilon(&self) -> f64 {
+        self.ledger.epsilon()
+    }
+
+    /// "Forget me": deletes every event, the private user vector, the global model, the counters,
+    /// the stored consent and the ledger, and rewrites the database file so none of it remains in
+    /// it. Consent returns to the configured default.
+    pub fn forget(&mut self) -> Result<(), StoreError> {
+        self.store.forget()?;
+        self.user = None;
+        self.global = None;
+        self.stats = Stats::default();
+        self.event_count = 0;
+        self.consent = self.default_consent;
+        self.ledger =
+            privacy::load(&self.store, self.delta, budget(self.delta, self.max_epsilon).ok().flatten())?;
+        Ok(())
+    }
+
+    /// What has been shared.
+    pub fn privacy_report(&self) -> Result<PrivacyReport, StoreError> {
+        let ledger = self.store.ledger()?;
+        Ok(PrivacyReport {
+            consent: self.consent,
+            events_stored: self.event_count,
+            oldest_event_ms: self.store.oldest_event_ms()?,
+            updates_sent: ledger.len() as u64,
+            rounds_accepted: self.stats.rounds_accepted,
+            bytes_sent: self.stats.bytes_sent,
+            bytes_received: self.stats.bytes_received,
+            rounds: ledger.iter().map(|e| e.round).collect(),
+            mode: self.mode,
+            local_epsilon: self.ledger.epsilon(),
+            delta: self.delta.get(),
+            max_epsilon: self.max_epsilon,
+            model_version: self.model_version().map(|v| v.0),
+        })
+    }
+
+    /// Everything stored about the user.
+    pub fn export(&self, now_ms: i64) -> Result<Export, StoreError> {
+        let events = self
+            .store
+            .events::<Event>()?
+            .into_iter()
+            .map(|e| ExportedEvent { id: e.id, event: e.event })
+            .collect();
+        Ok(Export {
+            schema: EXPORT_SCHEMA.into(),
+            exported_at_ms: now_ms,
+            client_id: self.client.0,
+            consent: self.consent,
+            retention: self.retention,
+            events,
+            user_vector: self.user.clone(),
+            global_model_version: self.model_version().map(|v| v.0),
+            contributions: self.store.ledger()?,
+            privacy: self.privacy_report()?,
+        })
+    }
+
+    /// A random value from the device's RNG (used to seed per-session randomness).
+    pub fn random_u64(&mut self) -> u64 {
+        self.rng.random()
+    }
+}
+
+fn to_scored(items: Vec<(u32, f32)>) -> Vec<Scored> {
+    items.into_iter().map(|(item, score)| Scored { item, score }).collect()
+}
+
+/// The global model's non-personal ranking: item biases when the model has them; otherwise each
+/// item's projection on the mean item embedding. In BPR-MF the items many users like are pushed
+/// towards the users' shared direction, so this projection ranks popular items first without the
+/// coordinator ever seeing a user vector or an interaction count.
+pub fn global_ranking(layout: MfLayout, params: &[f32]) -> Vec<f32> {
+    let d = layout.dim as usize;
+    let n = layout.items as usize;
+    if layout.bias {
+        return (0..layout.items)
+            .map(|i| params.get(layout.bias_index(i)).copied().unwrap_or(f32::NAN))
+            .collect();
+    }
+    let mut mean = vec![0f32; d];
+    for row in params.chunks_exact(d).take(n) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v / n as f32;
+        }
+    }
+    params.chunks_exact(d).take(n).map(|row| row.iter().zip(&mean).map(|(a, b)| a * b).sum()).collect()
+}
