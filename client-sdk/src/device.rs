@@ -278,6 +278,7 @@ pub struct Device {
     retention: Retention,
     default_consent: Consent,
     min_personal_events: usize,
+    personal_epochs: u32,
     max_future_skew_ms: i64,
     store: Store,
     consent: Consent,
@@ -342,6 +343,7 @@ impl Device {
             retention: config.retention,
             default_consent: config.default_consent,
             min_personal_events: config.min_personal_events,
+            personal_epochs: config.personal_epochs.min(1000),
             max_future_skew_ms: config.max_future_skew.as_millis().min(i64::MAX as u128) as i64,
             consent: config.default_consent,
             global: None,
@@ -599,6 +601,16 @@ impl Device {
             return Err(TrainError::Training("local training diverged".into()));
         }
         let (update, release) = protect(result.update, plan, round.0, &mut self.rng)?;
+        if self.personal_epochs > 0 {
+            // Fit the private vector to the global rows (item learning rate 0: rows untouched).
+            let fit = LocalTraining { epochs: self.personal_epochs, item_lr: 0.0, ..cfg };
+            let before = user.clone();
+            let ok =
+                mf::local_epochs(self.layout, &params, &mut user, &positives, &fit, &mut self.rng).is_ok();
+            if !ok || !user.iter().all(|v| v.is_finite()) {
+                user = before;
+            }
+        }
         self.store.put_f32s(KEY_USER, &user)?;
         self.user = Some(user);
         self.set_global(version, params)?;
