@@ -218,6 +218,10 @@ async fn main() -> anyhow::Result<()> {
         report.session.bytes_received
     );
     show("after", &app.recommend(10, None), &future);
+    // A peer that switches personalization off gets the global model's non-personal ranking.
+    let newcomer = &peers[0];
+    newcomer.set_consent(Consent { personalization: false, training: true })?;
+    show("global", &newcomer.recommend(10, None), &future);
 
     let privacy = app.privacy_report()?;
     println!(
