@@ -229,6 +229,10 @@ pub struct ClientConfig {
     pub retry: RetryPolicy,
     /// Largest accepted clock skew of an event's timestamp into the future.
     pub max_future_skew: Duration,
+    /// Keep the received global model in the database (so recommendations work offline after a
+    /// restart). Simulations of thousands of devices in one process turn it off and share one
+    /// copy in memory.
+    pub store_global_model: bool,
     /// Seed of the device's randomness (training order, negatives, noise). `None`: from the OS.
     /// Only simulations and tests should fix it.
     pub seed: Option<u64>,
@@ -252,6 +256,7 @@ impl ClientConfig {
             response_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             max_future_skew: Duration::from_secs(300),
+            store_global_model: true,
             seed: None,
         }
     }

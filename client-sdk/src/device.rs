@@ -287,6 +287,9 @@ pub struct Device {
     ledger: DeviceLedger,
     stats: Stats,
     event_count: u64,
+    /// Training examples derived from the stored events, while they are unchanged.
+    examples: Option<Examples>,
+    store_global: bool,
     rng: ChaCha8Rng,
 }
 
@@ -351,6 +354,8 @@ impl Device {
             ledger,
             stats: Stats::default(),
             event_count: 0,
+            examples: None,
+            store_global: config.store_global_model,
             rng: ChaCha8Rng::seed_from_u64(seed),
             store,
         };
@@ -403,6 +408,7 @@ impl Device {
         if !consent.personalization && !consent.training {
             self.store.purge_before(i64::MAX)?;
             self.event_count = 0;
+            self.examples = None;
         }
         Ok(())
     }
@@ -422,10 +428,17 @@ impl Device {
         if params.len() != self.shape.len() || self.model_version().is_some_and(|v| v >= version) {
             return Ok(false);
         }
-        self.store.put_f32s(KEY_GLOBAL_PARAMS, &params)?;
-        self.store.put(KEY_GLOBAL_VERSION, &version.0)?;
+        if self.store_global {
+            self.store.put_f32s(KEY_GLOBAL_PARAMS, &params)?;
+            self.store.put(KEY_GLOBAL_VERSION, &version.0)?;
+        }
         self.global = Some(GlobalModel { version, params });
         Ok(true)
+    }
+
+    /// The private user vector, if the device has trained (for on-device evaluation).
+    pub fn user_vector(&self) -> Option<&[f32]> {
+        self.user.as_deref()
     }
 
     /// Events stored.
@@ -438,6 +451,7 @@ impl Device {
         self.check_event(event, now_ms)?;
         let id = self.store.insert_event(event.at_ms, event.kind.name(), event.item, event)?;
         self.event_count += 1;
+        self.examples = None;
         self.enforce_retention(now_ms)?;
         Ok(id)
     }
@@ -449,6 +463,7 @@ impl Device {
         }
         let ids = self.store.insert_events(events.iter().map(|e| (e.at_ms, e.kind.name(), e.item, e)))?;
         self.event_count += ids.len() as u64;
+        self.examples = None;
         self.enforce_retention(now_ms)?;
         Ok(ids)
     }
@@ -486,6 +501,7 @@ impl Device {
         }
         if deleted > 0 {
             self.event_count = self.store.event_count()?;
+            self.examples = None;
         }
         Ok(deleted)
     }
@@ -496,7 +512,17 @@ impl Device {
     }
 
     fn examples(&self) -> Result<Examples, StoreError> {
-        Ok(Examples::from_events(&self.events()?))
+        match &self.examples {
+            Some(e) => Ok(e.clone()),
+            None => Ok(Examples::from_events(&self.events()?)),
+        }
+    }
+
+    fn cached_examples(&mut self) -> Result<&Examples, StoreError> {
+        if self.examples.is_none() {
+            self.examples = Some(Examples::from_events(&self.events()?));
+        }
+        Ok(self.examples.get_or_insert_with(Examples::default))
     }
 
     /// The `k` best items for the user now. Never fails: with no consent to personalize, too
@@ -577,15 +603,15 @@ impl Device {
                 got: ModelShape::new(rows, self.shape.row_len).unwrap_or(self.shape),
             });
         }
-        let examples = self.examples()?;
+        let examples = self.cached_examples()?;
         let positives = examples.positive_items();
+        let total_weight = examples.total_weight();
         if positives.is_empty() {
             return Err(TrainError::NoData);
         }
-        let dim = self.spec.dim as usize;
         let mut user = match self.user.clone() {
             Some(u) => u,
-            None => self.init_user(dim),
+            None => self.ensure_user_vector()?.to_vec(),
         };
         let cfg = LocalTraining {
             epochs: plan.epochs.clamp(1, 100),
@@ -617,21 +643,27 @@ impl Device {
         Ok(Trained {
             round,
             update,
-            weight: examples.total_weight().max(1.0),
+            weight: total_weight.max(1.0),
             loss: result.loss,
             release,
             clip_norm: plan.clip_norm,
         })
     }
 
-    fn init_user(&mut self, dim: usize) -> Vec<f32> {
-        // N(0, 0.1²), as the reference model initialises user vectors.
-        (0..dim)
-            .map(|_| {
-                let z: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
-                0.1 * z
-            })
-            .collect()
+    /// The private user vector, drawn (N(0, 0.1²), as the reference model initialises it) and
+    /// stored first if the device has none yet.
+    pub fn ensure_user_vector(&mut self) -> Result<&[f32], StoreError> {
+        if self.user.is_none() {
+            let user: Vec<f32> = (0..self.spec.dim)
+                .map(|_| {
+                    let z: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
+                    0.1 * z
+                })
+                .collect();
+            self.store.put_f32s(KEY_USER, &user)?;
+            self.user = Some(user);
+        }
+        Ok(self.user.as_deref().unwrap_or_default())
     }
 
     /// Charges a contribution durably (ledger row first, then counters) — call it before the
@@ -676,6 +708,7 @@ impl Device {
         self.global = None;
         self.stats = Stats::default();
         self.event_count = 0;
+        self.examples = None;
         self.consent = self.default_consent;
         self.ledger =
             privacy::load(&self.store, self.delta, budget(self.delta, self.max_epsilon).ok().flatten())?;

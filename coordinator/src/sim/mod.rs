@@ -7,6 +7,7 @@
 //! reference protocol with its own private vector and the current global model.
 
 pub mod report;
+pub mod sdk_trainer;
 pub mod trainer;
 
 use crate::privacy::{DurableLedger, OpenDpGaussian};
