@@ -416,8 +416,8 @@ impl Client {
     }
 }
 
-/// The last full-model task encoded, so that the same task to many clients is encoded once and
-/// its bytes shared (the byte counts still count every copy).
+/// The last full-model task encoded, so that the same task to many clients is encoded and decoded
+/// once and its bytes shared (the byte counts still count every copy).
 struct TaskFrame {
     round: RoundId,
     version: ModelVersion,
@@ -425,6 +425,7 @@ struct TaskFrame {
     plan: TrainingPlan,
     report_within_ms: u64,
     bytes: Arc<[u8]>,
+    decoded: Option<Inbound<CoordinatorMessage>>,
 }
 
 /// The in-memory fleet. See the module docs.
@@ -449,7 +450,6 @@ pub struct Fleet<T> {
     queued: Vec<TrainJob>,
     last_round_start: Option<Instant>,
     task_frame: Option<TaskFrame>,
-    decoded: Option<(Arc<[u8]>, Inbound<CoordinatorMessage>)>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -485,7 +485,6 @@ impl<T: Trainer> Fleet<T> {
             queued: Vec::new(),
             last_round_start: None,
             task_frame: None,
-            decoded: None,
         }
     }
 
@@ -633,7 +632,6 @@ impl<T: Trainer> Fleet<T> {
             }
         }
         self.task_frame = None;
-        self.decoded = None;
         Ok(out)
     }
 
@@ -686,14 +684,16 @@ impl<T: Trainer> Fleet<T> {
     }
 
     fn decode_for_client(&mut self, bytes: &Arc<[u8]>) -> Option<Inbound<CoordinatorMessage>> {
-        if let Some((b, m)) = &self.decoded
-            && Arc::ptr_eq(b, bytes)
+        // A shared task frame is decoded once; every recipient gets the same (shared) parameters.
+        if let Some(f) = &mut self.task_frame
+            && Arc::ptr_eq(&f.bytes, bytes)
         {
-            return Some(m.clone());
+            if f.decoded.is_none() {
+                f.decoded = Some(self.codec.decode_coordinator(bytes).ok()?.0);
+            }
+            return f.decoded.clone();
         }
-        let (inbound, _) = self.codec.decode_coordinator(bytes).ok()?;
-        self.decoded = Some((bytes.clone(), inbound.clone()));
-        Some(inbound)
+        Some(self.codec.decode_coordinator(bytes).ok()?.0)
     }
 
     fn deliver(&mut self, d: Delivery, out: &mut FleetRound) {
@@ -872,6 +872,7 @@ impl<T: Trainer> Fleet<T> {
                 plan: t.plan.clone(),
                 report_within_ms: t.report_within_ms,
                 bytes: bytes.clone(),
+                decoded: None,
             });
         }
         Some(bytes)

@@ -14,6 +14,9 @@ pub struct RoundRecord {
     pub committed: bool,
     /// Why it failed, if it did.
     pub failure: Option<String>,
+    /// Clients that tried to check in (inside their availability window and willing this round).
+    #[serde(default)]
+    pub check_ins: usize,
     /// Clients that checked in and were eligible.
     pub candidates: usize,
     /// Clients sent the task.
@@ -24,6 +27,9 @@ pub struct RoundRecord {
     pub dropouts: usize,
     /// Selected clients that missed the deadline.
     pub stragglers: usize,
+    /// Selected clients whose availability window closed before they finished training.
+    #[serde(default)]
+    pub window_closed: usize,
     /// Weighted mean local training loss.
     pub loss: Option<f64>,
     /// HR@10 after this round (when evaluated).
@@ -315,11 +321,13 @@ mod tests {
             round,
             committed: true,
             failure: None,
+            check_ins: 12,
             candidates: 10,
             selected: 8,
             participants: 7,
             dropouts: 1,
             stragglers: 0,
+            window_closed: 0,
             loss: Some(0.5),
             hr_at_10: Some(0.1 * round as f64),
             ndcg_at_10: Some(0.05 * round as f64),
