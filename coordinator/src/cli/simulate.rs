@@ -343,10 +343,11 @@ fn fmt_opt(v: Option<f64>, width: usize) -> String {
 
 fn line(r: &RoundRecord) -> String {
     format!(
-        "round {:>4}  participants {:>5}  dropouts {:>4}  HR@10 {}  NDCG@10 {}  eps {}  up {:>9} B  down {:>11} B  {:>8.4} s{}",
+        "round {:>4}  participants {:>5}  dropouts {:>4}  late {:>4}  HR@10 {}  NDCG@10 {}  eps {}  up {:>9} B  down {:>11} B  {:>8.4} s{}",
         r.round,
         r.participants,
-        r.dropouts + r.stragglers,
+        r.dropouts,
+        r.stragglers,
         fmt_opt(r.hr_at_10, 6),
         fmt_opt(r.ndcg_at_10, 6),
         fmt_opt(r.epsilon, 6),
