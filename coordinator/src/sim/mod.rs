@@ -460,9 +460,20 @@ impl<F: FnMut(&RoundRecord, u32)> Progress for F {
     }
 }
 
-/// Runs a simulation and returns its report.
-pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
-    let started = WallClock::now();
+/// A simulation ready to run its first round.
+struct Built {
+    data: Prepared,
+    fleet: Fleet<MfFleetTrainer>,
+    ledger: Option<SimLedger>,
+}
+
+/// The fleet of `config` (data loaded or generated, round engine, trainer, network), ready for its
+/// first round: what [`run`] drives, for callers that want to step rounds themselves (benchmarks).
+pub fn build_fleet(config: &SimConfig) -> Result<Fleet<MfFleetTrainer>, SimError> {
+    Ok(build(config)?.fleet)
+}
+
+fn build(config: &SimConfig) -> Result<Built, SimError> {
     if config.clients_per_round == 0 || config.rounds == 0 || config.dim == 0 || config.eval_every == 0 {
         return Err(SimError::Config(
             "clients_per_round, rounds, dim and eval_every must be positive".into(),
@@ -478,7 +489,6 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let items: Vec<f32> =
         (0..shape.len()).map(|_| rng.sample::<f32, _>(StandardNormal) * config.init_std).collect();
-    let popularity = data.eval_split.item_counts();
 
     let target = config.clients_per_round.min(n_users);
     let mut round = RoundConfig {
@@ -507,7 +517,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     };
     let goal = ((target as f64) * config.over_selection).ceil() as usize;
     let sampling_rate = (goal as f64 / n_users as f64).min(1.0);
-    let (strategy, mut ledger) =
+    let (strategy, ledger) =
         build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
@@ -525,8 +535,16 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     if let PrivacyMode::Local { delta, .. } = config.privacy {
         trainer = trainer.with_local_ledgers(Delta::new(delta).map_err(|e| SimError::Config(e.to_string()))?);
     }
-    let mut fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
+    let fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
 
+    Ok(Built { data, fleet, ledger })
+}
+
+/// Runs a simulation and returns its report.
+pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
+    let started = WallClock::now();
+    let Built { data, mut fleet, mut ledger } = build(config)?;
+    let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
     let layout = mf::MfLayout::new(n_items, config.dim);
     let evaluate = |fleet: &mut Fleet<MfFleetTrainer>| {
         let model = fleet.orchestrator().model().1.clone();
