@@ -650,6 +650,19 @@ impl Device {
         })
     }
 
+    /// Sets the private user vector if the device has none yet (a host migrating a user's vector
+    /// from an older install, or a simulation that fixes initial vectors by seed). Returns
+    /// whether it was set.
+    pub fn seed_user_vector(&mut self, user: Vec<f32>) -> Result<bool, StoreError> {
+        if self.user.is_some() || user.len() != self.spec.dim as usize || !user.iter().all(|v| v.is_finite())
+        {
+            return Ok(false);
+        }
+        self.store.put_f32s(KEY_USER, &user)?;
+        self.user = Some(user);
+        Ok(true)
+    }
+
     /// The private user vector, drawn (N(0, 0.1²), as the reference model initialises it) and
     /// stored first if the device has none yet.
     pub fn ensure_user_vector(&mut self) -> Result<&[f32], StoreError> {

@@ -8,7 +8,7 @@
 //! the last day of the simulated clock) recorded through `Device::record_batch`, so validation,
 //! retention and the event→example mapping are exercised as on a phone.
 
-use super::trainer::DeviceModel;
+use super::trainer::{ClientData, DeviceModel, MfFleetTrainer, initial_user_vector};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
@@ -19,8 +19,11 @@ use starling_proto::ids::ClientId;
 use starling_proto::message::{ClientMessage, ClientUpdate, LocalMetrics};
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
+use starling_proto::update::ModelShape;
 use starling_sdk::config::{ParticipationPolicy, PrivacyMode};
 use starling_sdk::{ClientConfig, Consent, Device, ModelSpec, Storage};
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant as WallClock;
 
@@ -41,13 +44,19 @@ pub enum SdkFleetError {
     },
 }
 
-/// Trains every simulated client's tasks on its own SDK [`Device`].
+/// Trains every simulated client's tasks on its own SDK [`Device`], created (with its events)
+/// the first time the client is given a task.
 #[derive(Debug)]
 pub struct SdkFleetTrainer {
-    devices: Vec<Device>,
-    positives: Vec<u32>,
+    items: u32,
+    dim: u32,
+    init_std: f32,
+    data: ClientData,
+    devices: HashMap<u64, Device>,
     device_model: DeviceModel,
+    seed: u64,
     threads: usize,
+    local_dp: Option<f64>,
     codec: Codec,
     train_time: std::time::Duration,
     failures: usize,
@@ -55,67 +64,87 @@ pub struct SdkFleetTrainer {
 }
 
 impl SdkFleetTrainer {
-    /// One device per entry of `positives` (client `i` gets `positives[i]` as click events),
-    /// model `items × dim`; under `local_dp` the devices insist on local noise.
+    /// Devices for a model of `shape` (items × dim); client `i`'s events come from `data`, its initial
+    /// private vector is the simulator's `N(0, init_std²)` draw for `i`; under `local_dp` (δ) the
+    /// devices insist on local noise.
     pub fn new(
-        items: u32,
-        dim: u32,
-        positives: &[Vec<u32>],
+        shape: ModelShape,
+        init_std: f32,
+        data: ClientData,
         device_model: DeviceModel,
         seed: u64,
         threads: usize,
         local_dp: Option<f64>,
-    ) -> Result<Self, SdkFleetError> {
-        let mut devices = Vec::with_capacity(positives.len());
-        let mut counts = Vec::with_capacity(positives.len());
-        for (i, items_of_user) in positives.iter().enumerate() {
-            let client = i as u64;
-            let mut config = ClientConfig::new(ClientId(client), Vec::new(), ModelSpec::mf(items, dim), Storage::InMemory);
-            config.participation = ParticipationPolicy::always();
-            config.default_consent = Consent { personalization: true, training: true };
-            config.retention.max_events = None;
-            config.personal_epochs = 0;
-            config.store_global_model = false;
-            config.seed = Some(seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            if let Some(delta) = local_dp {
-                config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
-                config.privacy.delta = delta;
-            }
-            let err = |e: &dyn std::fmt::Display| SdkFleetError::Device { client, detail: e.to_string() };
-            let mut device = Device::open(&config).map_err(|e| err(&e))?;
-            let n = items_of_user.len() as i64;
-            let events: Vec<Event> = items_of_user
-                .iter()
-                .enumerate()
-                .map(|(k, &item)| {
-                    let at_ms = SIM_EPOCH_MS - 3_600_000 + (k as i64 - n) * 1000;
-                    Event { item, at_ms, kind: EventKind::Click, context: Context::at(at_ms / 1000, DeviceClass::Phone) }
-                })
-                .collect();
-            device.record_batch(&events, SIM_EPOCH_MS).map_err(|e| err(&e))?;
-            device.ensure_user_vector().map_err(|e| err(&e))?;
-            counts.push(items_of_user.len() as u32);
-            devices.push(device);
-        }
-        Ok(Self {
-            devices,
-            positives: counts,
+    ) -> Self {
+        Self {
+            items: shape.rows,
+            dim: shape.row_len,
+            init_std,
+            data,
+            devices: HashMap::new(),
             device_model,
+            seed,
             threads: threads.max(1),
+            local_dp,
             codec: Codec::default(),
             train_time: std::time::Duration::ZERO,
             failures: 0,
             max_device_epsilon: 0.0,
-        })
+        }
     }
 
-    /// Client `i`'s private vector (empty if unknown).
-    pub fn user(&self, i: usize) -> &[f32] {
-        self.devices.get(i).and_then(Device::user_vector).unwrap_or(&[])
+    fn open_device(&self, client: u64) -> Result<Device, SdkFleetError> {
+        let mut config = ClientConfig::new(
+            ClientId(client),
+            Vec::new(),
+            ModelSpec::mf(self.items, self.dim),
+            Storage::InMemory,
+        );
+        config.participation = ParticipationPolicy::always();
+        config.default_consent = Consent { personalization: true, training: true };
+        config.retention.max_events = None;
+        config.personal_epochs = 0;
+        config.store_global_model = false;
+        config.seed = Some(self.seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if let Some(delta) = self.local_dp {
+            config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
+            config.privacy.delta = delta;
+        }
+        let err = |e: &dyn std::fmt::Display| SdkFleetError::Device { client, detail: e.to_string() };
+        let mut device = Device::open(&config).map_err(|e| err(&e))?;
+        let positives = self.data.positives(client);
+        let n = positives.len() as i64;
+        let events: Vec<Event> = positives
+            .iter()
+            .enumerate()
+            .map(|(k, &item)| {
+                let at_ms = SIM_EPOCH_MS - 3_600_000 + (k as i64 - n) * 1000;
+                Event {
+                    item,
+                    at_ms,
+                    kind: EventKind::Click,
+                    context: Context::at(at_ms / 1000, DeviceClass::Phone),
+                }
+            })
+            .collect();
+        device.record_batch(&events, SIM_EPOCH_MS).map_err(|e| err(&e))?;
+        let initial = initial_user_vector(self.seed, client, self.dim as usize, self.init_std);
+        device.seed_user_vector(initial).map_err(|e| err(&e))?;
+        Ok(device)
     }
 
-    /// The devices (for inspection: privacy reports, exports).
-    pub fn devices(&self) -> &[Device] {
+    /// Client `user`'s private vector (its initial one if it has no device yet).
+    pub fn user_vector(&self, user: u32) -> Cow<'_, [f32]> {
+        match self.devices.get(&u64::from(user)).and_then(Device::user_vector) {
+            Some(v) => Cow::Borrowed(v),
+            None => {
+                Cow::Owned(initial_user_vector(self.seed, u64::from(user), self.dim as usize, self.init_std))
+            }
+        }
+    }
+
+    /// The devices created so far, by client id.
+    pub fn devices(&self) -> &HashMap<u64, Device> {
         &self.devices
     }
 
@@ -157,21 +186,21 @@ fn train_on_device(codec: &Codec, device: &mut Device, job: &TrainJob) -> Option
 
 impl Trainer for SdkFleetTrainer {
     fn compute_time(&mut self, client: ClientId, request: &TrainRequest, _params: &Arc<[f32]>) -> Duration {
-        let i = client.0 as usize;
-        let examples = self.positives.get(i).copied().unwrap_or(0);
-        let slow = self.device_model.slowness.get(i).copied().unwrap_or(1.0).max(0.01);
-        (self.device_model.base + self.device_model.per_example * examples * request.plan.epochs.max(1)).mul_f32(slow)
+        let examples = self.data.count(client.0) as u32;
+        self.device_model.base + self.device_model.per_example * examples * request.plan.epochs.max(1)
     }
 
     fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
         let started = WallClock::now();
-        // Pair each job with its device; devices are disjoint, so they can train in parallel.
-        let mut slots: Vec<Option<&mut Device>> = self.devices.iter_mut().map(Some).collect();
-        let mut work: Vec<(usize, &TrainJob, Option<&mut Device>)> = jobs
-            .iter()
-            .enumerate()
-            .map(|(k, j)| (k, j, slots.get_mut(j.client.0 as usize).and_then(Option::take)))
-            .collect();
+        // Take each job's device out (creating it on first use) so worker threads own disjoint state.
+        let mut work: Vec<(usize, &TrainJob, Option<Device>)> = Vec::with_capacity(jobs.len());
+        for (k, job) in jobs.iter().enumerate() {
+            let device = match self.devices.remove(&job.client.0) {
+                Some(d) => Some(d),
+                None => self.open_device(job.client.0).ok(),
+            };
+            work.push((k, job, device));
+        }
         let chunk = work.len().div_ceil(self.threads).max(1);
         let codec = &self.codec;
         let mut results: Vec<Option<(TrainResult, f64)>> = vec![None; jobs.len()];
@@ -181,7 +210,9 @@ impl Trainer for SdkFleetTrainer {
                 .map(|part| {
                     s.spawn(move || {
                         part.iter_mut()
-                            .map(|(k, job, device)| (*k, device.as_deref_mut().and_then(|d| train_on_device(codec, d, job))))
+                            .map(|(k, job, device)| {
+                                (*k, device.as_mut().and_then(|d| train_on_device(codec, d, job)))
+                            })
                             .collect::<Vec<_>>()
                     })
                 })
@@ -194,6 +225,11 @@ impl Trainer for SdkFleetTrainer {
                 }
             }
         });
+        for (_, job, device) in work {
+            if let Some(d) = device {
+                self.devices.insert(job.client.0, d);
+            }
+        }
         self.failures += results.iter().filter(|r| r.is_none()).count();
         self.train_time += started.elapsed();
         results
@@ -204,5 +240,65 @@ impl Trainer for SdkFleetTrainer {
                 Some(result)
             })
             .collect()
+    }
+}
+
+/// The simulator's clients: real SDK devices, or the bare training kernel (what the reference
+/// workload and the million-client scale run use: the same math without a database per client).
+#[derive(Debug)]
+pub enum SimTrainer {
+    /// Real SDK devices.
+    Sdk(Box<SdkFleetTrainer>),
+    /// The BPR-MF kernel with one private vector per client.
+    Kernel(Box<MfFleetTrainer>),
+}
+
+impl SimTrainer {
+    /// Client `user`'s private vector.
+    pub fn user_vector(&self, user: u32) -> Cow<'_, [f32]> {
+        match self {
+            SimTrainer::Sdk(t) => t.user_vector(user),
+            SimTrainer::Kernel(t) => t.user_vector(user),
+        }
+    }
+
+    /// Wall-clock training time accumulated since the last call.
+    pub fn take_train_time(&mut self) -> std::time::Duration {
+        match self {
+            SimTrainer::Sdk(t) => t.take_train_time(),
+            SimTrainer::Kernel(t) => t.take_train_time(),
+        }
+    }
+
+    /// The largest ε any device has spent under local DP.
+    pub fn max_device_epsilon(&self) -> f64 {
+        match self {
+            SimTrainer::Sdk(t) => t.max_device_epsilon(),
+            SimTrainer::Kernel(t) => t.max_device_epsilon(),
+        }
+    }
+
+    /// Local trainings that failed so far.
+    pub fn failures(&self) -> usize {
+        match self {
+            SimTrainer::Sdk(t) => t.failures(),
+            SimTrainer::Kernel(t) => t.failures(),
+        }
+    }
+}
+
+impl Trainer for SimTrainer {
+    fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration {
+        match self {
+            SimTrainer::Sdk(t) => t.compute_time(client, request, params),
+            SimTrainer::Kernel(t) => t.compute_time(client, request, params),
+        }
+    }
+
+    fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
+        match self {
+            SimTrainer::Sdk(t) => t.train(jobs),
+            SimTrainer::Kernel(t) => t.train(jobs),
+        }
     }
 }
