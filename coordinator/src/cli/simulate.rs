@@ -88,12 +88,12 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Synthetic population: users.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 20_000)]
     pub users: u64,
     /// Synthetic population: items.
     #[arg(long, default_value_t = 2000)]
     pub items: u32,
-    /// Reports per round (default 1000; 100 for the reference workload).
+    /// Reports per round (default 500; 100 for the reference workload).
     #[arg(long)]
     pub clients_per_round: Option<usize>,
     /// Rounds.

@@ -249,8 +249,8 @@ impl Default for SimConfig {
     /// The main job's defaults: a synthetic population, about a minute on 2 cores.
     fn default() -> Self {
         Self {
-            dataset: Dataset::Synthetic { users: 50_000, items: 2000, seed: 1 },
-            clients_per_round: 1000,
+            dataset: Dataset::Synthetic { users: 20_000, items: 2000, seed: 1 },
+            clients_per_round: 500,
             rounds: 200,
             dim: 32,
             epochs: 1,
