@@ -7,7 +7,7 @@
 //! - [`sim`]: the fleet simulator behind `starling simulate` — the real round engine and session
 //!   machines with real BPR-MF training on every simulated client, over a simulated network and
 //!   clock — and its reports (`results.json`, `report.html`).
-//! - [`service`]: the coordinator service (`starling serve`): QUIC, tokens, admin HTTP, recovery.
+//! - [`service`]: the coordinator service (`starling serve`): driver, QUIC, tokens, admin HTTP, recovery.
 //! - [`store`]: the embedded SQLite store (privacy ledger, checkpoints, rounds, clients, tokens).
 //! - [`privacy`]: the durable ledger over the store and opendp's exact Gaussian sampler.
 
