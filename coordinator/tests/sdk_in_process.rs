@@ -2,6 +2,7 @@
 //! transport: a round commits, conditions changing mid-session withdraw cleanly, and "come back
 //! at" keeps a client from reconnecting early.
 
+use starling_coordinator::service::driver::{self, CoordinatorHandle, DriverConfig};
 use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::{DeviceConditions, TrainingPlan, WithdrawReason};
@@ -12,20 +13,24 @@ use starling_proto::update::ModelShape;
 use starling_sdk::blocking::BlockingClient;
 use starling_sdk::transport::memory::{self, MemoryTransport};
 use starling_sdk::{Client, ClientConfig, Consent, ModelSpec, RoundError, Storage};
-use starling_coordinator::service::driver::{self, CoordinatorHandle, DriverConfig};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const ITEMS: u32 = 60;
 const DIM: u32 = 8;
-const GOOD: DeviceConditions = DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 90 };
+const GOOD: DeviceConditions =
+    DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 90 };
 const ALL_IN: Consent = Consent { personalization: true, training: true };
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-fn coordinator(target: usize, min: usize, selection: Duration) -> (CoordinatorHandle, MemoryTransport, Arc<Mutex<Vec<RoundEvent>>>) {
+fn coordinator(
+    target: usize,
+    min: usize,
+    selection: Duration,
+) -> (CoordinatorHandle, MemoryTransport, Arc<Mutex<Vec<RoundEvent>>>) {
     let shape = ModelShape::new(ITEMS, DIM).unwrap();
     let config = OrchestratorConfig {
         model_family: "bpr-mf".into(),
@@ -44,7 +49,8 @@ fn coordinator(target: usize, min: usize, selection: Duration) -> (CoordinatorHa
         rng_seed: 7,
     };
     let model: Vec<f32> = (0..shape.len()).map(|k| ((k % 13) as f32 - 6.0) / 50.0).collect();
-    let engine = Orchestrator::new(config, Box::new(Federated::fedavg()), model, ModelVersion(1), RoundId(1)).unwrap();
+    let engine =
+        Orchestrator::new(config, Box::new(Federated::fedavg()), model, ModelVersion(1), RoundId(1)).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let handle = driver::spawn(engine, DriverConfig::default(), move |e: &RoundEvent| {
@@ -57,7 +63,8 @@ fn coordinator(target: usize, min: usize, selection: Duration) -> (CoordinatorHa
 }
 
 fn client_config(id: u64) -> ClientConfig {
-    let mut c = ClientConfig::new(ClientId(id), b"token".to_vec(), ModelSpec::mf(ITEMS, DIM), Storage::InMemory);
+    let mut c =
+        ClientConfig::new(ClientId(id), b"token".to_vec(), ModelSpec::mf(ITEMS, DIM), Storage::InMemory);
     c.seed = Some(id);
     c
 }
@@ -109,7 +116,8 @@ async fn async_and_blocking_clients_complete_a_round_in_process() {
         assert_eq!(report.session.outcome, SessionOutcome::Accepted { round });
         clients.push(client);
     }
-    let (report, before, after, privacy) = tokio::task::spawn_blocking(move || blocking.join().unwrap()).await.unwrap();
+    let (report, before, after, privacy) =
+        tokio::task::spawn_blocking(move || blocking.join().unwrap()).await.unwrap();
     assert!(report.accepted());
     assert_eq!(before.source, starling_sdk::Source::Catalogue, "no model before the first round");
     assert_eq!(after.source, starling_sdk::Source::Personal, "personal after training");
@@ -144,7 +152,10 @@ async fn conditions_changing_while_waiting_withdraw_the_session_cleanly() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     client.set_conditions(DeviceConditions { charging: false, ..GOOD });
     let report = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
-    assert_eq!(report.session.outcome, SessionOutcome::Withdrawn { reason: WithdrawReason::ConditionsChanged });
+    assert_eq!(
+        report.session.outcome,
+        SessionOutcome::Withdrawn { reason: WithdrawReason::ConditionsChanged }
+    );
     assert!(!report.session.sent_update);
     // And a new round is refused locally, without connecting, while the device is unplugged.
     let attempts = transport.connect_attempts();
@@ -159,7 +170,11 @@ async fn come_back_at_is_honoured_without_reconnecting() {
     // No round running: the coordinator asks the client to come back in an hour or so.
     let client = new_client(1, &transport);
     let report = client.run_round().await.unwrap();
-    assert!(matches!(report.session.outcome, SessionOutcome::ComeBackAt { .. }), "{:?}", report.session.outcome);
+    assert!(
+        matches!(report.session.outcome, SessionOutcome::ComeBackAt { .. }),
+        "{:?}",
+        report.session.outcome
+    );
     let attempts = transport.connect_attempts();
     match client.run_round().await {
         Err(RoundError::ComeBackLater { after }) => assert!(after > Duration::from_secs(3000)),
