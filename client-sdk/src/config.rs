@@ -219,12 +219,20 @@ pub struct ClientConfig {
     pub default_consent: Consent,
     /// Positive interactions needed before recommendations become personal.
     pub min_personal_events: usize,
+    /// Extra epochs fitting only the private user vector to the newly received global model
+    /// after each task (the item rows stay as received; nothing of it is sent). Cheap, and it is
+    /// what makes a newcomer's recommendations personal after its first round.
+    pub personal_epochs: u32,
     /// How long to wait for the coordinator to answer a check-in or an upload.
     pub response_timeout: Duration,
     /// Connection retries.
     pub retry: RetryPolicy,
     /// Largest accepted clock skew of an event's timestamp into the future.
     pub max_future_skew: Duration,
+    /// Keep the received global model in the database (so recommendations work offline after a
+    /// restart). Simulations of thousands of devices in one process turn it off and share one
+    /// copy in memory.
+    pub store_global_model: bool,
     /// Seed of the device's randomness (training order, negatives, noise). `None`: from the OS.
     /// Only simulations and tests should fix it.
     pub seed: Option<u64>,
@@ -244,9 +252,11 @@ impl ClientConfig {
             retention: Retention::default(),
             default_consent: Consent::default(),
             min_personal_events: 3,
+            personal_epochs: 10,
             response_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             max_future_skew: Duration::from_secs(300),
+            store_global_model: true,
             seed: None,
         }
     }

@@ -278,6 +278,7 @@ pub struct Device {
     retention: Retention,
     default_consent: Consent,
     min_personal_events: usize,
+    personal_epochs: u32,
     max_future_skew_ms: i64,
     store: Store,
     consent: Consent,
@@ -286,6 +287,9 @@ pub struct Device {
     ledger: DeviceLedger,
     stats: Stats,
     event_count: u64,
+    /// Training examples derived from the stored events, while they are unchanged.
+    examples: Option<Examples>,
+    store_global: bool,
     rng: ChaCha8Rng,
 }
 
@@ -342,6 +346,7 @@ impl Device {
             retention: config.retention,
             default_consent: config.default_consent,
             min_personal_events: config.min_personal_events,
+            personal_epochs: config.personal_epochs.min(1000),
             max_future_skew_ms: config.max_future_skew.as_millis().min(i64::MAX as u128) as i64,
             consent: config.default_consent,
             global: None,
@@ -349,6 +354,8 @@ impl Device {
             ledger,
             stats: Stats::default(),
             event_count: 0,
+            examples: None,
+            store_global: config.store_global_model,
             rng: ChaCha8Rng::seed_from_u64(seed),
             store,
         };
@@ -401,6 +408,7 @@ impl Device {
         if !consent.personalization && !consent.training {
             self.store.purge_before(i64::MAX)?;
             self.event_count = 0;
+            self.examples = None;
         }
         Ok(())
     }
@@ -420,10 +428,17 @@ impl Device {
         if params.len() != self.shape.len() || self.model_version().is_some_and(|v| v >= version) {
             return Ok(false);
         }
-        self.store.put_f32s(KEY_GLOBAL_PARAMS, &params)?;
-        self.store.put(KEY_GLOBAL_VERSION, &version.0)?;
+        if self.store_global {
+            self.store.put_f32s(KEY_GLOBAL_PARAMS, &params)?;
+            self.store.put(KEY_GLOBAL_VERSION, &version.0)?;
+        }
         self.global = Some(GlobalModel { version, params });
         Ok(true)
+    }
+
+    /// The private user vector, if the device has trained (for on-device evaluation).
+    pub fn user_vector(&self) -> Option<&[f32]> {
+        self.user.as_deref()
     }
 
     /// Events stored.
@@ -436,6 +451,7 @@ impl Device {
         self.check_event(event, now_ms)?;
         let id = self.store.insert_event(event.at_ms, event.kind.name(), event.item, event)?;
         self.event_count += 1;
+        self.examples = None;
         self.enforce_retention(now_ms)?;
         Ok(id)
     }
@@ -447,6 +463,7 @@ impl Device {
         }
         let ids = self.store.insert_events(events.iter().map(|e| (e.at_ms, e.kind.name(), e.item, e)))?;
         self.event_count += ids.len() as u64;
+        self.examples = None;
         self.enforce_retention(now_ms)?;
         Ok(ids)
     }
@@ -484,6 +501,7 @@ impl Device {
         }
         if deleted > 0 {
             self.event_count = self.store.event_count()?;
+            self.examples = None;
         }
         Ok(deleted)
     }
@@ -494,7 +512,17 @@ impl Device {
     }
 
     fn examples(&self) -> Result<Examples, StoreError> {
-        Ok(Examples::from_events(&self.events()?))
+        match &self.examples {
+            Some(e) => Ok(e.clone()),
+            None => Ok(Examples::from_events(&self.events()?)),
+        }
+    }
+
+    fn cached_examples(&mut self) -> Result<&Examples, StoreError> {
+        if self.examples.is_none() {
+            self.examples = Some(Examples::from_events(&self.events()?));
+        }
+        Ok(self.examples.get_or_insert_with(Examples::default))
     }
 
     /// The `k` best items for the user now. Never fails: with no consent to personalize, too
@@ -575,15 +603,15 @@ impl Device {
                 got: ModelShape::new(rows, self.shape.row_len).unwrap_or(self.shape),
             });
         }
-        let examples = self.examples()?;
+        let examples = self.cached_examples()?;
         let positives = examples.positive_items();
+        let total_weight = examples.total_weight();
         if positives.is_empty() {
             return Err(TrainError::NoData);
         }
-        let dim = self.spec.dim as usize;
         let mut user = match self.user.clone() {
             Some(u) => u,
-            None => self.init_user(dim),
+            None => self.ensure_user_vector()?.to_vec(),
         };
         let cfg = LocalTraining {
             epochs: plan.epochs.clamp(1, 100),
@@ -599,27 +627,56 @@ impl Device {
             return Err(TrainError::Training("local training diverged".into()));
         }
         let (update, release) = protect(result.update, plan, round.0, &mut self.rng)?;
+        if self.personal_epochs > 0 {
+            // Fit the private vector to the global rows (item learning rate 0: rows untouched).
+            let fit = LocalTraining { epochs: self.personal_epochs, item_lr: 0.0, ..cfg };
+            let before = user.clone();
+            let ok =
+                mf::local_epochs(self.layout, &params, &mut user, &positives, &fit, &mut self.rng).is_ok();
+            if !ok || !user.iter().all(|v| v.is_finite()) {
+                user = before;
+            }
+        }
         self.store.put_f32s(KEY_USER, &user)?;
         self.user = Some(user);
         self.set_global(version, params)?;
         Ok(Trained {
             round,
             update,
-            weight: examples.total_weight().max(1.0),
+            weight: total_weight.max(1.0),
             loss: result.loss,
             release,
             clip_norm: plan.clip_norm,
         })
     }
 
-    fn init_user(&mut self, dim: usize) -> Vec<f32> {
-        // N(0, 0.1²), as the reference model initialises user vectors.
-        (0..dim)
-            .map(|_| {
-                let z: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
-                0.1 * z
-            })
-            .collect()
+    /// Sets the private user vector if the device has none yet (a host migrating a user's vector
+    /// from an older install, or a simulation that fixes initial vectors by seed). Returns
+    /// whether it was set.
+    pub fn seed_user_vector(&mut self, user: Vec<f32>) -> Result<bool, StoreError> {
+        if self.user.is_some() || user.len() != self.spec.dim as usize || !user.iter().all(|v| v.is_finite())
+        {
+            return Ok(false);
+        }
+        self.store.put_f32s(KEY_USER, &user)?;
+        self.user = Some(user);
+        Ok(true)
+    }
+
+    /// The private user vector, drawn (N(0, 0.1²), as the reference model initialises it) and
+    /// stored first if the device has none yet.
+    pub fn ensure_user_vector(&mut self) -> Result<&[f32], StoreError> {
+        if self.user.is_none() {
+            let user: Vec<f32> = (0..self.spec.dim)
+                .map(|_| {
+                    let z: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
+                    0.1 * z
+                })
+                .collect();
+            self.store.put_f32s(KEY_USER, &user)?;
+            self.user = Some(user);
+        }
+        Ok(self.user.as_deref().unwrap_or_default())
     }
 
     /// Charges a contribution durably (ledger row first, then counters) — call it before the
@@ -664,6 +721,7 @@ impl Device {
         self.global = None;
         self.stats = Stats::default();
         self.event_count = 0;
+        self.examples = None;
         self.consent = self.default_consent;
         self.ledger =
             privacy::load(&self.store, self.delta, budget(self.delta, self.max_epsilon).ok().flatten())?;
@@ -723,22 +781,38 @@ fn to_scored(items: Vec<(u32, f32)>) -> Vec<Scored> {
 }
 
 /// The global model's non-personal ranking: item biases when the model has them; otherwise each
-/// item's projection on the mean item embedding. In BPR-MF the items many users like are pushed
-/// towards the users' shared direction, so this projection ranks popular items first without the
-/// coordinator ever seeing a user vector or an interaction count.
+/// item embedding's squared norm. Under BPR with uniformly sampled negatives, an item many users
+/// like is pulled towards many user vectors and its embedding grows, while an item few like is
+/// only ever a random negative and shrinks under regularisation; so the norm ranks popular items
+/// first without the coordinator ever seeing an interaction count or a user vector. (On the
+/// synthetic population after 60 rounds, 23 of its top 30 are among the 30 most popular items.)
 pub fn global_ranking(layout: MfLayout, params: &[f32]) -> Vec<f32> {
-    let d = layout.dim as usize;
-    let n = layout.items as usize;
     if layout.bias {
         return (0..layout.items)
             .map(|i| params.get(layout.bias_index(i)).copied().unwrap_or(f32::NAN))
             .collect();
     }
-    let mut mean = vec![0f32; d];
-    for row in params.chunks_exact(d).take(n) {
-        for (m, v) in mean.iter_mut().zip(row) {
-            *m += v / n as f32;
-        }
+    let d = layout.dim as usize;
+    params.chunks_exact(d).take(layout.items as usize).map(|row| row.iter().map(|v| v * v).sum()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_global_ranking_puts_long_embeddings_first_and_uses_biases_when_present() {
+        let layout = MfLayout::new(3, 2);
+        let params = [0.1, 0.0, 1.0, -1.0, 0.0, 0.5];
+        let scores = global_ranking(layout, &params);
+        assert_eq!(mf::top_k(&scores, 3, &[]).iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 0]);
+        let biased = MfLayout::with_bias(3, 2);
+        let mut p = vec![0.0; biased.shape().unwrap().len()];
+        p[biased.bias_index(2)] = 3.0;
+        p[biased.bias_index(0)] = 1.0;
+        assert_eq!(
+            mf::top_k(&global_ranking(biased, &p), 3, &[]).iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![2, 0, 1]
+        );
     }
-    params.chunks_exact(d).take(n).map(|row| row.iter().zip(&mean).map(|(a, b)| a * b).sum()).collect()
 }

@@ -9,7 +9,7 @@
 //! - [`participant`]: sans-IO driver of one training session (the protocol's session machine,
 //!   the codec and the device's trainer), fed bytes and time by whoever owns the transport.
 //! - [`transport`]: the transport seam (in-memory; QUIC) that [`client`] connects through.
-//! - [`client`]: the async [`Client`](client::Client) apps use, with a background scheduler.
+//! - [`client`]: the async [`Client`] apps use, with a background scheduler.
 //! - [`blocking`]: the same API for hosts without an async runtime.
 //! - [`store`]: the on-device SQLite database; [`privacy`]: the device's own privacy ledger.
 

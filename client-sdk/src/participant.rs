@@ -113,11 +113,11 @@ impl Participant {
         });
         Self {
             session,
-            inbound: FrameBuffer::new(codec.clone()),
+            inbound: FrameBuffer::new(codec),
             codec,
             out: VecDeque::new(),
             policy: config.participation,
-            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_0F_5E55_1011),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x005E_ED0F_5E55_1011),
             wall_origin: None,
             measure_train_time: true,
             round: None,
@@ -176,7 +176,7 @@ impl Participant {
         self.bytes_sent = 0;
         self.bytes_received = 0;
         self.report = None;
-        self.inbound = FrameBuffer::new(self.codec.clone());
+        self.inbound = FrameBuffer::new(self.codec);
         self.flush(now, device);
         Ok(())
     }

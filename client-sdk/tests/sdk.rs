@@ -331,7 +331,7 @@ fn pump(
     until: Instant,
 ) -> Instant {
     let codec = Codec::default();
-    let mut buffers: Vec<FrameBuffer> = clients.iter().map(|_| FrameBuffer::new(codec.clone())).collect();
+    let mut buffers: Vec<FrameBuffer> = clients.iter().map(|_| FrameBuffer::new(codec)).collect();
     loop {
         let mut moved = false;
         for (k, (p, _)) in clients.iter_mut().enumerate() {

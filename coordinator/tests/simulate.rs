@@ -1,5 +1,6 @@
 //! The simulator end to end on a small synthetic population: quality improves over the untrained
-//! model, and the same seed gives exactly the same run.
+//! model, and the same seed gives exactly the same run (the whole device and network model
+//! included: bandwidths, compute speeds, dropouts, daily availability windows).
 
 use starling_coordinator::sim::report::{RoundRecord, SimReport};
 use starling_coordinator::sim::{self, Dataset, SimConfig};
@@ -31,7 +32,10 @@ fn quality_improves_and_the_same_seed_gives_the_same_run() {
     let last = a.rounds.last().unwrap();
     assert!(a.rounds.iter().all(|r| r.committed), "every round commits");
     let final_hr = last.hr_at_10.unwrap();
-    assert!(final_hr > initial + 0.1, "HR@10 {initial:.3} -> {final_hr:.3}");
+    // Default fleet model: 8-hour availability windows, so in 30 rounds (5 simulated hours) only
+    // part of the population ever trains; every user is evaluated.
+    assert!(final_hr > initial + 0.05, "HR@10 {initial:.3} -> {final_hr:.3}");
+    assert!(a.rounds.iter().all(|r| r.check_ins < 300), "windows keep part of the fleet away");
     assert!(last.ndcg_at_10.unwrap() > a.initial_ndcg_at_10.unwrap());
     assert!(a.rounds.iter().all(|r| r.bytes_up > 0 && r.bytes_down > 0));
 
@@ -39,6 +43,38 @@ fn quality_improves_and_the_same_seed_gives_the_same_run() {
     assert_eq!(deterministic_part(&a), deterministic_part(&b));
     let c = run(&small(8));
     assert_ne!(deterministic_part(&a), deterministic_part(&c));
+}
+
+/// The acceptance test: 50 clients, 3 rounds.
+#[test]
+fn fifty_clients_three_rounds_beat_the_untrained_model_and_repeat_exactly() {
+    let config = |seed| SimConfig {
+        dataset: Dataset::Synthetic { users: 50, items: 1000, seed: 1 },
+        // Real SDK devices (the default), and row-aware FedAvg: three rounds of plain FedAvg over
+        // 50 clients move the item rows too little to beat the untrained model reliably (measured
+        // over seeds 1-3: HR@10 up in 2 of 3 with FedAvg, 3 of 3 with row-aware averaging).
+        clients: sim::ClientKind::Sdk,
+        strategy: sim::StrategyKind::FedAvgRowAware,
+        clients_per_round: 50,
+        rounds: 3,
+        epochs: 5,
+        eval_every: 1,
+        // Always reachable (a 50-client fleet with 8-hour windows could not fill a round), but
+        // heterogeneous speeds, bandwidths and 5% dropouts as by default.
+        availability: None,
+        seed,
+        ..SimConfig::default()
+    };
+    let a = run(&config(1));
+    assert!(a.rounds.iter().all(|r| r.committed && r.participants > 25), "{:?}", a.rounds);
+    let (hr0, ndcg0) = (a.initial_hr_at_10.unwrap(), a.initial_ndcg_at_10.unwrap());
+    let last = a.rounds.last().unwrap();
+    let (hr, ndcg) = (last.hr_at_10.unwrap(), last.ndcg_at_10.unwrap());
+    assert!(hr > hr0 && ndcg > ndcg0, "HR@10 {hr0:.3} -> {hr:.3}, NDCG@10 {ndcg0:.3} -> {ndcg:.3}");
+    let b = run(&config(1));
+    assert_eq!(deterministic_part(&a), deterministic_part(&b));
+    assert_eq!(a.initial_hr_at_10, b.initial_hr_at_10);
+    assert_ne!(deterministic_part(&a), deterministic_part(&run(&config(2))));
 }
 
 #[test]
@@ -50,6 +86,10 @@ fn bad_settings_are_errors_not_panics() {
     c.dataset = Dataset::File("/definitely/not/here/u.data".into());
     let err = sim::run(&c, &mut |_: &RoundRecord, _: u32| {}).unwrap_err();
     assert!(err.to_string().contains("cannot read"), "{err}");
+    let mut c = small(1);
+    c.check_in_probability = 2.0;
+    let err = sim::run(&c, &mut |_: &RoundRecord, _: u32| {}).unwrap_err();
+    assert!(err.to_string().contains("check_in_probability"), "{err}");
 }
 
 #[test]

@@ -2,15 +2,40 @@
 //! seeded network, in the manner of quinn-proto's test `Pair`.
 //!
 //! Every message really goes through the [`Codec`] (so byte counts are real), and is delivered
-//! after a seeded latency. Training is done by a [`Trainer`] the caller supplies (a fake one in
-//! the engine's tests, a real model in the simulator). Time only moves when nothing can happen
-//! sooner, so a run takes as long as its computation, not its simulated duration, and the same
-//! seed gives byte-identical runs.
+//! after a seeded latency plus its transfer time over the client's link. Training is done by a
+//! [`Trainer`] the caller supplies (a fake one in the engine's tests, a real model in the
+//! simulator). Time only moves when nothing can happen sooner, so a run takes as long as its
+//! computation, not its simulated duration, and the same seed gives byte-identical runs.
+//!
+//! # The device and network model ([`FleetConfig`])
+//! - **Latency**: every message takes `latency` plus a uniform jitter in `0..=jitter`.
+//! - **Bandwidth**: each client has an uplink and a downlink rate (bytes per second) drawn from a
+//!   [`PerClient`] distribution; a message takes `bytes / rate` on top of its latency. Links are
+//!   not shared (no contention between clients).
+//! - **Compute speed**: each client has a speed factor (1.0 = the reference device the
+//!   [`Trainer`] times); a task takes the trainer's reference time divided by the speed.
+//! - **Daily availability**: with [`Availability`], each client is reachable only inside its own
+//!   window of the simulated day (start and length drawn per client). Clients outside their window
+//!   do not check in, and a client whose window closes before it finishes training drops out at
+//!   that moment, as a phone taken off the charger does.
+//! - **Check-in rate**: each available client checks in for a given round with probability
+//!   `check_in_probability`, at a uniform time in `0..=check_in_spread` after the round starts.
+//! - **Dropouts**: a selected client vanishes with probability `dropout` at a uniform point of its
+//!   training time.
+//! - **Round pacing**: rounds start at least `round_interval` apart, so a run can span days.
+//!
+//! Every per-client quantity is a pure function of the seed and the client id, so nothing is stored
+//! per client; a client's session machine exists only while it has something to remember (a
+//! running session, a "come back later" time, a cached model) and is created when it first checks
+//! in. A million-client fleet therefore costs memory only for the clients a round touches.
 
 use crate::codec::{Codec, Inbound};
 use crate::encoding::EncodedUpdate;
 use crate::ids::{ClientId, ModelVersion, RoundId};
-use crate::message::{Capabilities, DeviceConditions, LocalMetrics, ModelPayload, WithdrawReason};
+use crate::message::{
+    Capabilities, CoordinatorMessage, DeviceConditions, LocalMetrics, ModelPayload, TrainingPlan,
+    WithdrawReason,
+};
 use crate::round::{Orchestrator, RoundEvent, StartError};
 use crate::session::{Session, SessionAction, SessionConfig, SessionOutcome, TrainRequest};
 use crate::time::{Duration, Instant};
@@ -18,9 +43,8 @@ use crate::update::Update;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
-
 /// What a trainer returns for one task.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainResult {
@@ -49,7 +73,8 @@ pub struct TrainJob {
 /// when the update is submitted and so who misses deadlines), and later trains every task that is
 /// due in one batch, so an implementation can spread a batch over all cores.
 pub trait Trainer {
-    /// Simulated device time `client` needs for `request` (training from `params`).
+    /// Simulated time `client` needs for `request` (training from `params`) on the reference
+    /// device; the fleet divides it by the client's compute speed ([`FleetConfig::compute_speed`]).
     fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration;
     /// Trains `jobs` (in any order, possibly in parallel) and returns one result per job, in order.
     /// `None` means that client's training failed (it withdraws).
@@ -89,19 +114,147 @@ where
     }
 }
 
-/// Network and device behaviour of the simulated fleet.
+/// A per-client quantity (compute speed, bandwidth, availability window), drawn for each client
+/// from its own hash of the fleet's seed and the client id: the same client always gets the same
+/// value, and nothing is stored per client.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PerClient {
+    /// Every client gets this value.
+    Fixed(f64),
+    /// `median · exp(sigma · z)` with `z` standard normal (heavy right tail, like device speeds and
+    /// bandwidths in real fleets).
+    LogNormal {
+        /// The median.
+        median: f64,
+        /// Standard deviation of the logarithm.
+        sigma: f64,
+    },
+    /// `mean + sd · z` with `z` standard normal.
+    Normal {
+        /// The mean.
+        mean: f64,
+        /// The standard deviation.
+        sd: f64,
+    },
+    /// Uniform in `low..high`.
+    Uniform {
+        /// Lower bound.
+        low: f64,
+        /// Upper bound.
+        high: f64,
+    },
+}
+
+/// Streams of per-client draws (one per quantity, so they are independent).
+const STREAM_SPEED: u64 = 1;
+const STREAM_UPLINK: u64 = 2;
+const STREAM_DOWNLINK: u64 = 3;
+const STREAM_WINDOW_START: u64 = 4;
+const STREAM_WINDOW_LENGTH: u64 = 5;
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in the open interval (0, 1), a pure function of its arguments.
+fn unit(seed: u64, client: ClientId, stream: u64, k: u64) -> f64 {
+    let h = mix64(
+        mix64(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F))
+            ^ client.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ k.wrapping_mul(0xE703_7ED1_A0B4_28DB),
+    );
+    ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+}
+
+impl PerClient {
+    /// `client`'s value of the quantity drawn from `stream` under `seed`.
+    pub fn draw(&self, seed: u64, client: ClientId, stream: u64) -> f64 {
+        let normal = || {
+            // Box–Muller on two independent uniforms.
+            let (u1, u2) = (unit(seed, client, stream, 0), unit(seed, client, stream, 1));
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        match *self {
+            PerClient::Fixed(v) => v,
+            PerClient::LogNormal { median, sigma } => median * (sigma * normal()).exp(),
+            PerClient::Normal { mean, sd } => mean + sd * normal(),
+            PerClient::Uniform { low, high } => low + (high - low) * unit(seed, client, stream, 0),
+        }
+    }
+
+    /// Whether every parameter is finite (and spreads are non-negative).
+    pub fn is_valid(&self) -> bool {
+        match *self {
+            PerClient::Fixed(v) => v.is_finite(),
+            PerClient::LogNormal { median, sigma } => median.is_finite() && sigma.is_finite() && sigma >= 0.0,
+            PerClient::Normal { mean, sd } => mean.is_finite() && sd.is_finite() && sd >= 0.0,
+            PerClient::Uniform { low, high } => low.is_finite() && high.is_finite() && low <= high,
+        }
+    }
+}
+
+/// Daily availability: each client is reachable only inside one window of the simulated day.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Availability {
+    /// Length of the simulated day.
+    pub day: Duration,
+    /// Where each client's window opens, as a fraction of the day (taken modulo 1, so a window
+    /// may wrap past midnight). `Uniform { low: 0.0, high: 1.0 }` spreads windows evenly;
+    /// `Normal { mean: 0.9, sd: 0.05 }` makes most clients available around the same hour (e.g.
+    /// overnight, on the charger).
+    pub start: PerClient,
+    /// How long each client's window lasts, as a fraction of the day (clamped to `0..=1`; 1 means
+    /// always available).
+    pub length: PerClient,
+}
+
+impl Availability {
+    /// The end of `client`'s current window if it is available at `at`; `None` if it is not.
+    pub fn available_until(&self, seed: u64, client: ClientId, at: Instant) -> Option<Instant> {
+        let day = u64::try_from(self.day.as_micros()).unwrap_or(u64::MAX).max(1);
+        let length = self.length.draw(seed, client, STREAM_WINDOW_LENGTH);
+        let length = if length.is_finite() { length.clamp(0.0, 1.0) } else { 0.0 };
+        if length >= 1.0 {
+            return Some(Instant::from_micros(u64::MAX));
+        }
+        let start = self.start.draw(seed, client, STREAM_WINDOW_START);
+        let start = if start.is_finite() { start.rem_euclid(1.0) } else { 0.0 };
+        let (start, length) = ((start * day as f64) as u64 % day, (length * day as f64) as u64);
+        let into = (at.as_micros() % day + day - start) % day;
+        (into < length).then(|| at + Duration::from_micros(length - into))
+    }
+}
+
+/// Network and device behaviour of the simulated fleet (see the module docs for the model).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FleetConfig {
     /// One-way latency, before jitter.
     pub latency: Duration,
     /// Extra latency drawn uniformly from `0..=jitter` per message.
     pub jitter: Duration,
+    /// Each client's uplink rate in bytes per second (`None`: unlimited). Values that are not
+    /// positive count as unlimited.
+    pub uplink: Option<PerClient>,
+    /// Each client's downlink rate in bytes per second (`None`: unlimited).
+    pub downlink: Option<PerClient>,
+    /// Each client's compute speed relative to the trainer's reference device (1.0 = as fast;
+    /// values are clamped to at least 0.001).
+    pub compute_speed: PerClient,
+    /// Daily availability windows (`None`: every client is always reachable).
+    pub availability: Option<Availability>,
+    /// Probability that an available client checks in for a given round.
+    pub check_in_probability: f64,
     /// Probability that a selected client vanishes after receiving its task (its connection drops
     /// at a random point before it would have reported).
     pub dropout: f64,
     /// Spread of check-ins after a round starts: each client checks in at a uniform time in
     /// `0..=check_in_spread`.
     pub check_in_spread: Duration,
+    /// Rounds start at least this far apart in simulated time (zero: as soon as the last settles).
+    pub round_interval: Duration,
     /// Device conditions every client reports.
     pub conditions: DeviceConditions,
     /// Seed of the network's and devices' randomness.
@@ -120,13 +273,91 @@ impl Default for FleetConfig {
         Self {
             latency: Duration::from_millis(20),
             jitter: Duration::from_millis(10),
+            uplink: None,
+            downlink: None,
+            compute_speed: PerClient::Fixed(1.0),
+            availability: None,
+            check_in_probability: 1.0,
             dropout: 0.0,
             check_in_spread: Duration::from_millis(100),
+            round_interval: Duration::ZERO,
             conditions: DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 90 },
             seed: 0,
             response_timeout: Duration::from_secs(120),
             model_family: "test".into(),
             cache_models: true,
+        }
+    }
+}
+
+/// Why a [`FleetConfig`] is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetConfigError {
+    /// A probability is outside `0..=1` (or NaN); the text names it.
+    #[error("{0} must be a probability in [0, 1]")]
+    Probability(&'static str),
+    /// A distribution has a non-finite parameter or a negative spread; the text names it.
+    #[error("{0} has an invalid distribution")]
+    Distribution(&'static str),
+    /// The availability day is zero.
+    #[error("the availability day must be longer than zero")]
+    EmptyDay,
+}
+
+impl FleetConfig {
+    /// Checks every setting. [`Fleet::new`] does not require it (it treats bad values leniently:
+    /// a rate that is not positive is unlimited, a speed is clamped), but a host taking settings
+    /// from a user should call it.
+    pub fn validate(&self) -> Result<(), FleetConfigError> {
+        let p = |v: f64, name| {
+            if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(FleetConfigError::Probability(name)) }
+        };
+        p(self.dropout, "dropout")?;
+        p(self.check_in_probability, "check_in_probability")?;
+        let d = |v: &PerClient, name| {
+            if v.is_valid() { Ok(()) } else { Err(FleetConfigError::Distribution(name)) }
+        };
+        d(&self.compute_speed, "compute_speed")?;
+        if let Some(u) = &self.uplink {
+            d(u, "uplink")?;
+        }
+        if let Some(u) = &self.downlink {
+            d(u, "downlink")?;
+        }
+        if let Some(a) = &self.availability {
+            d(&a.start, "availability start")?;
+            d(&a.length, "availability length")?;
+            if a.day.is_zero() {
+                return Err(FleetConfigError::EmptyDay);
+            }
+        }
+        Ok(())
+    }
+
+    /// `client`'s compute speed factor.
+    pub fn speed_of(&self, client: ClientId) -> f64 {
+        let s = self.compute_speed.draw(self.seed, client, STREAM_SPEED);
+        if s.is_finite() { s.max(0.001) } else { 1.0 }
+    }
+
+    /// Time `bytes` take over `client`'s uplink (`up`) or downlink.
+    pub fn transfer_time(&self, client: ClientId, bytes: usize, up: bool) -> Duration {
+        let (link, stream) =
+            if up { (&self.uplink, STREAM_UPLINK) } else { (&self.downlink, STREAM_DOWNLINK) };
+        let Some(link) = link else { return Duration::ZERO };
+        let rate = link.draw(self.seed, client, stream);
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(bytes as f64 / rate).unwrap_or(Duration::MAX)
+    }
+
+    /// The end of `client`'s availability window if it is reachable at `at`, else `None`.
+    pub fn available_until(&self, client: ClientId, at: Instant) -> Option<Instant> {
+        match &self.availability {
+            None => Some(Instant::from_micros(u64::MAX)),
+            Some(a) => a.available_until(self.seed, client, at),
         }
     }
 }
@@ -140,6 +371,10 @@ pub struct FleetRound {
     pub events: Vec<RoundEvent>,
     /// Every session outcome of the round, in order, with the client.
     pub outcomes: Vec<(ClientId, SessionOutcome)>,
+    /// Clients that tried to check in (available, online and willing this round).
+    pub check_ins: usize,
+    /// Selected clients whose availability window closed before they finished training.
+    pub window_closed: usize,
     /// Bytes sent by clients (frames, headers included).
     pub bytes_up: u64,
     /// Bytes sent by the coordinator.
@@ -158,7 +393,7 @@ impl FleetRound {
 #[derive(Debug)]
 enum Delivery {
     ToCoordinator(ClientId, Vec<u8>),
-    ToClient(ClientId, Vec<u8>),
+    ToClient(ClientId, Arc<[u8]>),
     Trained(ClientId, RoundId),
     Disconnect(ClientId),
     CheckIn(ClientId),
@@ -169,7 +404,28 @@ struct Client {
     session: Session,
     params: Option<(ModelVersion, Arc<[f32]>)>,
     job: Option<JobState>,
-    online: bool,
+}
+
+impl Client {
+    /// Whether the client holds nothing worth keeping (its state can be recreated on demand).
+    fn is_disposable(&self, now: Instant) -> bool {
+        self.session.is_idle()
+            && self.job.is_none()
+            && self.params.is_none()
+            && self.session.next_check_in_at().is_none_or(|t| t <= now)
+    }
+}
+
+/// The last full-model task encoded, so that the same task to many clients is encoded and decoded
+/// once and its bytes shared (the byte counts still count every copy).
+struct TaskFrame {
+    round: RoundId,
+    version: ModelVersion,
+    values: Arc<[f32]>,
+    plan: TrainingPlan,
+    report_within_ms: u64,
+    bytes: Arc<[u8]>,
+    decoded: Option<Inbound<CoordinatorMessage>>,
 }
 
 /// The in-memory fleet. See the module docs.
@@ -177,7 +433,8 @@ pub struct Fleet<T> {
     now: Instant,
     seq: u64,
     orchestrator: Orchestrator,
-    clients: Vec<Client>,
+    clients: Vec<Option<Box<Client>>>,
+    offline: HashSet<u64>,
     trainer: T,
     codec: Codec,
     config: FleetConfig,
@@ -189,7 +446,10 @@ pub struct Fleet<T> {
     record_transcript: bool,
     outcomes: Vec<(ClientId, SessionOutcome)>,
     bytes_up_pending: u64,
+    window_closed_pending: usize,
     queued: Vec<TrainJob>,
+    last_round_start: Option<Instant>,
+    task_frame: Option<TaskFrame>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -199,29 +459,17 @@ enum JobState {
 }
 
 impl<T: Trainer> Fleet<T> {
-    /// A fleet of `clients` sessions (ids 0..clients) around `orchestrator`.
+    /// A fleet of `clients` clients (ids 0..clients) around `orchestrator`. No per-client state is
+    /// allocated until a client first checks in.
     pub fn new(orchestrator: Orchestrator, clients: usize, trainer: T, config: FleetConfig) -> Self {
-        let clients = (0..clients as u64)
-            .map(|i| Client {
-                session: Session::new(SessionConfig {
-                    client: ClientId(i),
-                    credential: Vec::new(),
-                    sdk_version: "harness".into(),
-                    model_family: config.model_family.clone(),
-                    capabilities: Capabilities::default(),
-                    response_timeout: config.response_timeout,
-                    rng_seed: config.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                }),
-                params: None,
-                job: None,
-                online: true,
-            })
-            .collect();
+        let mut slots = Vec::new();
+        slots.resize_with(clients, || None);
         Self {
             now: Instant::ZERO,
             seq: 0,
             orchestrator,
-            clients,
+            clients: slots,
+            offline: HashSet::new(),
             trainer,
             codec: Codec::default(),
             rng: ChaCha8Rng::seed_from_u64(config.seed),
@@ -233,7 +481,10 @@ impl<T: Trainer> Fleet<T> {
             record_transcript: false,
             outcomes: Vec::new(),
             bytes_up_pending: 0,
+            window_closed_pending: 0,
             queued: Vec::new(),
+            last_round_start: None,
+            task_frame: None,
         }
     }
 
@@ -262,37 +513,104 @@ impl<T: Trainer> Fleet<T> {
         self.now
     }
 
+    /// The fleet's settings.
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
     /// The trainer.
     pub fn trainer_mut(&mut self) -> &mut T {
         &mut self.trainer
     }
 
+    /// Clients in the fleet.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether the fleet has no clients.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Clients whose session state is currently held in memory.
+    pub fn resident_clients(&self) -> usize {
+        self.clients.iter().filter(|c| c.is_some()).count()
+    }
+
     /// Takes a client offline (it stops checking in) or back online.
     pub fn set_online(&mut self, client: ClientId, online: bool) {
-        if let Some(c) = self.clients.get_mut(client.0 as usize) {
-            c.online = online;
+        if online {
+            self.offline.remove(&client.0);
+        } else if (client.0 as usize) < self.clients.len() {
+            self.offline.insert(client.0);
         }
     }
 
-    /// Runs one round: starts it, lets every online client check in, and steps until the round
+    fn session_config(&self, i: u64) -> SessionConfig {
+        SessionConfig {
+            client: ClientId(i),
+            credential: Vec::new(),
+            sdk_version: "harness".into(),
+            model_family: self.config.model_family.clone(),
+            capabilities: Capabilities::default(),
+            response_timeout: self.config.response_timeout,
+            rng_seed: self.config.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    /// Client `idx`'s state, created on first use. `idx` must be in range (callers check).
+    fn client(&mut self, idx: usize) -> &mut Client {
+        if self.clients[idx].is_none() {
+            let session = Session::new(self.session_config(idx as u64));
+            self.clients[idx] = Some(Box::new(Client { session, params: None, job: None }));
+        }
+        match &mut self.clients[idx] {
+            Some(c) => c,
+            None => unreachable!("created above"),
+        }
+    }
+
+    /// Runs one round: starts it, lets every available client check in, and steps until the round
     /// commits or fails. Returns what happened.
     pub fn run_round(&mut self) -> Result<FleetRound, StartError> {
+        if let Some(last) = self.last_round_start {
+            self.now = self.now.max(last + self.config.round_interval);
+        }
         let started = self.now;
         let round = self.orchestrator.start_round(self.now)?;
+        self.last_round_start = Some(started);
         let mut out = FleetRound {
             round,
             events: Vec::new(),
             outcomes: Vec::new(),
+            check_ins: 0,
+            window_closed: 0,
             bytes_up: 0,
             bytes_down: 0,
             duration: Duration::ZERO,
         };
         let spread = self.config.check_in_spread.as_micros() as u64;
+        let p = self.config.check_in_probability;
         for i in 0..self.clients.len() {
-            if self.clients[i].online {
-                let at = self.now + Duration::from_micros(self.rng.random_range(0..=spread));
-                self.schedule(at, Delivery::CheckIn(ClientId(i as u64)));
+            let c = ClientId(i as u64);
+            if !self.offline.is_empty() && self.offline.contains(&c.0) {
+                continue;
             }
+            if p < 1.0 && self.rng.random::<f64>() >= p {
+                continue;
+            }
+            let at = self.now + Duration::from_micros(self.rng.random_range(0..=spread));
+            if self.config.available_until(c, at).is_none() {
+                continue;
+            }
+            if let Some(client) = &self.clients[i]
+                && client.session.next_check_in_at().is_some_and(|t| t > at)
+            {
+                continue;
+            }
+            out.check_ins += 1;
+            self.schedule(at, Delivery::CheckIn(c));
         }
         loop {
             self.drain(&mut out);
@@ -306,6 +624,14 @@ impl<T: Trainer> Fleet<T> {
         // Let in-flight messages (receipts, aborts, late uploads) settle so the next round starts clean.
         while self.step(&mut out) {}
         self.drain(&mut out);
+        // Forget clients that hold nothing; they are recreated when they next check in.
+        let now = self.now;
+        for slot in &mut self.clients {
+            if slot.as_ref().is_some_and(|c| c.is_disposable(now)) {
+                *slot = None;
+            }
+        }
+        self.task_frame = None;
         Ok(out)
     }
 
@@ -324,9 +650,11 @@ impl<T: Trainer> Fleet<T> {
         self.queue.push(Reverse((at, self.seq, slot)));
     }
 
-    fn latency(&mut self) -> Duration {
+    /// Latency plus the transfer time of `bytes` over `c`'s link.
+    fn delay(&mut self, c: ClientId, bytes: usize, up: bool) -> Duration {
         let j = self.config.jitter.as_micros() as u64;
-        self.config.latency + Duration::from_micros(self.rng.random_range(0..=j))
+        let latency = self.config.latency + Duration::from_micros(self.rng.random_range(0..=j));
+        latency.saturating_add(self.config.transfer_time(c, bytes, up))
     }
 
     /// Processes the next thing to happen. Returns false when nothing is left.
@@ -355,13 +683,27 @@ impl<T: Trainer> Fleet<T> {
         }
     }
 
+    fn decode_for_client(&mut self, bytes: &Arc<[u8]>) -> Option<Inbound<CoordinatorMessage>> {
+        // A shared task frame is decoded once; every recipient gets the same (shared) parameters.
+        if let Some(f) = &mut self.task_frame
+            && Arc::ptr_eq(&f.bytes, bytes)
+        {
+            if f.decoded.is_none() {
+                f.decoded = Some(self.codec.decode_coordinator(bytes).ok()?.0);
+            }
+            return f.decoded.clone();
+        }
+        Some(self.codec.decode_coordinator(bytes).ok()?.0)
+    }
+
     fn deliver(&mut self, d: Delivery, out: &mut FleetRound) {
         let now = self.now;
         match d {
             Delivery::CheckIn(c) => {
-                let client = &mut self.clients[c.0 as usize];
+                let (conditions, offline) = (self.config.conditions, self.offline.contains(&c.0));
+                let client = self.client(c.0 as usize);
                 let have = client.params.as_ref().map(|(v, _)| *v);
-                if client.online && client.session.check_in(now, self.config.conditions, have).is_ok() {
+                if !offline && client.session.check_in(now, conditions, have).is_ok() {
                     self.after_session(c);
                 }
             }
@@ -372,21 +714,22 @@ impl<T: Trainer> Fleet<T> {
                 _ => self.orchestrator.handle_disconnect(now, c),
             },
             Delivery::ToClient(c, bytes) => {
-                let client = &mut self.clients[c.0 as usize];
-                match self.codec.decode_coordinator(&bytes) {
-                    Ok((Inbound::Message { message, .. }, _)) => client.session.handle_message(now, message),
-                    Ok((Inbound::VersionNegotiation { min, max }, _)) => {
-                        client.session.handle_version_negotiation(now, min, max)
+                let inbound = self.decode_for_client(&bytes);
+                let session = &mut self.client(c.0 as usize).session;
+                match inbound {
+                    Some(Inbound::Message { message, .. }) => session.handle_message(now, message),
+                    Some(Inbound::VersionNegotiation { min, max }) => {
+                        session.handle_version_negotiation(now, min, max)
                     }
-                    _ => client.session.handle_disconnect(now),
+                    _ => session.handle_disconnect(now),
                 }
                 self.after_session(c);
             }
             Delivery::Trained(c, round) => {
-                if self.clients[c.0 as usize].job == Some(JobState::Queued(round)) {
+                if self.client(c.0 as usize).job == Some(JobState::Queued(round)) {
                     self.flush_jobs();
                 }
-                let client = &mut self.clients[c.0 as usize];
+                let client = self.client(c.0 as usize);
                 let Some(JobState::Done(r, result)) = client.job.take() else { return self.drain(out) };
                 if r != round || client.session.training_round() != Some(round) {
                     return self.drain(out);
@@ -395,22 +738,22 @@ impl<T: Trainer> Fleet<T> {
                     Some(result) => {
                         let kind = self.orchestrator.config().round.plan.encoding;
                         let update = EncodedUpdate::encode(&result.update, kind, &mut self.rng);
-                        let session = &mut self.clients[c.0 as usize].session;
+                        let session = &mut self.client(c.0 as usize).session;
                         let _ = session.submit_update(now, round, update, result.weight, result.metrics);
                     }
-                    None => self.clients[c.0 as usize].session.withdraw(now, WithdrawReason::TrainingFailed),
+                    None => self.client(c.0 as usize).session.withdraw(now, WithdrawReason::TrainingFailed),
                 }
                 self.after_session(c);
             }
             Delivery::Disconnect(c) => {
-                let client = &mut self.clients[c.0 as usize];
+                let client = self.client(c.0 as usize);
                 client.session.handle_disconnect(now);
                 client.job = None;
                 self.orchestrator.handle_disconnect(now, c);
                 self.after_session(c);
             }
             Delivery::SessionTimer(c) => {
-                self.clients[c.0 as usize].session.handle_timeout(now);
+                self.client(c.0 as usize).session.handle_timeout(now);
                 self.after_session(c);
             }
         }
@@ -420,21 +763,21 @@ impl<T: Trainer> Fleet<T> {
     /// Drains a session's outputs: transmits go on the network, actions are carried out.
     fn after_session(&mut self, c: ClientId) {
         let idx = c.0 as usize;
-        while let Some(msg) = self.clients[idx].session.poll_transmit() {
+        while let Some(msg) = self.client(idx).session.poll_transmit() {
             let Ok(bytes) = self.codec.encode_client(&msg) else { continue };
             self.bytes_up_pending += bytes.len() as u64;
             self.record(b'U', c, &bytes);
-            let at = self.now + self.latency();
+            let at = self.now + self.delay(c, bytes.len(), true);
             self.schedule(at, Delivery::ToCoordinator(c, bytes));
         }
-        while let Some(action) = self.clients[idx].session.poll_action() {
+        while let Some(action) = self.client(idx).session.poll_action() {
             match action {
                 SessionAction::Train(req) => self.start_training(c, &req),
-                SessionAction::Cancel { .. } => self.clients[idx].job = None,
+                SessionAction::Cancel { .. } => self.client(idx).job = None,
                 SessionAction::Finished(outcome) => self.outcomes.push((c, outcome)),
             }
         }
-        if let Some(t) = self.clients[idx].session.poll_timeout() {
+        if let Some(t) = self.client(idx).session.poll_timeout() {
             self.schedule(t, Delivery::SessionTimer(c));
         }
     }
@@ -444,26 +787,34 @@ impl<T: Trainer> Fleet<T> {
         let params: Arc<[f32]> = match &req.model {
             ModelPayload::Full { values, shape } if values.len() == shape.len() => values.clone(),
             payload => {
-                let base = self.clients[idx].params.as_ref().map(|(_, p)| &p[..]);
-                match payload.materialize(base) {
+                let base = self.client(idx).params.as_ref().map(|(_, p)| p.clone());
+                match payload.materialize(base.as_deref()) {
                     Ok(p) => p.into(),
                     Err(_) => {
-                        self.clients[idx].session.withdraw(self.now, WithdrawReason::TrainingFailed);
+                        let now = self.now;
+                        self.client(idx).session.withdraw(now, WithdrawReason::TrainingFailed);
                         return self.after_session(c);
                     }
                 }
             }
         };
         if self.config.cache_models {
-            self.clients[idx].params = Some((req.model_version, params.clone()));
+            self.client(idx).params = Some((req.model_version, params.clone()));
         }
-        let compute = self.trainer.compute_time(c, req, &params);
+        let reference = self.trainer.compute_time(c, req, &params);
+        let speed = self.config.speed_of(c);
+        let compute = Duration::try_from_secs_f64(reference.as_secs_f64() / speed).unwrap_or(Duration::MAX);
         let doomed = self.rng.random::<f64>() < self.config.dropout;
+        let window_end = self.config.available_until(c, self.now).unwrap_or(self.now);
         if doomed {
             let frac = self.rng.random::<f64>();
-            self.schedule(self.now + compute.mul_f64(frac), Delivery::Disconnect(c));
+            let at = (self.now + compute.mul_f64(frac)).min(window_end);
+            self.schedule(at, Delivery::Disconnect(c));
+        } else if self.now + compute > window_end {
+            self.window_closed_pending += 1;
+            self.schedule(window_end, Delivery::Disconnect(c));
         } else {
-            self.clients[idx].job = Some(JobState::Queued(req.round));
+            self.client(idx).job = Some(JobState::Queued(req.round));
             self.queued.push(TrainJob { client: c, request: req.clone(), params });
             self.schedule(self.now + compute, Delivery::Trained(c, req.round));
         }
@@ -477,7 +828,7 @@ impl<T: Trainer> Fleet<T> {
         let jobs = std::mem::take(&mut self.queued);
         let results = self.trainer.train(&jobs);
         for (job, result) in jobs.iter().zip(results) {
-            let client = &mut self.clients[job.client.0 as usize];
+            let client = self.client(job.client.0 as usize);
             if client.job == Some(JobState::Queued(job.request.round)) {
                 client.job = Some(JobState::Done(job.request.round, result.map(Box::new)));
             }
@@ -493,12 +844,46 @@ impl<T: Trainer> Fleet<T> {
         }
     }
 
+    /// Encodes a coordinator message, reusing the last full-model task's bytes when this is the
+    /// same task (same round, version, shared parameters, plan and deadline).
+    fn encode_for_client(&mut self, message: &CoordinatorMessage) -> Option<Arc<[u8]>> {
+        let task = match message {
+            CoordinatorMessage::Task(t) => match &t.model {
+                ModelPayload::Full { values, .. } => Some((t, values)),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let (Some((t, values)), Some(f)) = (task, &self.task_frame)
+            && f.round == t.round
+            && f.version == t.model_version
+            && Arc::ptr_eq(&f.values, values)
+            && f.plan == t.plan
+            && f.report_within_ms == t.report_within_ms
+        {
+            return Some(f.bytes.clone());
+        }
+        let bytes: Arc<[u8]> = self.codec.encode_coordinator(message).ok()?.into();
+        if let Some((t, values)) = task {
+            self.task_frame = Some(TaskFrame {
+                round: t.round,
+                version: t.model_version,
+                values: values.clone(),
+                plan: t.plan.clone(),
+                report_within_ms: t.report_within_ms,
+                bytes: bytes.clone(),
+                decoded: None,
+            });
+        }
+        Some(bytes)
+    }
+
     fn drain(&mut self, out: &mut FleetRound) {
         while let Some(t) = self.orchestrator.poll_transmit() {
-            let Ok(bytes) = self.codec.encode_coordinator(&t.message) else { continue };
+            let Some(bytes) = self.encode_for_client(&t.message) else { continue };
             out.bytes_down += bytes.len() as u64;
             self.record(b'D', t.to, &bytes);
-            let at = self.now + self.latency();
+            let at = self.now + self.delay(t.to, bytes.len(), false);
             self.schedule(at, Delivery::ToClient(t.to, bytes));
         }
         while let Some(e) = self.orchestrator.poll_event() {
@@ -506,5 +891,78 @@ impl<T: Trainer> Fleet<T> {
         }
         out.outcomes.append(&mut self.outcomes);
         out.bytes_up += std::mem::take(&mut self.bytes_up_pending);
+        out.window_closed += std::mem::take(&mut self.window_closed_pending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_client_draws_are_deterministic_and_follow_their_distribution() {
+        let ln = PerClient::LogNormal { median: 2.0, sigma: 0.5 };
+        let draws: Vec<f64> = (0..20_000).map(|i| ln.draw(9, ClientId(i), STREAM_SPEED)).collect();
+        assert_eq!(draws[17], ln.draw(9, ClientId(17), STREAM_SPEED));
+        assert_ne!(draws[17], ln.draw(10, ClientId(17), STREAM_SPEED));
+        let mut sorted = draws.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        assert!((median - 2.0).abs() < 0.05, "median {median}");
+        let logs: Vec<f64> = draws.iter().map(|d| d.ln()).collect();
+        let mean = logs.iter().sum::<f64>() / logs.len() as f64;
+        let sd = (logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / logs.len() as f64).sqrt();
+        assert!((sd - 0.5).abs() < 0.02, "sigma {sd}");
+        let u = PerClient::Uniform { low: 1.0, high: 3.0 };
+        assert!((0..1000).map(|i| u.draw(1, ClientId(i), 4)).all(|v| (1.0..3.0).contains(&v)));
+    }
+
+    #[test]
+    fn availability_windows_cover_their_share_of_the_day() {
+        let a = Availability {
+            day: Duration::from_secs(86_400),
+            start: PerClient::Uniform { low: 0.0, high: 1.0 },
+            length: PerClient::Fixed(0.25),
+        };
+        // Sample every client at one instant: about a quarter are available.
+        let at = Instant::from_micros(3 * 3_600_000_000);
+        let up = (0..10_000).filter(|&i| a.available_until(5, ClientId(i), at).is_some()).count();
+        assert!((2300..2700).contains(&up), "{up} of 10000 available");
+        // One client over its day: available for a quarter of it, in one stretch, ending when it says.
+        let c = ClientId(3);
+        let minutes: Vec<bool> = (0..1440u64)
+            .map(|m| a.available_until(5, c, Instant::from_micros(m * 60_000_000)).is_some())
+            .collect();
+        let on = minutes.iter().filter(|&&b| b).count();
+        assert!((359..=361).contains(&on), "{on} minutes");
+        let m = minutes.iter().position(|&b| b).unwrap() as u64;
+        let at = Instant::from_micros(m * 60_000_000);
+        let end = a.available_until(5, c, at).unwrap();
+        assert!(a.available_until(5, c, Instant::from_micros(end.as_micros() - 1)).is_some());
+        assert!(a.available_until(5, c, end).is_none());
+        // Full-length windows mean always available.
+        let always = Availability { length: PerClient::Fixed(1.0), ..a };
+        assert!(always.available_until(5, c, at).is_some());
+    }
+
+    #[test]
+    fn transfer_time_is_bytes_over_bandwidth() {
+        let cfg = FleetConfig { uplink: Some(PerClient::Fixed(1_000_000.0)), ..FleetConfig::default() };
+        assert_eq!(cfg.transfer_time(ClientId(1), 500_000, true), Duration::from_millis(500));
+        assert_eq!(cfg.transfer_time(ClientId(1), 500_000, false), Duration::ZERO);
+        let bad = FleetConfig { downlink: Some(PerClient::Fixed(-1.0)), ..FleetConfig::default() };
+        assert_eq!(bad.transfer_time(ClientId(1), 10, false), Duration::ZERO);
+    }
+
+    #[test]
+    fn validation_names_the_bad_setting() {
+        assert_eq!(FleetConfig::default().validate(), Ok(()));
+        let c = FleetConfig { dropout: 1.5, ..FleetConfig::default() };
+        assert_eq!(c.validate(), Err(FleetConfigError::Probability("dropout")));
+        let c = FleetConfig {
+            compute_speed: PerClient::LogNormal { median: 1.0, sigma: f64::NAN },
+            ..FleetConfig::default()
+        };
+        assert_eq!(c.validate(), Err(FleetConfigError::Distribution("compute_speed")));
     }
 }

@@ -2,7 +2,7 @@
 
 use starling_proto::codec::{Codec, Inbound};
 use starling_proto::encoding::{EncodedUpdate, EncodingKind};
-use starling_proto::harness::{Fleet, FleetConfig, FnTrainer, TrainResult};
+use starling_proto::harness::{Availability, Fleet, FleetConfig, FnTrainer, PerClient, TrainResult};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::*;
 use starling_proto::round::*;
@@ -571,4 +571,152 @@ fn invalid_configs_are_typed_errors() {
     let bad_model =
         Orchestrator::new(config(10, 5), Box::new(Federated::fedavg()), nan, ModelVersion(0), RoundId(1));
     assert_eq!(bad_model.unwrap_err(), ConfigError::NonFiniteModel);
+}
+
+fn stats(r: &starling_proto::harness::FleetRound) -> RoundStats {
+    r.events
+        .iter()
+        .find_map(|e| match e {
+            RoundEvent::Committed(c) => Some(c.stats.clone()),
+            RoundEvent::Failed { stats, .. } => Some(stats.clone()),
+            _ => None,
+        })
+        .expect("the round ends")
+}
+
+#[test]
+fn a_slow_uplink_turns_clients_into_stragglers() {
+    let mut cfg = config(10, 3);
+    cfg.round.report_timeout = Duration::from_secs(3);
+    let fast = FleetConfig::default();
+    // Frames here are about 35 bytes: at 10 B/s an upload takes 3.5 s, past the deadline.
+    let slow = FleetConfig { uplink: Some(PerClient::Fixed(10.0)), ..FleetConfig::default() };
+    let mut f = Fleet::new(orch_with(cfg.clone(), Box::new(Federated::fedavg())), 13, fake_trainer(), fast);
+    let quick = f.run_round().unwrap();
+    assert!(quick.committed());
+    let mut f = Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 13, fake_trainer(), slow);
+    let r = f.run_round().unwrap();
+    assert!(!r.committed(), "no update arrives in time over a 10 B/s uplink");
+    assert_eq!(stats(&r).candidates, 13, "check-ins (small) still make it");
+    assert!(stats(&r).unfinished > stats(&quick).unfinished);
+}
+
+#[test]
+fn slow_devices_miss_the_deadline_and_fast_ones_make_it() {
+    let mut cfg = config(30, 3);
+    cfg.round.report_timeout = Duration::from_secs(3);
+    // Reference compute time is 1..=5 s; speeds spread log-normally around 1.
+    let fc = FleetConfig {
+        compute_speed: PerClient::LogNormal { median: 1.0, sigma: 1.0 },
+        seed: 4,
+        ..FleetConfig::default()
+    };
+    let speeds: Vec<f64> = (0..40).map(|i| fc.speed_of(ClientId(i))).collect();
+    let mut fleet = Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 40, fake_trainer(), fc);
+    let r = fleet.run_round().unwrap();
+    let done = accepted(&r.events);
+    assert!(!done.is_empty() && stats(&r).unfinished > 0, "{:?}", stats(&r));
+    for c in &done {
+        let reference = (1 + c.0 % 5) as f64;
+        assert!(reference / speeds[c.0 as usize] < 3.0, "client {} could not have made it", c.0);
+    }
+}
+
+#[test]
+fn only_clients_inside_their_window_check_in_and_closing_windows_drop_trainers() {
+    let availability = Availability {
+        day: Duration::from_secs(600),
+        start: PerClient::Uniform { low: 0.0, high: 1.0 },
+        length: PerClient::Fixed(0.3),
+    };
+    let fc = FleetConfig { availability: Some(availability), seed: 8, ..FleetConfig::default() };
+    let probe = fc.clone();
+    let mut fleet = Fleet::new(orchestrator(20, 2), 200, fake_trainer(), fc);
+    let r = fleet.run_round().unwrap();
+    assert!((40..=80).contains(&r.check_ins), "about 30% of 200 check in: {}", r.check_ins);
+    let checked: Vec<ClientId> = r
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            RoundEvent::UpdateAccepted { client, .. } => Some(*client),
+            _ => None,
+        })
+        .collect();
+    for c in &checked {
+        assert!(probe.available_until(*c, Instant::ZERO + Duration::from_millis(150)).is_some());
+    }
+    // Over many rounds some trainers see their window close mid-task (compute is 1..=5 s and a
+    // window is 180 s long), and they count as dropouts (unless the round already has its reports).
+    let mut closed = r.window_closed;
+    let mut dropped = stats(&r).dropped;
+    for _ in 0..30 {
+        let r = fleet.run_round().unwrap();
+        closed += r.window_closed;
+        dropped += stats(&r).dropped;
+    }
+    assert!(closed > 0 && dropped > 0, "some windows closed during training");
+    assert!(dropped <= closed, "with no random dropouts, every dropout is a closed window");
+}
+
+#[test]
+fn round_interval_spaces_rounds_and_the_day_moves_on() {
+    let fc = FleetConfig { round_interval: Duration::from_secs(3600), ..FleetConfig::default() };
+    let mut fleet = Fleet::new(orchestrator(5, 2), 10, fake_trainer(), fc);
+    fleet.run_round().unwrap();
+    fleet.run_round().unwrap();
+    assert!(fleet.now() >= Instant::ZERO + Duration::from_secs(3600));
+}
+
+#[test]
+fn check_in_probability_thins_check_ins() {
+    let fc = FleetConfig { check_in_probability: 0.1, seed: 2, ..FleetConfig::default() };
+    let mut fleet = Fleet::new(orchestrator(10, 2), 1000, fake_trainer(), fc);
+    let r = fleet.run_round().unwrap();
+    assert!((60..=140).contains(&r.check_ins), "{}", r.check_ins);
+    assert!(r.committed());
+}
+
+#[test]
+fn client_state_is_created_lazily_and_released_when_empty() {
+    let fc = FleetConfig { check_in_probability: 0.01, cache_models: false, ..FleetConfig::default() };
+    let mut fleet = Fleet::new(orchestrator(20, 5), 100_000, fake_trainer(), fc);
+    assert_eq!(fleet.resident_clients(), 0);
+    let r = fleet.run_round().unwrap();
+    assert!(r.committed());
+    // Only clients told to come back later (they must remember when) stay resident.
+    let waiting = r.outcomes.iter().filter(|(_, o)| matches!(o, SessionOutcome::ComeBackAt { .. })).count();
+    assert_eq!(fleet.resident_clients(), waiting);
+    assert!(fleet.resident_clients() < 2_000);
+}
+
+#[test]
+fn the_whole_device_model_is_deterministic_per_seed() {
+    let run = |seed: u64| {
+        let mut cfg = config(10, 3);
+        cfg.rng_seed = seed;
+        let fc = FleetConfig {
+            seed,
+            dropout: 0.1,
+            uplink: Some(PerClient::LogNormal { median: 20_000.0, sigma: 1.0 }),
+            downlink: Some(PerClient::LogNormal { median: 100_000.0, sigma: 1.0 }),
+            compute_speed: PerClient::LogNormal { median: 1.0, sigma: 0.7 },
+            availability: Some(Availability {
+                day: Duration::from_secs(1200),
+                start: PerClient::Normal { mean: 0.5, sd: 0.2 },
+                length: PerClient::Uniform { low: 0.2, high: 0.6 },
+            }),
+            check_in_probability: 0.8,
+            round_interval: Duration::from_secs(60),
+            ..FleetConfig::default()
+        };
+        let mut fleet = Fleet::new(orch_with(cfg, Box::new(Federated::fedavg())), 60, fake_trainer(), fc);
+        fleet.record_transcript(true);
+        for _ in 0..6 {
+            fleet.run_round().unwrap();
+        }
+        (fleet.transcript().to_vec(), fleet.orchestrator().model().1.to_vec())
+    };
+    let (a, ma) = run(21);
+    assert_eq!((a.clone(), ma), run(21));
+    assert_ne!(a, run(22).0);
 }

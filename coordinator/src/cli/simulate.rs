@@ -1,7 +1,7 @@
 //! `starling simulate`: the main job — a simulated fleet end to end.
 
 use crate::sim::report::RoundRecord;
-use crate::sim::{self, Dataset, NoiseSampler, PrivacyMode, SimConfig, StrategyKind};
+use crate::sim::{self, DailyWindows, Dataset, NoiseSampler, PrivacyMode, SimConfig, StrategyKind};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use starling_proto::encoding::EncodingKind;
@@ -15,6 +15,15 @@ pub enum Workload {
     Default,
     /// The reference workload of `shared/docs/reference-workload.md` (needs `--data`).
     Reference,
+}
+
+/// What the simulated clients are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientsArg {
+    /// Real SDK devices.
+    Sdk,
+    /// The bare BPR-MF kernel.
+    Kernel,
 }
 
 /// Strategy names on the command line.
@@ -79,12 +88,12 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Synthetic population: users.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 50_000)]
     pub users: u64,
     /// Synthetic population: items.
     #[arg(long, default_value_t = 2000)]
     pub items: u32,
-    /// Reports per round (default 250; 100 for the reference workload).
+    /// Reports per round (default 1000; 100 for the reference workload).
     #[arg(long)]
     pub clients_per_round: Option<usize>,
     /// Rounds.
@@ -114,6 +123,55 @@ pub struct SimulateArgs {
     /// Over-selection factor.
     #[arg(long)]
     pub over_selection: Option<f64>,
+    /// Devices: sigma of the log-normal compute speed around the reference device (0 = identical
+    /// devices; default 0.5, reference workload 0).
+    #[arg(long)]
+    pub device_speed_sigma: Option<f32>,
+    /// Network: one-way latency in milliseconds (default 50).
+    #[arg(long)]
+    pub latency_ms: Option<u64>,
+    /// Network: extra latency per message, uniform in 0..=jitter, in milliseconds (default 30).
+    #[arg(long)]
+    pub jitter_ms: Option<u64>,
+    /// Network: median uplink in Mbit/s, log-normally spread over clients (0 = unlimited; default 5).
+    #[arg(long)]
+    pub uplink_mbps: Option<f64>,
+    /// Network: median downlink in Mbit/s (0 = unlimited; default 25).
+    #[arg(long)]
+    pub downlink_mbps: Option<f64>,
+    /// Network: sigma of the log-normal bandwidth spread (default 0.8).
+    #[arg(long)]
+    pub bandwidth_sigma: Option<f64>,
+    /// Availability: mean length in hours of each client's daily window (each client's is uniform
+    /// in 0.5..1.5 times it; 24 = always available; default 8, reference workload 24).
+    #[arg(long)]
+    pub window_hours: Option<f64>,
+    /// Availability: centre windows around this hour (0..24, sigma 2 h) instead of spreading them
+    /// uniformly over the day.
+    #[arg(long)]
+    pub peak_hour: Option<f64>,
+    /// Availability: length of the simulated day in seconds (default 86400).
+    #[arg(long)]
+    pub day_seconds: Option<u64>,
+    /// Probability that an available client checks in for a given round (default 1).
+    #[arg(long)]
+    pub check_in_probability: Option<f64>,
+    /// Simulated seconds between round starts (default 600, reference workload 0).
+    #[arg(long)]
+    pub round_interval_s: Option<f64>,
+    /// Simulated seconds selected clients have to report (default 120).
+    #[arg(long)]
+    pub report_timeout_s: Option<f64>,
+    /// Synthetic data: evaluate on a seeded sample of this many users when there are more.
+    #[arg(long, default_value_t = 10_000)]
+    pub eval_users: usize,
+    /// Run twice — the configured strategy (baseline), then row-aware FedAvg with the same
+    /// settings — and print the two side by side (reports under OUT/baseline and OUT/row-aware).
+    #[arg(long)]
+    pub compare_row_aware: bool,
+    /// With --compare-row-aware: the item learning rate of the row-aware run (default: --item-lr).
+    #[arg(long)]
+    pub row_aware_item_lr: Option<f32>,
     /// Evaluate every this many rounds.
     #[arg(long, default_value_t = 10)]
     pub eval_every: u32,
@@ -123,6 +181,11 @@ pub struct SimulateArgs {
     /// Worker threads for local training (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// What each simulated client is: `sdk` (a real SDK device with its own store; default for
+    /// the synthetic workload) or `kernel` (the bare training math; default for the reference
+    /// workload and what the million-client scale run uses).
+    #[arg(long, value_enum)]
+    pub clients: Option<ClientsArg>,
     /// Differential privacy: off, central (DP-FedAvg) or local.
     #[arg(long, value_enum, default_value_t = DpArg::Off)]
     pub dp: DpArg,
@@ -206,7 +269,70 @@ impl SimulateArgs {
         if let Some(t) = self.threads {
             c.threads = t.max(1);
         }
-        c.report_timeout = Duration::from_secs(120);
+        if let Some(k) = self.clients {
+            c.clients = match k {
+                ClientsArg::Sdk => sim::ClientKind::Sdk,
+                ClientsArg::Kernel => sim::ClientKind::Kernel,
+            };
+        }
+        let secs = |v: f64, name: &str| {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of seconds"))
+        };
+        if let Some(v) = self.device_speed_sigma {
+            anyhow::ensure!(v.is_finite() && v >= 0.0, "--device-speed-sigma must be >= 0");
+            c.device_spread = v;
+        }
+        if let Some(v) = self.latency_ms {
+            c.latency = Duration::from_millis(v);
+        }
+        if let Some(v) = self.jitter_ms {
+            c.jitter = Duration::from_millis(v);
+        }
+        let rate = |mbps: f64, name: &str| {
+            anyhow::ensure!(mbps.is_finite() && mbps >= 0.0, "--{name} must be >= 0");
+            Ok((mbps > 0.0).then_some(mbps * 1e6 / 8.0))
+        };
+        if let Some(v) = self.uplink_mbps {
+            c.uplink = rate(v, "uplink-mbps")?;
+        }
+        if let Some(v) = self.downlink_mbps {
+            c.downlink = rate(v, "downlink-mbps")?;
+        }
+        if let Some(v) = self.bandwidth_sigma {
+            anyhow::ensure!(v.is_finite() && v >= 0.0, "--bandwidth-sigma must be >= 0");
+            c.bandwidth_spread = v;
+        }
+        if self.window_hours.is_some() || self.peak_hour.is_some() || self.day_seconds.is_some() {
+            let base = c.availability.clone().unwrap_or(DailyWindows {
+                day: Duration::from_secs(86_400),
+                hours: 24.0,
+                peak_hour: None,
+            });
+            let hours = self.window_hours.unwrap_or(base.hours);
+            anyhow::ensure!(hours.is_finite() && hours > 0.0, "--window-hours must be positive");
+            if let Some(p) = self.peak_hour {
+                anyhow::ensure!((0.0..24.0).contains(&p), "--peak-hour must be in [0, 24)");
+            }
+            let day = self.day_seconds.map_or(base.day, Duration::from_secs);
+            anyhow::ensure!(!day.is_zero(), "--day-seconds must be positive");
+            c.availability = (hours < 24.0).then_some(DailyWindows {
+                day,
+                hours,
+                peak_hour: self.peak_hour.or(base.peak_hour),
+            });
+        }
+        if let Some(p) = self.check_in_probability {
+            anyhow::ensure!((0.0..=1.0).contains(&p), "--check-in-probability must be in [0, 1]");
+            c.check_in_probability = p;
+        }
+        if let Some(v) = self.round_interval_s {
+            c.round_interval = secs(v, "round-interval-s")?;
+        }
+        if let Some(v) = self.report_timeout_s {
+            c.report_timeout = secs(v, "report-timeout-s")?;
+        }
+        c.eval_users = self.eval_users.max(1);
         c.privacy = match self.dp {
             DpArg::Off => PrivacyMode::Off,
             DpArg::Central => PrivacyMode::Central {
@@ -237,10 +363,11 @@ fn fmt_opt(v: Option<f64>, width: usize) -> String {
 
 fn line(r: &RoundRecord) -> String {
     format!(
-        "round {:>4}  participants {:>5}  dropouts {:>4}  HR@10 {}  NDCG@10 {}  eps {}  up {:>9} B  down {:>11} B  {:>8.4} s{}",
+        "round {:>4}  participants {:>5}  dropouts {:>4}  late {:>4}  HR@10 {}  NDCG@10 {}  eps {}  up {:>9} B  down {:>11} B  {:>8.4} s{}",
         r.round,
         r.participants,
-        r.dropouts + r.stragglers,
+        r.dropouts,
+        r.stragglers,
         fmt_opt(r.hr_at_10, 6),
         fmt_opt(r.ndcg_at_10, 6),
         fmt_opt(r.epsilon, 6),
@@ -251,10 +378,10 @@ fn line(r: &RoundRecord) -> String {
     )
 }
 
-/// Runs `starling simulate`.
-pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
-    let config = args.to_config()?;
-    let bar = if args.quiet {
+/// Runs one configuration with a progress bar and per-round lines, writes its reports into `out`
+/// and prints its summary.
+fn run_one(config: &SimConfig, out: &std::path::Path, quiet: bool) -> anyhow::Result<sim::report::SimReport> {
+    let bar = if quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(u64::from(config.rounds)).with_style(
@@ -262,7 +389,6 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         )
     };
-    let quiet = args.quiet;
     let mut progress = |r: &RoundRecord, _rounds: u32| {
         if !quiet {
             bar.suspend(|| println!("{}", line(r)));
@@ -272,9 +398,9 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
         }
         bar.inc(1);
     };
-    let report = sim::run(&config, &mut progress)?;
+    let report = sim::run(config, &mut progress)?;
     bar.finish_and_clear();
-    report.write(&args.out)?;
+    report.write(out)?;
     if let Some(why) = &report.stopped {
         println!("stopped early: {why}");
     }
@@ -295,7 +421,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "median round {:.4} s (training {:.4} s); total {:.1} s; peak RSS {}",
+        "median seconds per round {:.4} (training rounds only, evaluation excluded; local training alone {:.4}); total {:.1} s; peak RSS {}",
         report.median_round_seconds,
         report.median_train_seconds,
         report.total_seconds,
@@ -304,10 +430,45 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
             .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
             .unwrap_or_else(|| "n/a".into())
     );
+    println!("wrote {} and {}", out.join("results.json").display(), out.join("report.html").display());
+    Ok(report)
+}
+
+/// Runs `starling simulate`.
+pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    if !args.compare_row_aware {
+        run_one(&config, &args.out, args.quiet)?;
+        return Ok(());
+    }
+    println!("== baseline: {:?}, item lr {} ==", config.strategy, config.item_lr);
+    let base = run_one(&config, &args.out.join("baseline"), args.quiet)?;
+    let row = SimConfig {
+        strategy: StrategyKind::FedAvgRowAware,
+        item_lr: args.row_aware_item_lr.unwrap_or(config.item_lr),
+        ..config.clone()
+    };
     println!(
-        "wrote {} and {}",
-        args.out.join("results.json").display(),
-        args.out.join("report.html").display()
+        "== row-aware FedAvg (each item row averaged over the clients that touched it), item lr {} ==",
+        row.item_lr
+    );
+    let row_report = run_one(&row, &args.out.join("row-aware"), args.quiet)?;
+    println!("\nround   baseline HR@10 NDCG@10   row-aware HR@10 NDCG@10");
+    for (a, b) in base.rounds.iter().zip(&row_report.rounds) {
+        if let (Some(ha), Some(hb)) = (a.hr_at_10, b.hr_at_10) {
+            println!(
+                "{:>5}   {:>14.4} {:>7.4}   {:>15.4} {:>7.4}",
+                a.round,
+                ha,
+                a.ndcg_at_10.unwrap_or(0.0),
+                hb,
+                b.ndcg_at_10.unwrap_or(0.0)
+            );
+        }
+    }
+    println!(
+        "median seconds per round: baseline {:.4}, row-aware {:.4}",
+        base.median_round_seconds, row_report.median_round_seconds
     );
     Ok(())
 }

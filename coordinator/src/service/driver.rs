@@ -483,7 +483,7 @@ async fn connection_task<C: Connection>(
         return;
     }
     let codec = Codec::new(config.max_frame_bytes);
-    let mut frames = FrameBuffer::new(codec.clone());
+    let mut frames = FrameBuffer::new(codec);
     let mut window = (Instant::now(), 0u32);
     let reason: Option<String> = 'serve: loop {
         tokio::select! {

@@ -7,14 +7,16 @@
 //! reference protocol with its own private vector and the current global model.
 
 pub mod report;
+pub mod sdk_trainer;
 pub mod trainer;
 
 use crate::privacy::{DurableLedger, OpenDpGaussian};
 use crate::store::Store;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, LogNormal, StandardNormal};
+use rand_distr::StandardNormal;
 use report::{RoundRecord, SimReport};
+use sdk_trainer::{SdkFleetTrainer, SimTrainer};
 use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
 use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
@@ -24,7 +26,8 @@ use starling_proto::dp::{
     Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile, SamplingRate,
 };
 use starling_proto::encoding::EncodingKind;
-use starling_proto::harness::{Fleet, FleetConfig};
+use starling_proto::harness::{Availability, Fleet, FleetConfig, PerClient};
+use starling_proto::ids::ClientId;
 use starling_proto::ids::{ModelVersion, RoundId};
 use starling_proto::message::NoiseSettings;
 use starling_proto::message::{DeviceConditions, TrainingPlan};
@@ -32,11 +35,12 @@ use starling_proto::round::{
     Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, StartError,
 };
 use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
-use starling_proto::time::Duration;
+use starling_proto::time::{Duration, Instant};
 use starling_proto::update::ModelShape;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant as WallClock;
+use trainer::ClientData;
 use trainer::{DeviceModel, MfFleetTrainer};
 
 /// Where the data comes from.
@@ -160,26 +164,93 @@ pub struct SimConfig {
     pub over_selection: f64,
     /// Probability that a selected client drops out mid-round.
     pub dropout: f64,
-    /// Spread (σ of the log) of device slowness; 0 = identical devices.
+    /// Spread (σ of the log) of the clients' compute speed (log-normal, median 1 = the reference
+    /// device); 0 = identical devices.
     pub device_spread: f32,
+    /// One-way network latency before jitter.
+    pub latency: Duration,
+    /// Extra latency per message, uniform in `0..=jitter`.
+    pub jitter: Duration,
+    /// Median uplink rate in bytes per second (`None`: unlimited).
+    pub uplink: Option<f64>,
+    /// Median downlink rate in bytes per second (`None`: unlimited).
+    pub downlink: Option<f64>,
+    /// Spread (σ of the log) of the clients' bandwidths around the medians.
+    pub bandwidth_spread: f64,
+    /// Daily availability windows (`None`: every client always reachable).
+    pub availability: Option<DailyWindows>,
+    /// Probability that an available client checks in for a given round.
+    pub check_in_probability: f64,
+    /// Rounds start at least this far apart in simulated time.
+    pub round_interval: Duration,
     /// Report deadline (simulated).
     pub report_timeout: Duration,
     /// Evaluate every this many rounds (and after the last).
     pub eval_every: u32,
+    /// Synthetic data: evaluate on a seeded sample of this many users when the population is larger.
+    pub eval_users: usize,
     /// Seed of everything.
     pub seed: u64,
     /// Worker threads for local training.
     pub threads: usize,
     /// Differential privacy.
     pub privacy: PrivacyMode,
+    /// What the simulated clients are: real SDK devices, or the bare training kernel.
+    pub clients: ClientKind,
+}
+
+/// The clip norm of the plan when DP is off and the clients are SDK devices (which refuse to send
+/// unclipped updates).
+pub const SDK_CLIP_WITHOUT_DP: f32 = 100.0;
+
+/// What each simulated client is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// A real `starling_sdk::Device` per client: its own SQLite store (in memory) with its events,
+    /// consent and ledger, trained through the SDK's own code. The default.
+    Sdk,
+    /// The BPR-MF kernel with one private vector per client and no per-client database: the
+    /// same math, for the reference workload's timing and million-client scale runs.
+    Kernel,
+}
+
+/// Daily availability: every client is reachable only inside its own window of the simulated day.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DailyWindows {
+    /// Length of the simulated day.
+    pub day: Duration,
+    /// Mean window length in hours of a 24-hour day; each client's length is uniform in
+    /// `0.5..1.5` times it (24 or more: always available).
+    pub hours: f64,
+    /// Hour (0..24) around which windows are centred (normal, σ = 2 h): a fleet in one time zone
+    /// that trains overnight. `None`: window starts spread uniformly over the day (a global fleet).
+    pub peak_hour: Option<f64>,
+}
+
+impl DailyWindows {
+    fn to_availability(&self) -> Availability {
+        let h = (self.hours / 24.0).max(0.0);
+        Availability {
+            day: self.day,
+            start: match self.peak_hour {
+                Some(peak) => PerClient::Normal { mean: (peak - self.hours / 2.0) / 24.0, sd: 2.0 / 24.0 },
+                None => PerClient::Uniform { low: 0.0, high: 1.0 },
+            },
+            length: if h >= 1.0 {
+                PerClient::Fixed(1.0)
+            } else {
+                PerClient::Uniform { low: 0.5 * h, high: 1.5 * h }
+            },
+        }
+    }
 }
 
 impl Default for SimConfig {
     /// The main job's defaults: a synthetic population, about a minute on 2 cores.
     fn default() -> Self {
         Self {
-            dataset: Dataset::Synthetic { users: 5000, items: 2000, seed: 1 },
-            clients_per_round: 250,
+            dataset: Dataset::Synthetic { users: 50_000, items: 2000, seed: 1 },
+            clients_per_round: 1000,
             rounds: 200,
             dim: 32,
             epochs: 1,
@@ -192,11 +263,26 @@ impl Default for SimConfig {
             over_selection: 1.3,
             dropout: 0.05,
             device_spread: 0.5,
+            latency: Duration::from_millis(50),
+            jitter: Duration::from_millis(30),
+            // 5 Mbit/s up, 25 Mbit/s down (medians), spread log-normally.
+            uplink: Some(625_000.0),
+            downlink: Some(3_125_000.0),
+            bandwidth_spread: 0.8,
+            availability: Some(DailyWindows {
+                day: Duration::from_secs(86_400),
+                hours: 8.0,
+                peak_hour: None,
+            }),
+            check_in_probability: 1.0,
+            round_interval: Duration::from_secs(600),
             report_timeout: Duration::from_secs(120),
             eval_every: 10,
+            eval_users: 10_000,
             seed: 42,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             privacy: PrivacyMode::Off,
+            clients: ClientKind::Sdk,
         }
     }
 }
@@ -204,7 +290,8 @@ impl Default for SimConfig {
 impl SimConfig {
     /// The reference workload of `shared/docs/reference-workload.md` on `data`, with `c` clients per
     /// round and `rounds` rounds: dim 32, lr 0.2 (user) / 1.0 (items), batch 32, E = 1, FedAvg
-    /// weighted by examples, uniform selection of exactly `c` clients, no dropouts, identical devices.
+    /// weighted by examples, uniform selection of exactly `c` clients among all of them every
+    /// round, no dropouts, identical devices, an unlimited always-available network.
     pub fn reference(data: PathBuf, c: usize, rounds: u32) -> Self {
         Self {
             dataset: Dataset::File(data),
@@ -213,7 +300,41 @@ impl SimConfig {
             over_selection: 1.0,
             dropout: 0.0,
             device_spread: 0.0,
+            uplink: None,
+            downlink: None,
+            availability: None,
+            check_in_probability: 1.0,
+            round_interval: Duration::ZERO,
+            clients: ClientKind::Kernel,
             ..Self::default()
+        }
+    }
+
+    /// The simulated network and devices.
+    pub fn fleet_config(&self) -> FleetConfig {
+        let link = |median: Option<f64>| {
+            median.map(|median| PerClient::LogNormal { median, sigma: self.bandwidth_spread })
+        };
+        FleetConfig {
+            latency: self.latency,
+            jitter: self.jitter,
+            uplink: link(self.uplink),
+            downlink: link(self.downlink),
+            compute_speed: if self.device_spread > 0.0 {
+                PerClient::LogNormal { median: 1.0, sigma: f64::from(self.device_spread) }
+            } else {
+                PerClient::Fixed(1.0)
+            },
+            availability: self.availability.as_ref().map(DailyWindows::to_availability),
+            check_in_probability: self.check_in_probability,
+            dropout: self.dropout,
+            check_in_spread: Duration::from_secs(5),
+            round_interval: self.round_interval,
+            conditions: DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 80 },
+            seed: self.seed,
+            model_family: "mf-bpr".into(),
+            cache_models: false,
+            ..FleetConfig::default()
         }
     }
 }
@@ -246,20 +367,40 @@ pub enum SimError {
     /// The privacy ledger failed.
     #[error(transparent)]
     Ledger(#[from] crate::privacy::LedgerError),
+    /// The network or device model is invalid.
+    #[error(transparent)]
+    Fleet(#[from] starling_proto::harness::FleetConfigError),
 }
 
-/// The data of a run, prepared.
+/// The data of a run, prepared: the clients' data (lazy for synthetic populations) and the
+/// evaluation users' split.
 struct Prepared {
-    split: LeaveOneOut,
+    n_users: usize,
+    n_items: u32,
+    data: ClientData,
+    /// The evaluation cases, with real user ids.
     eval: EvalSet,
+    /// The evaluation users' split, indexed by position in `eval_ids`.
+    eval_split: LeaveOneOut,
+    eval_ids: Vec<u32>,
     full_ranking: bool,
 }
 
-fn prepare(dataset: &Dataset) -> Result<Prepared, SimError> {
-    let (interactions, n_users, n_items, full_ranking) = match dataset {
+fn prepare(config: &SimConfig) -> Result<Prepared, SimError> {
+    match &config.dataset {
         Dataset::File(path) => {
             let r = movielens::load(path)?;
-            (r.interactions, r.n_users, r.n_items, false)
+            let split = LeaveOneOut::split(&r.interactions, r.n_users, r.n_items);
+            let eval = EvalSet::build(&split)?;
+            Ok(Prepared {
+                n_users: r.n_users as usize,
+                n_items: r.n_items,
+                data: ClientData::Table(Arc::new(split.train.clone())),
+                eval,
+                eval_ids: (0..r.n_users).collect(),
+                eval_split: split,
+                full_ranking: false,
+            })
         }
         Dataset::Synthetic { users, items, seed } => {
             if *users > u64::from(u32::MAX) {
@@ -274,13 +415,59 @@ fn prepare(dataset: &Dataset) -> Result<Prepared, SimError> {
                 min_interactions: 5.min(max),
                 ..SyntheticConfig::default()
             };
-            let pop = Population::new(cfg)?;
-            (pop.interactions(*users), *users as u32, *items, true)
+            let pop = Arc::new(Population::new(cfg)?);
+            let eval_ids: Vec<u32> = if *users as usize <= config.eval_users {
+                (0..*users as u32).collect()
+            } else {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xE7A1);
+                let mut ids: Vec<u32> =
+                    rand::seq::index::sample(&mut rng, *users as usize, config.eval_users.max(1))
+                        .into_iter()
+                        .map(|i| i as u32)
+                        .collect();
+                ids.sort_unstable();
+                ids
+            };
+            // Generate the evaluation users in parallel (each is a pure function of its id).
+            let threads = config.threads.max(1);
+            let chunk = eval_ids.len().div_ceil(threads).max(1);
+            let mut splits: Vec<(Vec<u32>, Option<u32>)> = Vec::with_capacity(eval_ids.len());
+            std::thread::scope(|s| {
+                let handles: Vec<_> = eval_ids
+                    .chunks(chunk)
+                    .map(|part| {
+                        let pop = &pop;
+                        s.spawn(move || {
+                            part.iter()
+                                .map(|&u| ClientData::split_user(pop, u64::from(u)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    splits.extend(h.join().unwrap_or_default());
+                }
+            });
+            if splits.len() != eval_ids.len() {
+                return Err(SimError::Config("generating the evaluation users failed".into()));
+            }
+            let (train, test) = splits.into_iter().unzip();
+            let eval_split = LeaveOneOut { n_users: eval_ids.len() as u32, n_items: *items, train, test };
+            let mut eval = EvalSet::build(&eval_split)?;
+            for case in &mut eval.cases {
+                case.user = eval_ids[case.user as usize];
+            }
+            Ok(Prepared {
+                n_users: *users as usize,
+                n_items: *items,
+                data: ClientData::Synthetic(pop),
+                eval,
+                eval_split,
+                eval_ids,
+                full_ranking: true,
+            })
         }
-    };
-    let split = LeaveOneOut::split(&interactions, n_users, n_items);
-    let eval = EvalSet::build(&split)?;
-    Ok(Prepared { split, eval, full_ranking })
+    }
 }
 
 /// Prints one line per round (or nothing).
@@ -295,38 +482,67 @@ impl<F: FnMut(&RoundRecord, u32)> Progress for F {
     }
 }
 
-/// Runs a simulation and returns its report.
-pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
-    let started = WallClock::now();
+/// A simulation ready to run its first round.
+struct Built {
+    data: Prepared,
+    fleet: Fleet<SimTrainer>,
+    ledger: Option<SimLedger>,
+}
+
+/// The per-round probability that a given client is selected, as the privacy accountant must
+/// assume it: `goal` selected uniformly among the clients that check in. Without availability
+/// windows that is `goal / (clients × check-in probability)`; with windows only the clients inside
+/// theirs check in, so the rate is taken at the quietest time of the simulated day (the share of
+/// clients available is measured on up to 20,000 clients at 96 times of day). Conservative: a
+/// round at a busier hour samples each available client with a lower probability.
+fn sampling_rate(fleet: &FleetConfig, clients: usize, goal: usize) -> f64 {
+    let available = match &fleet.availability {
+        None => 1.0,
+        Some(a) => {
+            let sample = clients.clamp(1, 20_000);
+            let day = a.day.as_micros() as u64;
+            (0..96u64)
+                .map(|slot| {
+                    let at = Instant::from_micros(day / 96 * slot);
+                    let up = (0..sample as u64)
+                        .filter(|&i| {
+                            fleet.available_until(ClientId(i * (clients / sample) as u64), at).is_some()
+                        })
+                        .count();
+                    up as f64 / sample as f64
+                })
+                .fold(1.0, f64::min)
+        }
+    };
+    let expected = clients as f64 * available * fleet.check_in_probability;
+    if expected <= 0.0 { 1.0 } else { (goal as f64 / expected).min(1.0) }
+}
+
+/// The fleet of `config` (data loaded or generated, round engine, trainer, network), ready for its
+/// first round: what [`run`] drives, for callers that want to step rounds themselves (benchmarks).
+pub fn build_fleet(config: &SimConfig) -> Result<Fleet<SimTrainer>, SimError> {
+    Ok(build(config)?.fleet)
+}
+
+fn build(config: &SimConfig) -> Result<Built, SimError> {
     if config.clients_per_round == 0 || config.rounds == 0 || config.dim == 0 || config.eval_every == 0 {
         return Err(SimError::Config(
             "clients_per_round, rounds, dim and eval_every must be positive".into(),
         ));
     }
-    let data = prepare(&config.dataset)?;
-    let n_users = data.split.n_users as usize;
-    let n_items = data.split.n_items;
-    let dim = config.dim as usize;
+    let data = prepare(config)?;
+    let n_users = data.n_users;
+    let n_items = data.n_items;
     let shape = ModelShape::new(n_items, config.dim).map_err(|e| SimError::Config(e.to_string()))?;
+    let fleet_config = config.fleet_config();
+    fleet_config.validate()?;
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut normal = |n: usize| -> Vec<f32> {
-        (0..n).map(|_| rng.sample::<f32, _>(StandardNormal) * config.init_std).collect()
-    };
-    let items = normal(shape.len());
-    let users: Vec<Vec<f32>> = (0..n_users).map(|_| normal(dim)).collect();
-    let slowness: Vec<f32> = if config.device_spread > 0.0 {
-        let ln = LogNormal::new(0.0, f64::from(config.device_spread))
-            .map_err(|e| SimError::Config(e.to_string()))?;
-        (0..n_users).map(|_| ln.sample(&mut rng) as f32).collect()
-    } else {
-        vec![1.0; n_users]
-    };
-    let positives = Arc::new(data.split.train.clone());
-    let popularity = data.split.item_counts();
+    let items: Vec<f32> =
+        (0..shape.len()).map(|_| rng.sample::<f32, _>(StandardNormal) * config.init_std).collect();
 
     let target = config.clients_per_round.min(n_users);
-    let round = RoundConfig {
+    let mut round = RoundConfig {
         target_participants: target,
         over_selection: config.over_selection,
         min_reports: (target / 2).max(1),
@@ -344,43 +560,77 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             ..TrainingPlan::default()
         },
         max_update_values: shape.len(),
+        // Who checks in is the fleet model's business (availability, check-in rate): clients not
+        // selected may come back for the next round, so every round samples from everyone available.
+        retry_after: Duration::ZERO,
+        retry_window: Duration::ZERO,
         ..RoundConfig::default()
     };
-    let mut round = round;
     let goal = ((target as f64) * config.over_selection).ceil() as usize;
-    let sampling_rate = (goal as f64 / n_users as f64).min(1.0);
-    let (strategy, mut ledger) =
+    let sampling_rate = sampling_rate(&fleet_config, n_users, goal);
+    let (strategy, ledger) =
         build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
+    if config.clients == ClientKind::Sdk && round.plan.clip_norm.is_none() {
+        // The SDK never sends an unclipped update, so even without DP the plan sets a norm; this
+        // one is loose enough that it seldom binds on this model.
+        round.plan.clip_norm = Some(SDK_CLIP_WITHOUT_DP);
+    }
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
     let orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
-    let device =
-        DeviceModel { base: Duration::from_millis(200), per_example: Duration::from_millis(2), slowness };
-    let mut trainer = MfFleetTrainer::new(shape, users, positives, device, config.seed, config.threads);
-    if let PrivacyMode::Local { delta, .. } = config.privacy {
-        trainer = trainer.with_local_ledgers(Delta::new(delta).map_err(|e| SimError::Config(e.to_string()))?);
-    }
-    let fleet_config = FleetConfig {
-        dropout: config.dropout,
-        seed: config.seed,
-        model_family: "mf-bpr".into(),
-        cache_models: false,
-        check_in_spread: Duration::from_secs(5),
-        conditions: DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 80 },
-        ..FleetConfig::default()
+    let device = DeviceModel { base: Duration::from_millis(200), per_example: Duration::from_millis(2) };
+    let local_delta = match config.privacy {
+        PrivacyMode::Local { delta, .. } => {
+            Some(Delta::new(delta).map_err(|e| SimError::Config(e.to_string()))?)
+        }
+        _ => None,
     };
-    let mut fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
+    let trainer = match config.clients {
+        ClientKind::Kernel => {
+            let mut t = MfFleetTrainer::new(
+                shape,
+                n_users,
+                config.init_std,
+                data.data.clone(),
+                device,
+                config.seed,
+                config.threads,
+            );
+            if let Some(delta) = local_delta {
+                t = t.with_local_ledgers(delta);
+            }
+            SimTrainer::Kernel(Box::new(t))
+        }
+        ClientKind::Sdk => SimTrainer::Sdk(Box::new(SdkFleetTrainer::new(
+            shape,
+            config.init_std,
+            data.data.clone(),
+            device,
+            config.seed,
+            config.threads,
+            local_delta.map(Delta::get),
+        ))),
+    };
+    let fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
 
+    Ok(Built { data, fleet, ledger })
+}
+
+/// Runs a simulation and returns its report.
+pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
+    let started = WallClock::now();
+    let Built { data, mut fleet, mut ledger } = build(config)?;
+    let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
     let layout = mf::MfLayout::new(n_items, config.dim);
-    let evaluate = |fleet: &mut Fleet<MfFleetTrainer>| {
+    let evaluate = |fleet: &mut Fleet<SimTrainer>| {
         let model = fleet.orchestrator().model().1.clone();
-        let users = fleet.trainer_mut().users();
+        let trainer = fleet.trainer_mut();
         let m = data
             .eval
-            .evaluate(|u, items, out| mf::score_items(layout, &model, &users[u as usize], items, out));
+            .evaluate(|u, items, out| mf::score_items(layout, &model, &trainer.user_vector(u), items, out));
         let full = data.full_ranking.then(|| {
-            full_ranking_hr_at_10(&data.split, |u, out| {
-                mf::score_all(layout, &model, &users[u as usize], out)
+            full_ranking_hr_at_10(&data.eval_split, |k, out| {
+                mf::score_all(layout, &model, &trainer.user_vector(data.eval_ids[k as usize]), out)
             })
         });
         (m, full)
@@ -417,6 +667,8 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             ndcg_at_10: None,
             full_hr_at_10: None,
             epsilon: None,
+            check_ins: fr.check_ins,
+            window_closed: fr.window_closed,
             bytes_up: fr.bytes_up,
             bytes_down: fr.bytes_down,
             round_seconds,
@@ -606,6 +858,16 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         "over_selection": c.over_selection,
         "dropout": c.dropout,
         "device_spread": c.device_spread,
+        "latency_ms": c.latency.as_secs_f64() * 1e3,
+        "jitter_ms": c.jitter.as_secs_f64() * 1e3,
+        "uplink_bytes_per_s": c.uplink,
+        "downlink_bytes_per_s": c.downlink,
+        "bandwidth_spread": c.bandwidth_spread,
+        "availability": c.availability.as_ref().map(|a| serde_json::json!({
+            "day_s": a.day.as_secs_f64(), "hours": a.hours, "peak_hour": a.peak_hour})),
+        "check_in_probability": c.check_in_probability,
+        "round_interval_s": c.round_interval.as_secs_f64(),
+        "eval_users": c.eval_users,
         "report_timeout_s": c.report_timeout.as_secs_f64(),
         "eval_every": c.eval_every,
         "seed": c.seed,
@@ -619,4 +881,32 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accounted_sampling_rate_follows_who_can_check_in() {
+        let always = SimConfig { availability: None, ..SimConfig::default() }.fleet_config();
+        assert_eq!(sampling_rate(&always, 10_000, 100), 0.01);
+        let thinned = FleetConfig { check_in_probability: 0.5, ..always };
+        assert_eq!(sampling_rate(&thinned, 10_000, 100), 0.02);
+        // 8-hour windows spread over the day: about a third of the fleet can check in.
+        let global = SimConfig::default().fleet_config();
+        let q = sampling_rate(&global, 30_000, 100);
+        assert!((q * 100.0 - 1.0).abs() < 0.15, "{q}");
+        // Windows around one hour: at the quietest hour almost nobody is there.
+        let local = SimConfig {
+            availability: Some(DailyWindows {
+                day: Duration::from_secs(86_400),
+                hours: 8.0,
+                peak_hour: Some(3.0),
+            }),
+            ..SimConfig::default()
+        }
+        .fleet_config();
+        assert!(sampling_rate(&local, 30_000, 100) > 5.0 * q);
+    }
 }

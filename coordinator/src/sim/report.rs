@@ -14,6 +14,9 @@ pub struct RoundRecord {
     pub committed: bool,
     /// Why it failed, if it did.
     pub failure: Option<String>,
+    /// Clients that tried to check in (inside their availability window and willing this round).
+    #[serde(default)]
+    pub check_ins: usize,
     /// Clients that checked in and were eligible.
     pub candidates: usize,
     /// Clients sent the task.
@@ -24,6 +27,9 @@ pub struct RoundRecord {
     pub dropouts: usize,
     /// Selected clients that missed the deadline.
     pub stragglers: usize,
+    /// Selected clients whose availability window closed before they finished training.
+    #[serde(default)]
+    pub window_closed: usize,
     /// Weighted mean local training loss.
     pub loss: Option<f64>,
     /// HR@10 after this round (when evaluated).
@@ -104,7 +110,12 @@ impl SimReport {
         Ok(())
     }
 
-    /// The self-contained HTML report.
+    /// The self-contained HTML report: inline SVG charts (quality, privacy, traffic, round time,
+    /// fleet), the per-round table and the configuration; nothing is fetched from anywhere.
+    ///
+    /// A tiny inline script runs after load and records on `<body data-rendered=…>` how many
+    /// charts the browser laid out with visible lines, so a headless browser's `--dump-dom` can
+    /// prove that the plots render (see `docs/simulation.md`).
     pub fn to_html(&self) -> String {
         let xs = |f: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<(f64, f64)> {
             self.rounds.iter().filter_map(|r| f(r).map(|y| (r.round as f64, y))).collect()
@@ -116,33 +127,17 @@ impl SimReport {
         if self.rounds.iter().any(|r| r.full_hr_at_10.is_some()) {
             quality.push(Series { name: "full-ranking HR@10", points: xs(&|r| r.full_hr_at_10) });
         }
-        let mut cumulative_up = 0.0;
-        let mut cumulative_down = 0.0;
-        let bytes_up: Vec<(f64, f64)> = self
-            .rounds
-            .iter()
-            .map(|r| {
-                cumulative_up += r.bytes_up as f64 / 1e6;
-                (r.round as f64, cumulative_up)
-            })
-            .collect();
-        let bytes_down: Vec<(f64, f64)> = self
-            .rounds
-            .iter()
-            .map(|r| {
-                cumulative_down += r.bytes_down as f64 / 1e6;
-                (r.round as f64, cumulative_down)
-            })
-            .collect();
+        let mb = |b: u64| b as f64 / 1e6;
         let mut html = String::new();
         let _ = write!(
             html,
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Starling simulation report</title>\
              <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}\
              .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:1.5em}}\
+             figure{{margin:0}}\
              table{{border-collapse:collapse;font-size:0.85em}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}\
              pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>\n\
-             <h1>Starling simulation report</h1>\n<p>{} rounds, total {:.1} s, median round {:.4} s (training {:.4} s){}.</p>\n",
+             <h1>Starling simulation report</h1>\n<p>{} rounds, total {:.1} s, median round {:.4} s (evaluation excluded; local training {:.4} s){}.</p>\n",
             self.rounds.len(),
             self.total_seconds,
             self.median_round_seconds,
@@ -151,48 +146,97 @@ impl SimReport {
                 .map(|b| format!(", peak RSS {:.1} MiB", b as f64 / 1048576.0))
                 .unwrap_or_default()
         );
+        let _ = writeln!(
+            html,
+            "<p>Untrained model: HR@10 {}, NDCG@10 {}; popularity ranking: HR@10 {}.{}</p>",
+            fmt4(self.initial_hr_at_10),
+            fmt4(self.initial_ndcg_at_10),
+            fmt4(self.popularity_hr_at_10),
+            self.stopped.as_ref().map(|s| format!(" Stopped early: {}.", escape(s))).unwrap_or_default()
+        );
         html.push_str("<div class=\"grid\">\n");
-        html.push_str(&svg_chart("Recommendation quality", "round", &quality));
+        html.push_str(&svg_chart("Recommendation quality", "round", &quality, "no evaluation yet"));
         html.push_str(&svg_chart(
             "Privacy spent (ε)",
             "round",
             &[Series { name: "ε", points: xs(&|r| r.epsilon) }],
+            "differential privacy off",
         ));
         html.push_str(&svg_chart(
-            "Traffic (cumulative MB)",
+            "Upload per round (MB)",
             "round",
-            &[Series { name: "up", points: bytes_up }, Series { name: "down", points: bytes_down }],
+            &[Series { name: "bytes up", points: xs(&|r| Some(mb(r.bytes_up))) }],
+            "no data",
+        ));
+        html.push_str(&svg_chart(
+            "Download per round (MB)",
+            "round",
+            &[Series { name: "bytes down", points: xs(&|r| Some(mb(r.bytes_down))) }],
+            "no data",
         ));
         html.push_str(&svg_chart(
             "Round time (s)",
             "round",
             &[
                 Series { name: "round", points: xs(&|r| Some(r.round_seconds)) },
-                Series { name: "training", points: xs(&|r| Some(r.train_seconds)) },
+                Series { name: "local training", points: xs(&|r| Some(r.train_seconds)) },
             ],
+            "no data",
         ));
-        html.push_str("</div>\n<h2>Rounds</h2>\n<table><tr><th>round</th><th>participants</th><th>dropouts</th><th>HR@10</th><th>NDCG@10</th><th>ε</th><th>bytes up</th><th>bytes down</th><th>round s</th></tr>\n");
-        let opt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into());
+        html.push_str(&svg_chart(
+            "Fleet per round (clients)",
+            "round",
+            &[
+                Series { name: "check-ins", points: xs(&|r| Some(r.check_ins as f64)) },
+                Series { name: "participants", points: xs(&|r| Some(r.participants as f64)) },
+                Series { name: "dropouts", points: xs(&|r| Some(r.dropouts as f64)) },
+                Series { name: "late", points: xs(&|r| Some(r.stragglers as f64)) },
+            ],
+            "no data",
+        ));
+        html.push_str(
+            "</div>\n<h2>Rounds</h2>\n<table><tr><th>round</th><th>check-ins</th><th>selected</th><th>participants</th>\
+             <th>dropouts</th><th>late</th><th>HR@10</th><th>NDCG@10</th><th>ε</th><th>bytes up</th><th>bytes down</th>\
+             <th>round s</th><th>training s</th><th>simulated s</th></tr>\n",
+        );
         for r in &self.rounds {
             let _ = writeln!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.1}</td></tr>",
                 r.round,
+                r.check_ins,
+                r.selected,
                 r.participants,
                 r.dropouts,
-                opt(r.hr_at_10),
-                opt(r.ndcg_at_10),
-                opt(r.epsilon),
+                r.stragglers,
+                fmt4(r.hr_at_10),
+                fmt4(r.ndcg_at_10),
+                fmt4(r.epsilon),
                 r.bytes_up,
                 r.bytes_down,
-                r.round_seconds
+                r.round_seconds,
+                r.train_seconds,
+                r.simulated_seconds
             );
         }
-        html.push_str("</table>\n<h2>Configuration</h2>\n<pre>");
+        html.push_str("</table>\n<h2>Configuration</h2>\n<pre id=\"config\">");
         html.push_str(&escape(&serde_json::to_string_pretty(&self.config).unwrap_or_default()));
-        html.push_str("</pre>\n</body></html>\n");
+        html.push_str("</pre>\n");
+        html.push_str(RENDER_CHECK);
+        html.push_str("</body></html>\n");
         html
     }
+}
+
+/// Records, once the page has laid out, how many charts have at least one drawn line or point
+/// with a non-empty box: `<body data-rendered="drawn/charts">`.
+const RENDER_CHECK: &str = "<script>window.addEventListener('load',function(){var c=document.querySelectorAll('figure svg');\
+var n=0;c.forEach(function(s){var ok=false;s.querySelectorAll('polyline,circle').forEach(function(e){var b=e.getBBox();\
+if(b.width>0||b.height>0){ok=true;}});if(ok){n++;}});document.body.setAttribute('data-rendered',n+'/'+c.length);});</script>\n";
+
+fn fmt4(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into())
 }
 
 /// One line of a chart.
@@ -204,7 +248,7 @@ struct Series {
 const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
 /// A line chart as inline SVG, with axes, ticks and a legend.
-fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
+fn svg_chart(title: &str, x_label: &str, series: &[Series], empty: &str) -> String {
     let (w, h, left, right, top, bottom) = (460.0, 280.0, 56.0, 12.0, 28.0, 40.0);
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).collect();
     let mut svg = String::new();
@@ -218,9 +262,10 @@ fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     if all.is_empty() {
         let _ = writeln!(
             svg,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#888\">no data</text></svg></figure>",
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#888\">{}</text></svg></figure>",
             w / 2.0,
-            h / 2.0
+            h / 2.0,
+            escape(empty)
         );
         return svg;
     }
@@ -246,7 +291,11 @@ fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     );
     for i in 0..=4 {
         let fy = y0 + (y1 - y0) * f64::from(i) / 4.0;
-        let fx = x0 + (x1 - x0) * f64::from(i) / 4.0;
+        let mut fx = x0 + (x1 - x0) * f64::from(i) / 4.0;
+        if x1 - x0 >= 4.0 {
+            // Rounds are whole numbers.
+            fx = fx.round();
+        }
         let _ = write!(
             svg,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"10\">{}</text><line x1=\"{l}\" y1=\"{y}\" x2=\"{r}\" y2=\"{y}\" stroke=\"#eee\"/>\
@@ -269,6 +318,7 @@ fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
         h - 6.0,
         escape(x_label)
     );
+    let mut legend_x = left + 10.0;
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let points: Vec<String> =
@@ -287,19 +337,26 @@ fn svg_chart(title: &str, x_label: &str, series: &[Series]) -> String {
         let _ = write!(
             svg,
             "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\" font-size=\"11\">{}</text>",
-            left + 10.0 + 110.0 * i as f64,
+            legend_x,
             top + 2.0,
-            left + 24.0 + 110.0 * i as f64,
+            legend_x + 14.0,
             top + 11.0,
             escape(s.name)
         );
+        legend_x += 30.0 + 6.5 * s.name.chars().count() as f64;
     }
     svg.push_str("</svg></figure>\n");
     svg
 }
 
 fn tick(v: f64) -> String {
-    if v.abs() >= 100.0 || v == v.trunc() { format!("{v:.0}") } else { format!("{v:.3}") }
+    if v.abs() >= 10.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -315,11 +372,13 @@ mod tests {
             round,
             committed: true,
             failure: None,
+            check_ins: 12,
             candidates: 10,
             selected: 8,
             participants: 7,
             dropouts: 1,
             stragglers: 0,
+            window_closed: 0,
             loss: Some(0.5),
             hr_at_10: Some(0.1 * round as f64),
             ndcg_at_10: Some(0.05 * round as f64),
@@ -348,9 +407,22 @@ mod tests {
             stopped: None,
         };
         let html = report.to_html();
-        assert_eq!(html.matches("<svg").count(), 4);
-        assert_eq!(html.matches("<polyline").count(), 2 + 1 + 2 + 2);
-        assert!(!html.contains("<script>"), "configuration text is escaped");
+        assert_eq!(html.matches("<svg").count(), 6);
+        // Quality 2, ε 1, upload 1, download 1, round time 2, fleet 4.
+        assert_eq!(html.matches("<polyline").count(), 2 + 1 + 1 + 1 + 2 + 4);
+        for needle in
+            ["HR@10", "NDCG@10", "Privacy spent", "Upload per round", "Download per round", "Round time"]
+        {
+            assert!(html.contains(needle), "{needle}");
+        }
+        assert!(html.contains("<pre id=\"config\">"), "the configuration is shown");
+        // Self-contained: nothing to fetch (the SVG namespace is a name, not a request).
+        let without_ns = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+        for fetch in ["http://", "https://", " src=", " href=", "@import", "url("] {
+            assert!(!without_ns.contains(fetch), "{fetch}");
+        }
+        assert!(html.contains("&lt;script&gt;"), "configuration text is escaped");
+        assert_eq!(html.matches("<script>").count(), 1, "only the render check is a script");
         let dir = tempfile::tempdir().unwrap();
         report.write(dir.path()).unwrap();
         let back: SimReport =

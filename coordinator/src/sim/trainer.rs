@@ -1,8 +1,17 @@
 //! The simulated clients' local training: real BPR-MF training (the same kernel the SDK runs), each
 //! client with its own private user vector, a batch spread over worker threads.
+//!
+//! Per-client state is created lazily: a client's private vector is derived from the seed and its
+//! id until it first trains, and a synthetic client's data is generated when it is first needed,
+//! so a million-client population costs memory only for the clients that have taken part. This is
+//! the seam where SDK clients (a `Device` per client) will replace [`MfFleetTrainer`]: anything
+//! implementing [`Trainer`] can drive the fleet.
 
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use starling_models::data::synthetic::Population;
+use starling_models::data::{Interaction, LeaveOneOut};
 use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
 use starling_proto::dp::Delta;
 use starling_proto::dp::local::{DeviceLedger, LocalRelease, protect};
@@ -12,59 +21,116 @@ use starling_proto::message::LocalMetrics;
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
 use starling_proto::update::ModelShape;
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant as WallClock;
 
-/// How long a simulated device takes: `base + per_example × examples × epochs`, times the device's
-/// slowness factor.
+/// How long a task takes on the reference device: `base + per_example × examples × epochs`. The
+/// fleet divides it by each client's compute speed (`FleetConfig::compute_speed`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceModel {
     /// Fixed cost of a task (download handling, start-up).
     pub base: Duration,
-    /// Cost per example and epoch on a reference device.
+    /// Cost per example and epoch on the reference device.
     pub per_example: Duration,
-    /// Per-client slowness factors (1.0 = reference device), indexed by client id.
-    pub slowness: Vec<f32>,
+}
+
+/// Where each client's training items come from.
+#[derive(Clone, Debug)]
+pub enum ClientData {
+    /// Every user's training items, in memory (a loaded file), indexed by client id.
+    Table(Arc<Vec<Vec<u32>>>),
+    /// Generated on demand from a synthetic population; each user's latest interaction is held
+    /// out (the leave-one-out rule of the evaluation).
+    Synthetic(Arc<Population>),
+}
+
+impl ClientData {
+    /// The training items of `user` (sorted, deduplicated) and its held-out test item.
+    pub fn split_user(population: &Population, user: u64) -> (Vec<u32>, Option<u32>) {
+        let interactions: Vec<Interaction> =
+            population.user(user).interactions.into_iter().map(|x| Interaction { user: 0, ..x }).collect();
+        let mut split = LeaveOneOut::split(&interactions, 1, population.items());
+        (split.train.pop().unwrap_or_default(), split.test.pop().flatten())
+    }
+
+    pub(crate) fn count(&self, user: u64) -> usize {
+        match self {
+            ClientData::Table(t) => t.get(user as usize).map_or(0, Vec::len),
+            ClientData::Synthetic(p) if user < p.users() => {
+                let n = p.interaction_count(user);
+                if n >= 2 { n - 1 } else { n }
+            }
+            ClientData::Synthetic(_) => 0,
+        }
+    }
+
+    pub(crate) fn positives(&self, user: u64) -> Cow<'_, [u32]> {
+        match self {
+            ClientData::Table(t) => Cow::Borrowed(t.get(user as usize).map_or(&[][..], Vec::as_slice)),
+            ClientData::Synthetic(p) if user < p.users() => Cow::Owned(Self::split_user(p, user).0),
+            ClientData::Synthetic(_) => Cow::Borrowed(&[]),
+        }
+    }
+}
+
+/// A client's initial private vector: `N(0, std²)` per value, a pure function of the seed and the id.
+pub fn initial_user_vector(seed: u64, user: u64, dim: usize, std: f32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ 0x5EED_0F01_2345_6789 ^ user.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    (0..dim).map(|_| rng.sample::<f32, _>(StandardNormal) * std).collect()
 }
 
 /// Trains every simulated client's tasks with real BPR-MF.
 #[derive(Debug)]
 pub struct MfFleetTrainer {
     shape: ModelShape,
+    /// Each client's private vector once it has trained (empty until then: derived from the seed).
     users: Vec<Vec<f32>>,
-    positives: Arc<Vec<Vec<u32>>>,
+    init_std: f32,
+    data: ClientData,
+    /// Synthetic clients' generated training items, kept once generated.
+    generated: HashMap<u64, Arc<[u32]>>,
     device: DeviceModel,
     seed: u64,
     threads: usize,
     /// Wall-clock time spent training since the last [`take_train_time`](Self::take_train_time).
     train_time: std::time::Duration,
     failures: usize,
-    /// Each device's own ledger under local DP (empty otherwise), indexed by client id.
-    ledgers: Vec<Option<DeviceLedger>>,
+    /// Each device's own ledger under local DP, created on its first release.
+    ledgers: HashMap<u64, DeviceLedger>,
     ledger_delta: Option<Delta>,
     max_device_epsilon: f64,
 }
 
 impl MfFleetTrainer {
-    /// `users` holds each client's initial private vector; `positives` each client's training items.
+    /// A trainer for `clients` clients whose initial private vectors are `N(0, init_std²)` and whose
+    /// training items come from `data`.
     pub fn new(
         shape: ModelShape,
-        users: Vec<Vec<f32>>,
-        positives: Arc<Vec<Vec<u32>>>,
+        clients: usize,
+        init_std: f32,
+        data: ClientData,
         device: DeviceModel,
         seed: u64,
         threads: usize,
     ) -> Self {
+        let mut users = Vec::new();
+        users.resize_with(clients, Vec::new);
         Self {
             shape,
             users,
-            positives,
+            init_std,
+            data,
+            generated: HashMap::new(),
             device,
             seed,
             threads: threads.max(1),
             train_time: std::time::Duration::ZERO,
             failures: 0,
-            ledgers: Vec::new(),
+            ledgers: HashMap::new(),
             ledger_delta: None,
             max_device_epsilon: 0.0,
         }
@@ -83,18 +149,27 @@ impl MfFleetTrainer {
 
     fn record_release(&mut self, client: ClientId, release: LocalRelease) {
         let Some(delta) = self.ledger_delta else { return };
-        let i = client.0 as usize;
-        if self.ledgers.len() <= i {
-            self.ledgers.resize(i + 1, None);
-        }
-        let ledger = self.ledgers[i].get_or_insert_with(|| DeviceLedger::new(delta));
+        let ledger = self.ledgers.entry(client.0).or_insert_with(|| DeviceLedger::new(delta));
         let eps = ledger.record(release);
         self.max_device_epsilon = self.max_device_epsilon.max(eps);
     }
 
-    /// The private vectors (for evaluation).
-    pub fn users(&self) -> &[Vec<f32>] {
-        &self.users
+    /// Client `user`'s private vector (its initial one if it has never trained).
+    pub fn user_vector(&self, user: u32) -> Cow<'_, [f32]> {
+        match self.users.get(user as usize) {
+            Some(v) if !v.is_empty() => Cow::Borrowed(v),
+            _ => Cow::Owned(initial_user_vector(
+                self.seed,
+                u64::from(user),
+                self.shape.row_len as usize,
+                self.init_std,
+            )),
+        }
+    }
+
+    /// Clients whose private vector has been materialised (they have trained at least once).
+    pub fn trained_clients(&self) -> usize {
+        self.users.iter().filter(|v| !v.is_empty()).count()
     }
 
     /// Wall-clock training time accumulated since the last call.
@@ -147,58 +222,77 @@ fn train_one(
     Some((result, release))
 }
 
+/// One job's private state while a worker thread trains it.
+struct Work<'a> {
+    index: usize,
+    job: &'a TrainJob,
+    user: Vec<f32>,
+    /// Already-known training items (tables, or generated earlier); `None`: generate them.
+    positives: Option<Arc<[u32]>>,
+    generated: Option<Arc<[u32]>>,
+    out: Option<(TrainResult, Option<LocalRelease>)>,
+}
+
 impl Trainer for MfFleetTrainer {
     fn compute_time(&mut self, client: ClientId, request: &TrainRequest, _params: &Arc<[f32]>) -> Duration {
-        let i = client.0 as usize;
-        let examples = self.positives.get(i).map_or(0, Vec::len) as u32;
-        let slow = self.device.slowness.get(i).copied().unwrap_or(1.0).max(0.01);
-        (self.device.base + self.device.per_example * examples * request.plan.epochs.max(1)).mul_f32(slow)
+        let examples = match self.generated.get(&client.0) {
+            Some(p) => p.len(),
+            None => self.data.count(client.0),
+        } as u32;
+        self.device.base + self.device.per_example * examples * request.plan.epochs.max(1)
     }
 
     fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
         let started = WallClock::now();
+        let dim = self.shape.row_len as usize;
         // Take each job's private vector out so worker threads own disjoint state.
-        let mut work: Vec<(usize, &TrainJob, Vec<f32>)> = jobs
+        let mut work: Vec<Work<'_>> = jobs
             .iter()
             .enumerate()
-            .map(|(k, j)| {
-                (k, j, self.users.get_mut(j.client.0 as usize).map(std::mem::take).unwrap_or_default())
+            .map(|(index, job)| {
+                let i = job.client.0;
+                let user = match self.users.get_mut(i as usize) {
+                    Some(v) if !v.is_empty() => std::mem::take(v),
+                    Some(_) => initial_user_vector(self.seed, i, dim, self.init_std),
+                    None => Vec::new(),
+                };
+                let positives = match &self.data {
+                    ClientData::Table(_) => None,
+                    ClientData::Synthetic(_) => self.generated.get(&i).cloned(),
+                };
+                Work { index, job, user, positives, generated: None, out: None }
             })
             .collect();
-        let (shape, seed, positives) = (self.shape, self.seed, &*self.positives);
+        let (shape, seed, data) = (self.shape, self.seed, &self.data);
         let chunk = work.len().div_ceil(self.threads).max(1);
-        let mut results: Vec<Option<(TrainResult, Option<LocalRelease>)>> = vec![None; jobs.len()];
         std::thread::scope(|s| {
-            let handles: Vec<_> = work
-                .chunks_mut(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter_mut()
-                            .map(|(k, job, user)| {
-                                let pos = positives.get(job.client.0 as usize).map_or(&[][..], Vec::as_slice);
-                                let out = if user.len() == shape.row_len as usize {
-                                    train_one(shape, seed, job, user, pos)
-                                } else {
-                                    None
-                                };
-                                (*k, out)
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            for h in handles {
-                if let Ok(part) = h.join() {
-                    for (k, out) in part {
-                        results[k] = out;
+            for part in work.chunks_mut(chunk) {
+                s.spawn(move || {
+                    for w in part {
+                        let positives: Cow<'_, [u32]> = match &w.positives {
+                            Some(p) => Cow::Borrowed(p),
+                            None => data.positives(w.job.client.0),
+                        };
+                        if w.user.len() == shape.row_len as usize {
+                            w.out = train_one(shape, seed, w.job, &mut w.user, &positives);
+                        }
+                        if w.positives.is_none() && matches!(data, ClientData::Synthetic(_)) {
+                            w.generated = Some(positives.into_owned().into());
+                        }
                     }
-                }
+                });
             }
         });
-        for (_, job, user) in work {
-            if let Some(slot) = self.users.get_mut(job.client.0 as usize) {
-                *slot = user;
+        let mut results: Vec<Option<(TrainResult, Option<LocalRelease>)>> = vec![None; jobs.len()];
+        for w in work {
+            let i = w.job.client.0;
+            if let Some(slot) = self.users.get_mut(i as usize) {
+                *slot = w.user;
             }
+            if let Some(g) = w.generated {
+                self.generated.insert(i, g);
+            }
+            results[w.index] = w.out;
         }
         self.failures += results.iter().filter(|r| r.is_none()).count();
         self.train_time += started.elapsed();
@@ -213,5 +307,41 @@ impl Trainer for MfFleetTrainer {
                 Some(result)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starling_models::data::synthetic::SyntheticConfig;
+
+    #[test]
+    fn synthetic_clients_are_split_like_the_evaluation_and_counted_without_generating() {
+        let pop = Population::new(SyntheticConfig {
+            users: 50,
+            items: 300,
+            max_interactions: 100,
+            ..SyntheticConfig::default()
+        })
+        .expect("population");
+        let all = LeaveOneOut::split(&pop.interactions(50), 50, 300);
+        let data = ClientData::Synthetic(Arc::new(pop.clone()));
+        for u in 0..50u64 {
+            let (train, test) = ClientData::split_user(&pop, u);
+            assert_eq!(train, all.train[u as usize]);
+            assert_eq!(test, all.test[u as usize]);
+            assert_eq!(data.count(u), train.len());
+        }
+        assert_eq!(data.count(50), 0, "outside the population");
+    }
+
+    #[test]
+    fn initial_vectors_are_per_client_and_reproducible() {
+        let a = initial_user_vector(3, 10, 32, 0.1);
+        assert_eq!(a, initial_user_vector(3, 10, 32, 0.1));
+        assert_ne!(a, initial_user_vector(3, 11, 32, 0.1));
+        assert_ne!(a, initial_user_vector(4, 10, 32, 0.1));
+        let sd = (a.iter().map(|x| x * x).sum::<f32>() / 32.0).sqrt();
+        assert!(sd > 0.03 && sd < 0.3, "{sd}");
     }
 }
