@@ -287,3 +287,43 @@ async fn bad_input_is_refused_with_its_reason_and_the_round_goes_on() {
     let _ = ClientId(0);
     running.shutdown().await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n",
+        token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default()
+    );
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_serves_status_and_metrics_to_the_token_holder_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = service_dir(dir.path(), SMALL_CONFIG);
+    let config = load(&path);
+    let running = server::start(&config).await.unwrap();
+    let token = std::fs::read_to_string(dir.path().join("secrets/admin.token")).unwrap();
+    let token = token.trim();
+    for p in ["/status", "/metrics"] {
+        assert!(http_get(running.admin_addr, p, None).await.starts_with("HTTP/1.1 401"));
+        assert!(http_get(running.admin_addr, p, Some("wrong")).await.starts_with("HTTP/1.1 401"));
+    }
+    let status = http_get(running.admin_addr, "/status", Some(token)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let body: serde_json::Value = serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["model_version"], 0);
+    assert_eq!(body["epsilon_budget"], serde_json::Value::Null);
+    assert!(body["recent_failures"].is_array());
+    let metrics = http_get(running.admin_addr, "/metrics", Some(token)).await;
+    assert!(metrics.contains("starling_model_version 0") && metrics.ends_with("# EOF\n"), "{metrics}");
+    running.shutdown().await;
+}
