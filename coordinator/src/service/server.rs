@@ -201,7 +201,14 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let driver_config = DriverConfig {
         max_connections: s.max_connections as usize,
         max_frame_bytes: s.max_frame_bytes,
-        idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+        // A client legitimately stays silent while it waits for selection and while it trains:
+        // the driver's silence limit covers both deadlines (QUIC keep-alives and the QUIC idle
+        // timeout below detect dead peers sooner).
+        idle_timeout: Duration::from_millis(
+            s.idle_timeout_ms
+                .saturating_add(config.round.selection_timeout_ms)
+                .saturating_add(config.round.report_timeout_ms),
+        ),
         max_messages_per_sec: s.rate_burst.max(s.rate_per_second),
         schedule: Some(RoundSchedule {
             gap: Duration::from_millis(config.round.interval_ms),
