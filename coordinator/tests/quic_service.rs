@@ -327,3 +327,41 @@ async fn admin_endpoint_serves_status_and_metrics_to_the_token_holder_only() {
     assert!(metrics.contains("starling_model_version 0") && metrics.ends_with("# EOF\n"), "{metrics}");
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_while_running_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // One-client rounds, so the first check-in gets its task at once.
+    let one = SMALL_CONFIG
+        .replace("target_participants = 3", "target_participants = 1")
+        .replace("selection_pool = 3", "selection_pool = 1");
+    let path = service_dir(dir.path(), &one);
+    let config = load(&path);
+    let (token_id, token) = issue(&config, 5, 3600);
+    let running = server::start(&config).await.unwrap();
+    let transport = QuicTransport::with_endpoint(
+        client_endpoint(),
+        &endpoint_for(running.quic_addr, &ca_pem(dir.path()), "localhost"),
+    )
+    .unwrap();
+    let mut raw = Raw::connect(&transport).await;
+    raw.send(&check_in(5, token.clone())).await;
+    assert!(matches!(raw.message().await, CoordinatorMessage::Task(_)), "accepted before the revocation");
+    // `starling token revoke` from another process: the service picks it up within seconds.
+    Store::open(&config.storage.path).unwrap().revoke_token(token_id, 0).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let mut raw = Raw::connect(&transport).await;
+            raw.send(&check_in(5, token.clone())).await;
+            if raw.message().await == CoordinatorMessage::Refusal(Refusal::Unauthenticated) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    refused.await.expect("the revocation takes effect");
+    assert!(
+        running.telemetry.encode_metrics().contains("starling_auth_failures_total{reason=\"revoked\"} 1")
+    );
+    running.shutdown().await;
+}
