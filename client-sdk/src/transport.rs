@@ -4,13 +4,15 @@
 //! connection may deliver them in any chunking: the receiving side reassembles frames with a
 //! `FrameBuffer`. Two transports exist:
 //! - [`memory`]: in-process, bounded channels (tests, examples, the fleet simulator);
-//! - QUIC (`quic` module, TLS 1.3 with the coordinator's CA), for real deployments.
+//! - [`quic`]: QUIC (TLS 1.3 with the coordinator's CA, ALPN `starling/1`), for real deployments.
 //!
 //! Both ends of a connection implement [`Connection`], so a coordinator can serve in-process and
 //! QUIC clients with the same code.
 
 use bytes::Bytes;
 use std::future::Future;
+
+pub mod quic;
 
 /// Why a transport operation failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

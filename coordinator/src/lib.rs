@@ -7,8 +7,8 @@
 //! - [`sim`]: the fleet simulator behind `starling simulate` — the real round engine and session
 //!   machines with real BPR-MF training on every simulated client, over a simulated network and
 //!   clock — and its reports (`results.json`, `report.html`).
-//! - [`service`]: the coordinator service (the driver task around the round engine).
-//! - [`store`]: the embedded SQLite store (the durable privacy ledger).
+//! - [`service`]: the coordinator service (`starling serve`): driver, QUIC, tokens, admin HTTP, recovery.
+//! - [`store`]: the embedded SQLite store (privacy ledger, checkpoints, rounds, clients, tokens).
 //! - [`privacy`]: the durable ledger over the store and opendp's exact Gaussian sampler.
 
 pub mod cli;

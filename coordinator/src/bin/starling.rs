@@ -24,6 +24,13 @@ enum Command {
     /// Differential privacy: epsilon of a schedule, the sigma a budget needs, a coordinator's ledger.
     #[command(subcommand)]
     Privacy(cli::privacy::PrivacyCommand),
+    /// Write a commented config, a local CA and server certificate, and secrets into a directory.
+    Init(cli::serve::InitArgs),
+    /// Run the coordinator service (QUIC + admin HTTP) from a config file.
+    Serve(cli::serve::ServeArgs),
+    /// Enrollment tokens: issue, revoke, list.
+    #[command(subcommand)]
+    Token(cli::serve::TokenCommand),
     /// Print the protocol and build versions.
     Version,
 }
@@ -35,6 +42,19 @@ fn main() -> anyhow::Result<()> {
         Command::Workload(cmd) => cli::workload::run_workload(&cmd)?,
         Command::Baseline(args) => cli::workload::run_baseline(&args)?,
         Command::Privacy(cmd) => cli::privacy::run(&cmd)?,
+        Command::Init(args) => cli::serve::run_init(&args)?,
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
+            cli::serve::run_serve(&args)?
+        }
+        Command::Token(cmd) => cli::serve::run_token(&cmd)?,
         Command::Version => {
             println!(
                 "starling {} (protocol versions {}..={})",

@@ -1,0 +1,260 @@
+//! The admin HTTP endpoint and the service's telemetry.
+//!
+//! Two routes, on a separate TCP port, both requiring `Authorization: Bearer <admin token>`
+//! (compared in constant time; a missing or wrong token gets `401`):
+//! - `GET /status`: JSON — phase, current round, participants of the current round, model
+//!   version, rounds committed and failed, ε spent and budget, open connections, and the most
+//!   recent failures (bounded list);
+//! - `GET /metrics`: Prometheus text format (prometheus-client).
+//!
+//! [`Telemetry`] is the shared sink the event hook, the authenticator and the QUIC accept loop
+//! write to; it holds only counters and a bounded list, never per-client state.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+/// Failures kept for `/status`.
+pub const RECENT_FAILURES: usize = 32;
+
+type Label = [(&'static str, &'static str); 1];
+
+/// One recent failure.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FailureRecord {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// `round`, `auth`, `update`, `check_in`, `storage`, `connection`.
+    pub kind: &'static str,
+    /// What happened.
+    pub detail: String,
+}
+
+/// What `/status` reports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StatusSnapshot {
+    /// The engine's phase.
+    pub phase: String,
+    /// The running round.
+    pub current_round: Option<u64>,
+    /// Clients selected for the running round.
+    pub participants_selected: usize,
+    /// Updates accepted in the running round.
+    pub participants_reported: usize,
+    /// The model version served.
+    pub model_version: u64,
+    /// Rounds committed since the process started.
+    pub rounds_committed: u64,
+    /// Rounds failed since the process started.
+    pub rounds_failed: u64,
+    /// Rounds found unfinished at start-up and recorded `abandoned`.
+    pub rounds_abandoned_at_start: Vec<u64>,
+    /// ε spent so far (all rounds ever committed, from the durable ledger).
+    pub epsilon_spent: f64,
+    /// The ε budget (`null` without central DP).
+    pub epsilon_budget: Option<f64>,
+    /// δ of the budget.
+    pub delta: Option<f64>,
+    /// Open client streams.
+    pub connections: usize,
+    /// Why no more rounds are started, if so.
+    pub halted: Option<String>,
+    /// The most recent failures, newest last.
+    pub recent_failures: Vec<FailureRecord>,
+}
+
+/// Counters, gauges and the status the admin endpoint serves.
+#[derive(Debug)]
+pub struct Telemetry {
+    registry: Registry,
+    /// Check-ins refused, by reason.
+    pub check_ins_refused: Family<Label, Counter>,
+    /// Credentials refused, by reason.
+    pub auth_failures: Family<Label, Counter>,
+    /// Updates accepted.
+    pub updates_accepted: Counter,
+    /// Updates rejected, by reason.
+    pub updates_rejected: Family<Label, Counter>,
+    /// Rounds ended, by outcome (`committed`, `failed`).
+    pub rounds: Family<Label, Counter>,
+    /// The model version served.
+    pub model_version: Gauge,
+    /// ε spent.
+    pub epsilon_spent: Gauge<f64, AtomicU64>,
+    /// QUIC handshakes completed.
+    pub quic_accepted: Counter,
+    /// Open client streams.
+    pub connections: Gauge,
+    status: Mutex<StatusSnapshot>,
+    failures: Mutex<VecDeque<FailureRecord>>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// Empty telemetry with every metric registered under the `starling_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("starling");
+        let t = Self {
+            check_ins_refused: Family::default(),
+            auth_failures: Family::default(),
+            updates_accepted: Counter::default(),
+            updates_rejected: Family::default(),
+            rounds: Family::default(),
+            model_version: Gauge::default(),
+            epsilon_spent: Gauge::default(),
+            quic_accepted: Counter::default(),
+            connections: Gauge::default(),
+            status: Mutex::default(),
+            failures: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register("check_ins_refused", "Check-ins refused, by reason", t.check_ins_refused.clone());
+        registry.register("auth_failures", "Credentials refused, by reason", t.auth_failures.clone());
+        registry.register(
+            "updates_accepted",
+            "Updates accepted into an aggregate",
+            t.updates_accepted.clone(),
+        );
+        registry.register("updates_rejected", "Updates rejected, by reason", t.updates_rejected.clone());
+        registry.register("rounds", "Rounds ended, by outcome", t.rounds.clone());
+        registry.register("model_version", "Model version served", t.model_version.clone());
+        registry.register(
+            "epsilon_spent",
+            "Privacy budget spent (epsilon at the configured delta)",
+            t.epsilon_spent.clone(),
+        );
+        registry.register("quic_handshakes", "QUIC handshakes completed", t.quic_accepted.clone());
+        registry.register("connections", "Open client streams", t.connections.clone());
+        Self { registry, ..t }
+    }
+
+    /// Records a failure for `/status` (the oldest are dropped beyond [`RECENT_FAILURES`]).
+    pub fn failure(&self, kind: &'static str, detail: impl Into<String>) {
+        let at_ms = crate::service::unix_ms();
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.len() == RECENT_FAILURES {
+            f.pop_front();
+        }
+        f.push_back(FailureRecord { at_ms, kind, detail: detail.into() });
+    }
+
+    /// Updates the status snapshot.
+    pub fn update_status(&self, f: impl FnOnce(&mut StatusSnapshot)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The status, with the recent failures.
+    pub fn status(&self) -> StatusSnapshot {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.recent_failures = self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        s
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// State of the admin router.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The telemetry served.
+    pub telemetry: Arc<Telemetry>,
+    /// The bearer token required.
+    pub token: Arc<str>,
+    /// Called before each `/status` to refresh live figures (e.g. from the driver's status).
+    pub refresh: Arc<dyn Fn(&Telemetry) + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
+
+/// The admin router (`/status`, `/metrics`).
+pub fn router(state: AdminState) -> Router {
+    Router::new().route("/status", get(status)).route("/metrics", get(metrics)).with_state(state)
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(given) = given.strip_prefix("Bearer ") else { return false };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    // Constant time in the token's content (the length is not secret).
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &state.token) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    (state.refresh)(&state.telemetry);
+    axum::Json(state.telemetry.status()).into_response()
+}
+
+async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &state.token) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    (state.refresh)(&state.telemetry);
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.telemetry.encode_metrics(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_check() {
+        let mut h = HeaderMap::new();
+        assert!(!authorized(&h, "secret"));
+        h.insert(header::AUTHORIZATION, "Bearer secreT".parse().unwrap());
+        assert!(!authorized(&h, "secret"));
+        h.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        assert!(authorized(&h, "secret"));
+        h.insert(header::AUTHORIZATION, "Basic secret".parse().unwrap());
+        assert!(!authorized(&h, "secret"));
+    }
+
+    #[test]
+    fn metrics_and_failures_are_bounded_and_encoded() {
+        let t = Telemetry::new();
+        t.auth_failures.get_or_create(&[("reason", "expired")]).inc();
+        t.epsilon_spent.set(1.5);
+        for i in 0..100 {
+            t.failure("auth", format!("failure {i}"));
+        }
+        let s = t.status();
+        assert_eq!(s.recent_failures.len(), RECENT_FAILURES);
+        assert_eq!(s.recent_failures.last().unwrap().detail, "failure 99");
+        let text = t.encode_metrics();
+        assert!(text.contains("starling_auth_failures_total{reason=\"expired\"} 1"), "{text}");
+        assert!(text.contains("starling_epsilon_spent 1.5"), "{text}");
+    }
+}

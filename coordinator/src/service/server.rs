@@ -1,0 +1,498 @@
+//! `starling serve` and `starling init`: the pieces of the service wired together.
+//!
+//! Start-up ([`start`]):
+//! 1. open the store and [`recover`](crate::store::Store::recover): rounds left `started` by a
+//!    crash are recorded `abandoned` (their clients get `Late`/`WrongRound` rejections and retry),
+//!    the newest committed checkpoint is served, and round ids continue above every id ever used;
+//!    on a fresh store the seeded initial model is stored as version 0;
+//! 2. replay the privacy ledger into the DP strategy (what was spent stays spent);
+//! 3. build the engine, install the token authenticator, and spawn the driver with the
+//!    persistence hook;
+//! 4. bind the QUIC endpoint and the admin endpoint.
+//!
+//! The persistence hook runs in the driver task, in event order, before the driver handles its
+//! next input:
+//! - `Started` → the round is recorded `started` (durable) before any client can be sent its task;
+//! - `Committed` → ledger entry + checkpoint + `committed`, in one fsynced transaction. The engine
+//!   ships the new model only with the *next* round's tasks, which come after this returned. If it
+//!   fails, the driver halts scheduling and the model is never released;
+//! - `Failed` → the round is recorded `failed`.
+//!
+//! So after a `kill -9` at any point: the ledger holds every round whose model anyone could have
+//! received (ε is never under-counted; a round committed to disk but not yet shipped is counted
+//! though unreleased — over-counting is the safe side), the served model is the last committed
+//! one, and the interrupted round is cleanly failed.
+
+use super::admin::{AdminState, Telemetry};
+use super::config::{ConfigError, ServiceConfig};
+use super::driver::{self, CoordinatorHandle, DriverConfig, RoundSchedule};
+use super::quic::{self, QuicError, QuicLimits, QuicStats};
+use super::tls::{self, LocalPki, TlsError};
+use super::tokens::{SecretError, TokenAuthority, unix_now_s};
+use super::unix_ms;
+use crate::store::{RoundCommit, Store, StoreError};
+use starling_proto::dp::{LedgerEntry, Mechanism, NoiseMultiplier, PrivacyLedger, SamplingRate};
+use starling_proto::ids::ModelVersion;
+use starling_proto::message::{Refusal, RejectReason};
+use starling_proto::round::{Orchestrator, RoundEvent};
+use starling_proto::update::ModelShape;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificates or keys could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Quic(#[from] QuicError),
+    /// The store could not be opened or recovered.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The token secret is unusable.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// A file could not be read or the admin port bound.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The stored model does not fit the configured model.
+    #[error("the store's model v{version} has shape {stored:?}, the configuration says {configured:?}")]
+    ShapeMismatch {
+        /// The stored version.
+        version: u64,
+        /// Its shape.
+        stored: ModelShape,
+        /// The configured shape.
+        configured: ModelShape,
+    },
+    /// The round engine refused the configuration or the stored model.
+    #[error("round engine: {0}")]
+    Engine(#[from] starling_proto::round::ConfigError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound QUIC address.
+    pub quic_addr: SocketAddr,
+    /// The bound admin address.
+    pub admin_addr: SocketAddr,
+    /// The UDP receive buffer the kernel granted.
+    pub recv_buffer_bytes: usize,
+    /// The driver.
+    pub handle: CoordinatorHandle,
+    /// The telemetry.
+    pub telemetry: Arc<Telemetry>,
+    /// Accept-loop counters.
+    pub quic_stats: Arc<QuicStats>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops: aborts the running round (recorded `failed`), closes every connection.
+    pub async fn shutdown(self) {
+        self.handle.shutdown().await;
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the service described by `config` (see the module docs). Must run in a tokio runtime.
+pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
+    let telemetry = Arc::new(Telemetry::new());
+    // 1. The store: recover, or seed the initial model.
+    if let Some(dir) = config.storage.path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    let mut store = Store::open(&config.storage.path)?;
+    let recovery = store.recover(unix_ms())?;
+    let shape = config.shape()?;
+    let (model, version) = match recovery.latest {
+        Some(c) if c.shape != shape => {
+            return Err(ServeError::ShapeMismatch {
+                version: c.version.0,
+                stored: c.shape,
+                configured: shape,
+            });
+        }
+        Some(c) => (c.model, c.version),
+        None => {
+            let m = config.initial_model()?;
+            store.init_model(ModelVersion(0), shape, &m, unix_ms())?;
+            (m, ModelVersion(0))
+        }
+    };
+    if !recovery.abandoned.is_empty() {
+        tracing::warn!(rounds = ?recovery.abandoned, "rounds interrupted by a restart were recorded as abandoned");
+        for r in &recovery.abandoned {
+            telemetry.failure("round", format!("{r} abandoned: coordinator restarted mid-round"));
+        }
+    }
+    // 2. The ledger, replayed.
+    let budget = config.budget()?;
+    let ledger = PrivacyLedger::replay(budget, store.ledger_entries()?);
+    let strategy = config.build_strategy(ledger.clone())?;
+    // 3. Tokens, engine, driver.
+    let secret = std::fs::read_to_string(&config.server.token_secret_file)
+        .map_err(io(format!("reading {}", config.server.token_secret_file.display())))?;
+    let authority = Arc::new(TokenAuthority::from_secret_file_text(&secret)?);
+    let (tokens, clients) = store.revocations()?;
+    authority.reload_revocations(tokens, clients);
+    let admin_token = std::fs::read_to_string(&config.server.admin_token_file)
+        .map_err(io(format!("reading {}", config.server.admin_token_file.display())))?;
+    let admin_token: Arc<str> = admin_token.trim().into();
+
+    let mut engine =
+        Orchestrator::new(config.orchestrator_config()?, strategy, model, version, recovery.next_round)?;
+    {
+        let (authority, telemetry) = (authority.clone(), telemetry.clone());
+        engine.set_authenticator(move |client, credential| {
+            match authority.verify(client, credential, unix_now_s()) {
+                Ok(_) => true,
+                Err(e) => {
+                    telemetry.auth_failures.get_or_create(&[("reason", e.label())]).inc();
+                    telemetry.failure("auth", format!("{client}: {e}"));
+                    false
+                }
+            }
+        });
+    }
+    let central = config.central_dp();
+    telemetry.update_status(|s| {
+        s.model_version = version.0;
+        s.rounds_abandoned_at_start = recovery.abandoned.iter().map(|r| r.0).collect();
+        s.epsilon_spent = if central { ledger.status().epsilon_spent } else { 0.0 };
+        s.epsilon_budget = central.then(|| budget.epsilon.get());
+        s.delta = central.then(|| budget.delta.get());
+    });
+    telemetry.model_version.set(version.0 as i64);
+    let hook = Persist {
+        store,
+        ledger,
+        shape,
+        keep: config.storage.keep_checkpoints,
+        telemetry: telemetry.clone(),
+        central,
+    };
+    let s = &config.server;
+    let driver_config = DriverConfig {
+        max_connections: s.max_connections as usize,
+        max_frame_bytes: s.max_frame_bytes,
+        // A client legitimately stays silent while it waits for selection and while it trains:
+        // the driver's silence limit covers both deadlines (QUIC keep-alives and the QUIC idle
+        // timeout below detect dead peers sooner).
+        idle_timeout: Duration::from_millis(
+            s.idle_timeout_ms
+                .saturating_add(config.round.selection_timeout_ms)
+                .saturating_add(config.round.report_timeout_ms),
+        ),
+        max_messages_per_sec: s.rate_burst.max(s.rate_per_second),
+        schedule: Some(RoundSchedule {
+            gap: Duration::from_millis(config.round.interval_ms),
+            max_rounds: (config.round.max_rounds > 0).then_some(config.round.max_rounds),
+        }),
+        ..DriverConfig::default()
+    };
+    let handle = driver::spawn(engine, driver_config, hook);
+
+    // 4. Endpoints.
+    let limits = QuicLimits {
+        max_connections: s.max_connections as usize,
+        max_concurrent_handshakes: s.max_concurrent_handshakes as usize,
+        max_concurrent_streams: s.max_concurrent_streams,
+        idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+        recv_buffer_bytes: s.recv_buffer_bytes,
+        ..QuicLimits::default()
+    };
+    let (certs, key) = tls::load_cert_and_key(&s.cert, &s.key)?;
+    let (endpoint, granted) = quic::bind(s.listen, quic::server_config(certs, key, &limits)?, &limits)?;
+    let quic_addr = endpoint.local_addr().map_err(io("reading the QUIC address"))?;
+    let quic_stats = Arc::new(QuicStats::default());
+    let mut tasks =
+        vec![tokio::spawn(quic::serve(endpoint.clone(), handle.clone(), limits, quic_stats.clone()))];
+
+    let listener = tokio::net::TcpListener::bind(s.admin_listen)
+        .await
+        .map_err(io(format!("binding the admin endpoint {}", s.admin_listen)))?;
+    let admin_addr = listener.local_addr().map_err(io("reading the admin address"))?;
+    let refresh = {
+        let (handle, stats) = (handle.clone(), quic_stats.clone());
+        Arc::new(move |t: &Telemetry| {
+            let d = handle.status();
+            t.connections.set(d.connections as i64);
+            let accepted = stats.accepted.load(Ordering::Relaxed);
+            t.quic_accepted.inc_by(accepted.saturating_sub(t.quic_accepted.get()));
+            t.update_status(|s| {
+                s.phase = format!("{:?}", d.phase);
+                s.current_round = d.round.map(|r| r.0);
+                s.model_version = d.model_version.0;
+                s.rounds_committed = d.rounds_committed;
+                s.rounds_failed = d.rounds_failed;
+                s.connections = d.connections;
+                s.halted = d.halted.clone();
+            });
+        })
+    };
+    let app = super::admin::router(AdminState { telemetry: telemetry.clone(), token: admin_token, refresh });
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    }));
+    // Revocations made with `starling token revoke` while running take effect within 2 s.
+    let reader = Store::open(&config.storage.path)?;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            match reader.revocations() {
+                Ok((tokens, clients)) => authority.reload_revocations(tokens, clients),
+                Err(e) => tracing::warn!(error = %e, "cannot reload token revocations"),
+            }
+        }
+    }));
+    Ok(Running {
+        quic_addr,
+        admin_addr,
+        recv_buffer_bytes: granted,
+        handle,
+        telemetry,
+        quic_stats,
+        endpoint,
+        tasks,
+    })
+}
+
+/// The persistence hook. See the module docs.
+struct Persist {
+    store: Store,
+    ledger: PrivacyLedger,
+    shape: ModelShape,
+    keep: u32,
+    telemetry: Arc<Telemetry>,
+    central: bool,
+}
+
+impl driver::EventHook for Persist {
+    fn on_event(&mut self, event: &RoundEvent) -> Result<(), String> {
+        let t = &self.telemetry;
+        match event {
+            RoundEvent::Started { round, version } => {
+                t.update_status(|s| {
+                    s.participants_selected = 0;
+                    s.participants_reported = 0;
+                });
+                self.store.begin_round(*round, *version, unix_ms()).map_err(|e| {
+                    t.failure("storage", e.to_string());
+                    e.to_string()
+                })?;
+            }
+            RoundEvent::SelectionClosed { selected, .. } => {
+                t.update_status(|s| s.participants_selected = *selected)
+            }
+            RoundEvent::UpdateAccepted { .. } => {
+                t.updates_accepted.inc();
+                t.update_status(|s| s.participants_reported += 1);
+            }
+            RoundEvent::UpdateRejected { round, client, reason } => {
+                t.updates_rejected.get_or_create(&[("reason", reject_label(reason))]).inc();
+                t.failure("update", format!("{round} {client}: {reason:?}"));
+            }
+            RoundEvent::CheckInRefused { client, reason } => {
+                t.check_ins_refused.get_or_create(&[("reason", refusal_label(reason))]).inc();
+                if !matches!(reason, Refusal::Unauthenticated) {
+                    t.failure("check_in", format!("{client}: {reason:?}"));
+                }
+            }
+            RoundEvent::Committed(c) => {
+                let entry = match c.privacy {
+                    Some(p) => Some(ledger_entry(c.round.0, p)?),
+                    None => None,
+                };
+                let commit = RoundCommit {
+                    round: c.round,
+                    version: c.version,
+                    shape: self.shape,
+                    model: &c.model,
+                    ledger: entry.as_ref(),
+                };
+                self.store.commit_round(&commit, unix_ms(), self.keep).map_err(|e| {
+                    t.failure("storage", format!("{}: {e}; the model is not released", c.round));
+                    e.to_string()
+                })?;
+                if let Some(entry) = entry {
+                    self.ledger.record(entry);
+                }
+                let spent = if self.central { self.ledger.status().epsilon_spent } else { 0.0 };
+                t.rounds.get_or_create(&[("outcome", "committed")]).inc();
+                t.model_version.set(c.version.0 as i64);
+                t.epsilon_spent.set(spent);
+                t.update_status(|s| {
+                    s.model_version = c.version.0;
+                    s.epsilon_spent = spent;
+                });
+                tracing::info!(
+                    round = c.round.0,
+                    version = c.version.0,
+                    reported = c.stats.reported,
+                    epsilon = spent,
+                    "round committed"
+                );
+            }
+            RoundEvent::Failed { round, reason, .. } => {
+                t.rounds.get_or_create(&[("outcome", "failed")]).inc();
+                t.failure("round", format!("{round}: {reason}"));
+                tracing::info!(round = round.0, %reason, "round failed");
+                self.store.fail_round(*round, &reason.to_string(), unix_ms()).map_err(|e| e.to_string())?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn ledger_entry(round: u64, p: starling_proto::strategy::PrivacyCharge) -> Result<LedgerEntry, String> {
+    Ok(LedgerEntry {
+        round,
+        mechanism: Mechanism {
+            q: SamplingRate::new(p.sampling_rate).map_err(|e| e.to_string())?,
+            sigma: NoiseMultiplier::new(p.noise_multiplier).map_err(|e| e.to_string())?,
+            steps: u64::from(p.steps),
+        },
+    })
+}
+
+fn reject_label(r: &RejectReason) -> &'static str {
+    match r {
+        RejectReason::Late => "late",
+        RejectReason::Duplicate => "duplicate",
+        RejectReason::StaleVersion { .. } => "stale_version",
+        RejectReason::WrongRound => "wrong_round",
+        RejectReason::NotSelected => "not_selected",
+        RejectReason::Malformed(_) => "malformed",
+        RejectReason::InvalidWeight => "invalid_weight",
+        RejectReason::Refused(_) => "refused",
+        _ => "other",
+    }
+}
+
+fn refusal_label(r: &Refusal) -> &'static str {
+    match r {
+        Refusal::UnsupportedVersion { .. } => "unsupported_version",
+        Refusal::Unauthenticated => "unauthenticated",
+        Refusal::WrongModelFamily { .. } => "wrong_model_family",
+        Refusal::NotEligible => "not_eligible",
+        Refusal::IncompatibleCapabilities => "incompatible_capabilities",
+        Refusal::BudgetExhausted => "budget_exhausted",
+        Refusal::AlreadyCheckedIn => "already_checked_in",
+        Refusal::ShuttingDown => "shutting_down",
+        _ => "other",
+    }
+}
+
+/// Why `starling init` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// A file exists and `force` was not given.
+    #[error("{0} already exists (use --force to overwrite)")]
+    Exists(PathBuf),
+    /// Writing failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Certificate generation failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// The files `starling init` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitReport {
+    /// `DIR/starling.toml`.
+    pub config: PathBuf,
+    /// The CA certificate clients must trust.
+    pub ca_cert: PathBuf,
+    /// The admin token file.
+    pub admin_token: PathBuf,
+}
+
+/// Writes a commented `starling.toml`, a local CA and a server certificate for `names`, the
+/// admin token and the token-signing secret into `dir`. Keys and secrets are written `0600`.
+pub fn init(dir: &Path, names: &[&str], force: bool) -> Result<InitReport, InitError> {
+    let pki = LocalPki::generate(names)?;
+    let admin_token = {
+        use base64::Engine;
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| {
+            InitError::Write { path: dir.into(), source: std::io::Error::other("no system RNG") }
+        })?;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    };
+    let files: [(&str, String, bool); 7] = [
+        ("starling.toml", super::config::TEMPLATE.to_string(), false),
+        ("tls/ca.pem", pki.ca_cert_pem, false),
+        ("tls/ca.key", pki.ca_key_pem, true),
+        ("tls/server.pem", pki.server_cert_pem, false),
+        ("tls/server.key", pki.server_key_pem, true),
+        ("secrets/admin.token", format!("{admin_token}\n"), true),
+        ("secrets/token.key", format!("{}\n", TokenAuthority::generate_secret_text()), true),
+    ];
+    if !force && let Some((name, ..)) = files.iter().find(|(name, ..)| dir.join(name).exists()) {
+        return Err(InitError::Exists(dir.join(name)));
+    }
+    for (name, content, secret) in &files {
+        let path = dir.join(name);
+        write_file(&path, content.as_bytes(), *secret).map_err(|source| InitError::Write { path, source })?;
+    }
+    Ok(InitReport {
+        config: dir.join("starling.toml"),
+        ca_cert: dir.join("tls/ca.pem"),
+        admin_token: dir.join("secrets/admin.token"),
+    })
+}
+
+fn write_file(path: &Path, content: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = options.open(path)?;
+    f.write_all(content)?;
+    f.sync_all()
+}

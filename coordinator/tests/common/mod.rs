@@ -1,0 +1,174 @@
+//! Helpers shared by the QUIC service tests: a service directory made by `init`, tokens, and a
+//! raw protocol client that can send anything (including garbage) over real QUIC.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use starling_coordinator::service::config::ServiceConfig;
+use starling_coordinator::service::server;
+use starling_coordinator::service::tokens::{TokenAuthority, TokenClaims, unix_now_s};
+use starling_coordinator::store::Store;
+use starling_proto::codec::{Codec, FrameBuffer, Inbound};
+use starling_proto::ids::ClientId;
+use starling_proto::message::{Capabilities, CheckIn, ClientMessage, CoordinatorMessage, DeviceConditions};
+use starling_sdk::config::CoordinatorEndpoint;
+use starling_sdk::transport::quic::{QuicConnection, QuicTransport};
+use starling_sdk::transport::{Connection, Transport};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const GOOD: DeviceConditions =
+    DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 90 };
+
+/// `starling init` into `dir`, then replaces `starling.toml` with `config` (paths default to
+/// the init layout).
+pub fn service_dir(dir: &Path, config: &str) -> PathBuf {
+    server::init(dir, &["localhost", "127.0.0.1"], false).unwrap();
+    let path = dir.join("starling.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+pub fn load(path: &Path) -> ServiceConfig {
+    ServiceConfig::from_toml(&std::fs::read_to_string(path).unwrap(), Vec::new(), path.parent().unwrap())
+        .unwrap()
+}
+
+/// Issues a token as `starling token issue` does, valid for `ttl_s` seconds (negative: expired).
+pub fn issue(config: &ServiceConfig, client: u64, ttl_s: i64) -> (u64, Vec<u8>) {
+    std::fs::create_dir_all(config.storage.path.parent().unwrap()).unwrap();
+    let authority = TokenAuthority::from_secret_file_text(
+        &std::fs::read_to_string(&config.server.token_secret_file).unwrap(),
+    )
+    .unwrap();
+    let mut store = Store::open(&config.storage.path).unwrap();
+    let expires = (unix_now_s() as i64 + ttl_s).max(0) as u64;
+    let token_id = store.record_token(ClientId(client), expires, 0).unwrap();
+    (
+        token_id,
+        authority
+            .issue(TokenClaims { token_id, client: ClientId(client), expires_unix_s: expires })
+            .into_bytes(),
+    )
+}
+
+pub fn ca_pem(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("tls/ca.pem")).unwrap()
+}
+
+pub fn endpoint_for(addr: SocketAddr, ca: &[u8], server_name: &str) -> CoordinatorEndpoint {
+    CoordinatorEndpoint { address: addr.to_string(), server_name: server_name.into(), ca_pem: ca.to_vec() }
+}
+
+pub fn client_endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+pub fn check_in(client: u64, credential: Vec<u8>) -> ClientMessage {
+    ClientMessage::CheckIn(CheckIn {
+        client: ClientId(client),
+        credential,
+        sdk_version: "raw-test".into(),
+        model_family: "bpr-mf".into(),
+        have_version: None,
+        conditions: GOOD,
+        capabilities: Capabilities::default(),
+    })
+}
+
+/// A raw protocol client over one QUIC stream.
+pub struct Raw {
+    pub conn: QuicConnection,
+    frames: FrameBuffer,
+    codec: Codec,
+}
+
+impl Raw {
+    pub async fn connect(transport: &QuicTransport) -> Raw {
+        let conn = transport.connect().await.unwrap();
+        Raw { conn, frames: FrameBuffer::new(Codec::default()), codec: Codec::default() }
+    }
+
+    pub async fn send(&mut self, m: &ClientMessage) {
+        let frame = self.codec.encode_client(m).unwrap();
+        self.conn.send(Bytes::from(frame)).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.conn.send(Bytes::copy_from_slice(bytes)).await;
+    }
+
+    /// The next frame, or `Err(reason)` once the coordinator closed the stream or connection.
+    pub async fn next(&mut self) -> Result<Inbound<CoordinatorMessage>, String> {
+        loop {
+            match self.frames.next_coordinator() {
+                Ok(Some(inbound)) => return Ok(inbound),
+                Ok(None) => {}
+                Err(e) => return Err(format!("invalid frame from coordinator: {e}")),
+            }
+            match tokio::time::timeout(Duration::from_secs(60), self.conn.recv()).await {
+                Err(_) => return Err("no answer within 60 s".into()),
+                Ok(Ok(Some(bytes))) => self.frames.push(&bytes),
+                Ok(Ok(None)) => {
+                    // The reason travels in the connection close that follows the stream's end.
+                    let closed =
+                        tokio::time::timeout(Duration::from_secs(10), self.conn.connection().closed());
+                    return Err(match closed.await {
+                        Ok(e) => e.to_string(),
+                        Err(_) => "stream finished".into(),
+                    });
+                }
+                Ok(Err(e)) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// The next protocol message (panics on anything else).
+    pub async fn message(&mut self) -> CoordinatorMessage {
+        match self.next().await {
+            Ok(Inbound::Message { message, .. }) => message,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Waits until the coordinator closes; returns the reason.
+    pub async fn closed(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Ok(_) => continue,
+                Err(reason) => return reason,
+            }
+        }
+    }
+}
+
+/// A real SDK client over QUIC with a few purchases recorded and training consent given.
+pub fn sdk_client(
+    id: u64,
+    credential: Vec<u8>,
+    items: u32,
+    dim: u32,
+    transport: QuicTransport,
+) -> starling_sdk::Client<QuicTransport> {
+    use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
+    use starling_sdk::{Client, ClientConfig, Consent, ModelSpec, Storage};
+    let mut config =
+        ClientConfig::new(ClientId(id), credential, ModelSpec::mf(items, dim), Storage::InMemory);
+    config.seed = Some(id);
+    config.retry.initial_backoff = Duration::from_millis(100);
+    config.retry.max_backoff = Duration::from_millis(500);
+    let client = Client::open(config, transport).unwrap();
+    client.set_consent(Consent { personalization: true, training: true }).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let events: Vec<Event> = (0..6)
+        .map(|k| Event {
+            item: ((id * 7 + k * 3) % u64::from(items)) as u32,
+            at_ms: now - 60_000 + k as i64,
+            kind: EventKind::Purchase,
+            context: Context::at(now / 1000, DeviceClass::Phone),
+        })
+        .collect();
+    client.record_batch(&events).unwrap();
+    client.set_conditions(GOOD);
+    client
+}
