@@ -113,7 +113,11 @@ impl Store {
 
     /// A database that lives in memory only (nothing survives the process).
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        Self::init(Connection::open_in_memory()?, PathBuf::from(":memory:"), false)
+        let conn = Connection::open_in_memory()?;
+        // Small pages: an in-memory store is mostly a few tiny tables, and simulations hold
+        // thousands of them.
+        conn.execute_batch("PRAGMA page_size = 1024;")?;
+        Self::init(conn, PathBuf::from(":memory:"), false)
     }
 
     fn init(conn: Connection, path: PathBuf, existed: bool) -> Result<Self, StoreError> {

@@ -132,3 +132,27 @@ fn local_dp_noises_dense_updates_and_reports_the_worst_device_epsilon() {
     assert!(first.bytes_up >= (first.participants * dense_bytes) as u64, "{} B up", first.bytes_up);
     assert!(plain.rounds[0].bytes_up < first.bytes_up);
 }
+
+#[test]
+fn quic_transport_runs_the_real_service_and_sdk_clients_over_loopback() {
+    let config = SimConfig {
+        dataset: Dataset::Synthetic { users: 60, items: 300, seed: 3 },
+        clients_per_round: 20,
+        rounds: 3,
+        eval_every: 3,
+        transport: sim::TransportKind::Quic,
+        seed: 3,
+        ..SimConfig::default()
+    };
+    let report = run(&config);
+    assert_eq!(report.stopped, None);
+    assert_eq!(report.rounds.len(), 3);
+    for r in &report.rounds {
+        assert!(r.committed, "{r:?}");
+        assert_eq!(r.participants, 20, "{r:?}");
+        assert!(r.bytes_up > 0 && r.bytes_down > r.bytes_up, "{r:?}");
+    }
+    let last = report.rounds.last().unwrap();
+    assert!(last.hr_at_10.is_some() && last.ndcg_at_10.is_some());
+    assert_eq!(report.config["transport"], "quic");
+}

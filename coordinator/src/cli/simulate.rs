@@ -26,6 +26,15 @@ pub enum ClientsArg {
     Kernel,
 }
 
+/// How the simulated clients reach the coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// Simulated network, virtual clock.
+    InProcess,
+    /// The real service over loopback QUIC.
+    Quic,
+}
+
 /// Strategy names on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StrategyArg {
@@ -88,12 +97,12 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Synthetic population: users.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 20_000)]
     pub users: u64,
     /// Synthetic population: items.
     #[arg(long, default_value_t = 2000)]
     pub items: u32,
-    /// Reports per round (default 1000; 100 for the reference workload).
+    /// Reports per round (default 500; 100 for the reference workload).
     #[arg(long)]
     pub clients_per_round: Option<usize>,
     /// Rounds.
@@ -186,6 +195,10 @@ pub struct SimulateArgs {
     /// workload and what the million-client scale run uses).
     #[arg(long, value_enum)]
     pub clients: Option<ClientsArg>,
+    /// `in-process` (simulated network and virtual clock; deterministic) or `quic` (the real
+    /// coordinator service and one SDK client per user over loopback QUIC, in real time).
+    #[arg(long, value_enum, default_value_t = TransportArg::InProcess)]
+    pub transport: TransportArg,
     /// Differential privacy: off, central (DP-FedAvg) or local.
     #[arg(long, value_enum, default_value_t = DpArg::Off)]
     pub dp: DpArg,
@@ -269,6 +282,10 @@ impl SimulateArgs {
         if let Some(t) = self.threads {
             c.threads = t.max(1);
         }
+        c.transport = match self.transport {
+            TransportArg::InProcess => sim::TransportKind::InProcess,
+            TransportArg::Quic => sim::TransportKind::Quic,
+        };
         if let Some(k) = self.clients {
             c.clients = match k {
                 ClientsArg::Sdk => sim::ClientKind::Sdk,

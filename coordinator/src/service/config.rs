@@ -428,8 +428,9 @@ impl ServiceConfig {
             encoding: encoding(&r.encoding)?,
             ..TrainingPlan::default()
         };
+        // Clients always clip (the SDK refuses a plan without a clip norm), DP or not.
+        plan.clip_norm = Some(self.privacy.clip_norm as f32);
         if self.central_dp() {
-            plan.clip_norm = Some(self.privacy.clip_norm as f32);
             plan.noise = NoiseSettings::Central { multiplier: self.privacy.noise_multiplier as f32 };
         }
         let shape = self.shape()?;
@@ -642,7 +643,7 @@ trim = 0.1
 
 [privacy]
 mode = "off"                 # off | central (DP-FedAvg: clip, sum, Gaussian noise)
-clip_norm = 1.0
+clip_norm = 1.0              # every update is clipped to this L2 norm, with or without DP
 noise_multiplier = 1.0
 epsilon_budget = 8.0         # rounds that would exceed it are not started
 delta = 1e-5

@@ -6,6 +6,7 @@
 //! `eval_every` rounds each client scores its held-out item against the 99 sampled negatives of the
 //! reference protocol with its own private vector and the current global model.
 
+pub mod quic;
 pub mod report;
 pub mod sdk_trainer;
 pub mod trainer;
@@ -197,6 +198,18 @@ pub struct SimConfig {
     pub privacy: PrivacyMode,
     /// What the simulated clients are: real SDK devices, or the bare training kernel.
     pub clients: ClientKind,
+    /// In-process (simulated network and clock) or the real service over loopback QUIC.
+    pub transport: TransportKind,
+}
+
+/// How the clients reach the coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// The round engine in-process, a simulated network and a virtual clock (deterministic).
+    InProcess,
+    /// The real coordinator service and the SDK's QUIC transport over loopback, in real time
+    /// ([`quic`]).
+    Quic,
 }
 
 /// The clip norm of the plan when DP is off and the clients are SDK devices (which refuse to send
@@ -249,8 +262,8 @@ impl Default for SimConfig {
     /// The main job's defaults: a synthetic population, about a minute on 2 cores.
     fn default() -> Self {
         Self {
-            dataset: Dataset::Synthetic { users: 50_000, items: 2000, seed: 1 },
-            clients_per_round: 1000,
+            dataset: Dataset::Synthetic { users: 20_000, items: 2000, seed: 1 },
+            clients_per_round: 500,
             rounds: 200,
             dim: 32,
             epochs: 1,
@@ -283,6 +296,7 @@ impl Default for SimConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             privacy: PrivacyMode::Off,
             clients: ClientKind::Sdk,
+            transport: TransportKind::InProcess,
         }
     }
 }
@@ -618,6 +632,9 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
 
 /// Runs a simulation and returns its report.
 pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
+    if config.transport == TransportKind::Quic {
+        return quic::run_quic(config, progress);
+    }
     let started = WallClock::now();
     let Built { data, mut fleet, mut ledger } = build(config)?;
     let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
@@ -872,6 +889,8 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         "eval_every": c.eval_every,
         "seed": c.seed,
         "threads": c.threads,
+        "clients": format!("{:?}", c.clients).to_lowercase(),
+        "transport": match c.transport { TransportKind::InProcess => "in-process", TransportKind::Quic => "quic" },
     })
 }
 
