@@ -45,7 +45,9 @@ pub struct DriverConfig {
     pub outbound_queue: usize,
     /// Largest frame accepted from a peer.
     pub max_frame_bytes: u32,
-    /// A connection with no traffic for this long is closed.
+    /// A connection that sends nothing for this long is closed. A client waiting for selection
+    /// or training sends nothing, so keep it above the selection plus report timeouts (the
+    /// service does).
     pub idle_timeout: Duration,
     /// Messages accepted per connection per second (beyond it the connection is dropped).
     pub max_messages_per_sec: u32,
@@ -424,8 +426,15 @@ impl Driver {
             match &event {
                 RoundEvent::Committed(_) | RoundEvent::Failed { .. } => {
                     let committed = matches!(event, RoundEvent::Committed(_));
+                    let (version, _) = self.engine.model();
+                    // One update, so a watcher never sees the count without the new version.
                     self.status.send_modify(|s| {
-                        if committed { s.rounds_committed += 1 } else { s.rounds_failed += 1 }
+                        if committed {
+                            s.rounds_committed += 1
+                        } else {
+                            s.rounds_failed += 1
+                        }
+                        s.model_version = version;
                     });
                     self.shared_frames.clear();
                     if let Some(s) = &self.schedule {
