@@ -10,7 +10,7 @@
 //! are not bit-for-bit reproducible (scheduling decides who checks in first). Every client is an
 //! SDK device with an in-memory store, its training interactions recorded as events.
 
-use super::sdk_trainer::SIM_EPOCH_MS;
+use super::sdk_trainer::{SIM_EPOCH_MS, click_events, device_config};
 use super::trainer::initial_user_vector;
 use super::{
     ClientKind, Progress, SimConfig, SimError, StrategyKind, config_json, peak_rss_bytes, prepare,
@@ -20,15 +20,14 @@ use crate::service::config::ServiceConfig;
 use crate::service::server;
 use crate::service::tokens::{TokenAuthority, TokenClaims, unix_now_s};
 use crate::store::Store;
-use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
 use starling_models::eval::full_ranking_hr_at_10;
 use starling_models::mf;
 use starling_proto::ids::ClientId;
 use starling_proto::message::DeviceConditions;
 use starling_proto::round::RoundEvent;
-use starling_sdk::config::{CoordinatorEndpoint, ParticipationPolicy, RetryPolicy};
+use starling_sdk::config::{CoordinatorEndpoint, RetryPolicy};
 use starling_sdk::transport::quic::QuicTransport;
-use starling_sdk::{Client, ClientConfig, Consent, ModelSpec, RoundError, Storage};
+use starling_sdk::{Client, RoundError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -173,35 +172,16 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     let mut clients = Vec::with_capacity(n_users);
     for (c, token) in tokens.into_iter().enumerate() {
         let c = c as u64;
-        let mut cc = ClientConfig::new(ClientId(c), token, ModelSpec::mf(n_items, dim), Storage::InMemory);
+        let mut cc = device_config(c, n_items, dim, config.seed, None);
+        cc.credential = token;
         cc.coordinator = Some(endpoint.clone());
-        cc.participation = ParticipationPolicy::always();
-        cc.default_consent = Consent { personalization: true, training: true };
-        cc.retention.max_events = None;
-        cc.personal_epochs = 0;
-        cc.store_global_model = false;
         cc.retry = RetryPolicy {
             attempts: 8,
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
         };
-        cc.seed = Some(config.seed ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let client = Client::open(cc, transport.clone()).map_err(|e| err("SDK client")(&e))?;
-        let positives = data.data.positives(c);
-        let n = positives.len() as i64;
-        let evs: Vec<Event> = positives
-            .iter()
-            .enumerate()
-            .map(|(k, &item)| {
-                let at_ms = SIM_EPOCH_MS - 3_600_000 + (k as i64 - n) * 1000;
-                Event {
-                    item,
-                    at_ms,
-                    kind: EventKind::Click,
-                    context: Context::at(at_ms / 1000, DeviceClass::Phone),
-                }
-            })
-            .collect();
+        let evs = click_events(&data.data.positives(c));
         let initial = initial_user_vector(config.seed, c, dim as usize, config.init_std);
         client
             .with_device(|d| {

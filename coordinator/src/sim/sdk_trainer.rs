@@ -44,6 +44,44 @@ pub enum SdkFleetError {
     },
 }
 
+/// A simulated device's SDK configuration: in memory, consent given, any conditions allowed, no
+/// retention cap, no personal fitting, the global model kept in memory only, a seed per client;
+/// under `local_dp` (δ) the device insists on local noise.
+pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Option<f64>) -> ClientConfig {
+    let mut config =
+        ClientConfig::new(ClientId(client), Vec::new(), ModelSpec::mf(items, dim), Storage::InMemory);
+    config.participation = ParticipationPolicy::always();
+    config.default_consent = Consent { personalization: true, training: true };
+    config.retention.max_events = None;
+    config.personal_epochs = 0;
+    config.store_global_model = false;
+    config.seed = Some(seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    if let Some(delta) = local_dp {
+        config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
+        config.privacy.delta = delta;
+    }
+    config
+}
+
+/// A client's training items as the app events a device records: one `Click` each, a second
+/// apart, ending an hour before [`SIM_EPOCH_MS`].
+pub fn click_events(items: &[u32]) -> Vec<Event> {
+    let n = items.len() as i64;
+    items
+        .iter()
+        .enumerate()
+        .map(|(k, &item)| {
+            let at_ms = SIM_EPOCH_MS - 3_600_000 + (k as i64 - n) * 1000;
+            Event {
+                item,
+                at_ms,
+                kind: EventKind::Click,
+                context: Context::at(at_ms / 1000, DeviceClass::Phone),
+            }
+        })
+        .collect()
+}
+
 /// Trains every simulated client's tasks on its own SDK [`Device`], created (with its events)
 /// the first time the client is given a task.
 #[derive(Debug)]
@@ -94,40 +132,12 @@ impl SdkFleetTrainer {
     }
 
     fn open_device(&self, client: u64) -> Result<Device, SdkFleetError> {
-        let mut config = ClientConfig::new(
-            ClientId(client),
-            Vec::new(),
-            ModelSpec::mf(self.items, self.dim),
-            Storage::InMemory,
-        );
-        config.participation = ParticipationPolicy::always();
-        config.default_consent = Consent { personalization: true, training: true };
-        config.retention.max_events = None;
-        config.personal_epochs = 0;
-        config.store_global_model = false;
-        config.seed = Some(self.seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        if let Some(delta) = self.local_dp {
-            config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
-            config.privacy.delta = delta;
-        }
+        let config = device_config(client, self.items, self.dim, self.seed, self.local_dp);
         let err = |e: &dyn std::fmt::Display| SdkFleetError::Device { client, detail: e.to_string() };
         let mut device = Device::open(&config).map_err(|e| err(&e))?;
-        let positives = self.data.positives(client);
-        let n = positives.len() as i64;
-        let events: Vec<Event> = positives
-            .iter()
-            .enumerate()
-            .map(|(k, &item)| {
-                let at_ms = SIM_EPOCH_MS - 3_600_000 + (k as i64 - n) * 1000;
-                Event {
-                    item,
-                    at_ms,
-                    kind: EventKind::Click,
-                    context: Context::at(at_ms / 1000, DeviceClass::Phone),
-                }
-            })
-            .collect();
-        device.record_batch(&events, SIM_EPOCH_MS).map_err(|e| err(&e))?;
+        device
+            .record_batch(&click_events(&self.data.positives(client)), SIM_EPOCH_MS)
+            .map_err(|e| err(&e))?;
         let initial = initial_user_vector(self.seed, client, self.dim as usize, self.init_std);
         device.seed_user_vector(initial).map_err(|e| err(&e))?;
         Ok(device)
