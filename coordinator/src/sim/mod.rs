@@ -738,12 +738,25 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         last.ndcg_at_10 = Some(m.ndcg_at_10);
         last.full_hr_at_10 = full;
     }
+    Ok(finish(config, started, (initial, popular), records, stopped))
+}
+
+/// The report of a finished run: `baselines` are the untrained model's and the popularity
+/// ranking's metrics; medians are over `records`.
+fn finish(
+    config: &SimConfig,
+    started: WallClock,
+    baselines: (starling_models::eval::Metrics, starling_models::eval::Metrics),
+    records: Vec<RoundRecord>,
+    stopped: Option<String>,
+) -> SimReport {
     let median = |f: &dyn Fn(&RoundRecord) -> f64| {
         let mut v: Vec<f64> = records.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
-    Ok(SimReport {
+    let (initial, popular) = baselines;
+    SimReport {
         config: config_json(config),
         initial_hr_at_10: Some(initial.hr_at_10),
         initial_ndcg_at_10: Some(initial.ndcg_at_10),
@@ -754,7 +767,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         peak_rss_bytes: peak_rss_bytes(),
         stopped,
         rounds: records,
-    })
+    }
 }
 
 fn round_strategy(config: &SimConfig) -> Box<dyn Strategy> {

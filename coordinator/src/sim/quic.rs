@@ -13,7 +13,7 @@
 use super::sdk_trainer::{SIM_EPOCH_MS, click_events, device_config};
 use super::trainer::initial_user_vector;
 use super::{
-    ClientKind, Progress, SimConfig, SimError, StrategyKind, config_json, peak_rss_bytes, prepare,
+    ClientKind, Progress, SimConfig, SimError, StrategyKind, finish, prepare,
     report::{RoundRecord, SimReport},
 };
 use crate::service::config::ServiceConfig;
@@ -325,21 +325,5 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     stop.store(true, Ordering::Relaxed);
     running.shutdown().await;
     fleet.abort_all();
-    let median = |f: &dyn Fn(&RoundRecord) -> f64| {
-        let mut v: Vec<f64> = records.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
-    Ok(SimReport {
-        config: config_json(config),
-        initial_hr_at_10: Some(initial.hr_at_10),
-        initial_ndcg_at_10: Some(initial.ndcg_at_10),
-        popularity_hr_at_10: Some(popular.hr_at_10),
-        total_seconds: started.elapsed().as_secs_f64(),
-        median_round_seconds: median(&|r| r.round_seconds),
-        median_train_seconds: 0.0,
-        peak_rss_bytes: peak_rss_bytes(),
-        stopped,
-        rounds: records,
-    })
+    Ok(finish(config, started, (initial, popular), records, stopped))
 }
