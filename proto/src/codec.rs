@@ -250,12 +250,19 @@ impl Codec {
 
 /// A growable receive buffer that yields complete frames as bytes arrive in arbitrary chunks.
 ///
-/// It never holds more than one maximum-size frame plus what the caller pushed at once.
+/// It never holds more than one maximum-size frame plus what the caller pushed at once: a
+/// frame's header is checked against the limit as soon as its 4 length bytes are in, before the
+/// body is buffered, and the buffer is sized exactly to the announced frame (no doubling). After a
+/// large frame has been consumed the capacity is handed back, so a connection that once carried a
+/// model-sized upload does not keep holding that much memory.
 #[derive(Debug, Default)]
 pub struct FrameBuffer {
     codec: Codec,
     buf: Vec<u8>,
 }
+
+/// Capacity a [`FrameBuffer`] keeps after a frame was consumed; more is released.
+const KEEP_CAPACITY: usize = 16 << 10;
 
 impl FrameBuffer {
     /// An empty buffer using `codec`'s limits.
@@ -263,14 +270,43 @@ impl FrameBuffer {
         Self { codec, buf: Vec::new() }
     }
 
-    /// Appends received bytes.
+    /// Changes the largest frame accepted from now on (e.g. a small limit until a peer is
+    /// authenticated). A frame already partly buffered is checked against the new limit on the
+    /// next call to [`next_client`](Self::next_client) / [`next_coordinator`](Self::next_coordinator).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u32) {
+        self.codec = Codec::new(max_frame_bytes);
+    }
+
+    /// The largest frame currently accepted.
+    pub fn max_frame_bytes(&self) -> u32 {
+        self.codec.max_frame_bytes()
+    }
+
+    /// Appends received bytes. Once the next frame's header is known and acceptable, the buffer
+    /// reserves exactly that frame's size.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.buf.len() < 4 && self.buf.len() + bytes.len() >= 4 {
+            let mut head = [0u8; 4];
+            let have = self.buf.len();
+            head[..have].copy_from_slice(&self.buf);
+            head[have..].copy_from_slice(&bytes[..4 - have]);
+            if let Ok(total) = self.codec.frame_len(&head) {
+                // Only what this push will not already bring in.
+                self.buf.reserve_exact(total.max(have + bytes.len()) - have);
+            }
+        }
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Bytes buffered and not yet consumed.
+    /// Bytes buffered and not yet consumed (a partial frame when non-zero after
+    /// [`next_client`](Self::next_client) returned `Ok(None)`).
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes of memory the buffer holds (its capacity).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// The next complete client frame, `Ok(None)` if more bytes are needed.
@@ -293,6 +329,12 @@ impl FrameBuffer {
         match decode(&self.buf) {
             Ok((inbound, used)) => {
                 self.buf.drain(..used);
+                if self.buf.capacity() > KEEP_CAPACITY && self.buf.len() <= KEEP_CAPACITY {
+                    self.buf.shrink_to(KEEP_CAPACITY);
+                }
+                if let Ok(total) = self.codec.frame_len(&self.buf) {
+                    self.buf.reserve_exact(total.saturating_sub(self.buf.len()));
+                }
                 Ok(Some(inbound))
             }
             Err(DecodeError::Incomplete { .. }) => Ok(None),
@@ -398,6 +440,42 @@ mod tests {
         }
         assert_eq!(got.len(), 2);
         assert_eq!(fb.buffered(), 0);
+    }
+
+    #[test]
+    fn frame_buffer_refuses_an_oversized_header_before_buffering_the_body() {
+        let mut fb = FrameBuffer::new(Codec::new(16 << 10));
+        // A header announcing 64 MiB, then the first 1 KiB of its body.
+        let mut chunk = ((64u32 << 20) - 4).to_le_bytes().to_vec();
+        chunk.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        chunk.resize(1024, 0);
+        fb.push(&chunk);
+        assert!(matches!(fb.next_client(), Err(InvalidFrame::TooLarge { .. })));
+        assert!(fb.capacity() < 64 << 10, "reserved {} bytes for a refused frame", fb.capacity());
+    }
+
+    #[test]
+    fn frame_buffer_limit_can_be_raised_and_capacity_is_released_after_a_large_frame() {
+        let c = Codec::default();
+        let big = ClientMessage::Update(ClientUpdate {
+            round: RoundId(3),
+            base_version: ModelVersion(2),
+            update: EncodedUpdate::Dense { shape: ModelShape::new(1024, 256).unwrap(), values: vec![0.5; 1 << 18] },
+            weight: 1.0,
+            metrics: LocalMetrics::default(),
+        });
+        let frame = c.encode_client(&big).unwrap();
+        let mut fb = FrameBuffer::new(Codec::new(16 << 10));
+        fb.push(&frame[..4096]);
+        assert!(fb.next_client().is_err(), "1 MiB frame over a 16 KiB limit");
+        let mut fb = FrameBuffer::new(Codec::new(16 << 10));
+        fb.set_max_frame_bytes(4 << 20);
+        for chunk in frame.chunks(60_000) {
+            fb.push(chunk);
+            assert!(fb.capacity() <= frame.len() + 60_000, "buffer grew past the frame");
+        }
+        assert!(matches!(fb.next_client(), Ok(Some(Inbound::Message { .. }))));
+        assert!(fb.capacity() <= 16 << 10, "kept {} bytes after the frame", fb.capacity());
     }
 }
 

@@ -223,6 +223,9 @@ pub enum FailReason {
     /// The host shut the orchestrator down mid-round.
     #[error("shut down")]
     ShutDown,
+    /// The host aborted the round (e.g. it could not record the round's start durably).
+    #[error("aborted by the host: {0}")]
+    Aborted(String),
 }
 
 /// Why a round could not start.
@@ -398,6 +401,8 @@ pub struct Orchestrator {
     last_phase: Phase,
     halted: Option<Refusal>,
     authenticate: Authenticator,
+    /// The model replaced by the last commit, until the next round starts (for [`Orchestrator::revert_commit`]).
+    replaced: Option<(ModelVersion, Arc<[f32]>)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<RoundEvent>,
 }
@@ -457,6 +462,7 @@ impl Orchestrator {
             last_phase: Phase::Idle,
             halted: None,
             authenticate: Box::new(|_, _| true),
+            replaced: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -524,6 +530,8 @@ impl Orchestrator {
         }
         let mut plan = cfg.plan.clone();
         self.strategy.configure(&ctx, &mut plan);
+        // From here on the last commit's model may be shipped: it can no longer be reverted.
+        self.replaced = None;
         self.next_round = id.next();
         self.round = Some(Round {
             id,
@@ -608,6 +616,45 @@ impl Orchestrator {
                 stats: r.stats,
             });
         }
+    }
+
+    /// Aborts the running round, if any: clients still training are told
+    /// ([`AbortReason::RoundFailed`]), the round fails with [`FailReason::Aborted`] and the model
+    /// is unchanged. For a host that could not make the round's start durable.
+    pub fn abort_round(&mut self, now: Instant, reason: impl Into<String>) {
+        let Some(r) = &self.round else { return };
+        let round = r.id;
+        let mut training: Vec<ClientId> = r
+            .participants
+            .iter()
+            .filter(|(_, p)| **p == Participant::Training)
+            .map(|(c, _)| *c)
+            .collect();
+        training.sort_unstable();
+        for c in training {
+            self.send(c, CoordinatorMessage::Abort { round, reason: AbortReason::RoundFailed });
+        }
+        self.fail(now, FailReason::Aborted(reason.into()));
+    }
+
+    /// Undoes the last commit: the model and version go back to what they were before it, so a
+    /// model the host failed to record is never served. Possible only until the next round
+    /// starts (no client can have received the reverted model before then); returns whether a
+    /// commit was undone. The strategy's own state (server optimiser moments, a DP ledger held in
+    /// memory) is not rewound: the host is expected to stop starting rounds after a storage
+    /// failure, and an over-counted privacy charge is the safe side.
+    pub fn revert_commit(&mut self) -> bool {
+        if self.round.is_some() {
+            return false;
+        }
+        let Some((version, model)) = self.replaced.take() else { return false };
+        if self.history.back().is_some_and(|(v, _)| *v == version) {
+            self.history.pop_back();
+        }
+        self.model = model;
+        self.version = version;
+        self.last_phase = Phase::Failed;
+        true
     }
 
     /// The next message to send, in order.
@@ -915,6 +962,7 @@ impl Orchestrator {
             Err(e) => self.fail(now, FailReason::Aggregation(e)),
             Ok((next, privacy)) => {
                 let Some(mut r) = self.round.take() else { return };
+                self.replaced = Some((self.version, self.model.clone()));
                 if self.config.history > 0 {
                     self.history.push_back((self.version, self.model.clone()));
                     while self.history.len() > self.config.history {

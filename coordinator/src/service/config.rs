@@ -84,10 +84,28 @@ pub struct ServerSection {
     pub token_secret_file: PathBuf,
     /// Most open client connections; further handshakes are refused.
     pub max_connections: u32,
+    /// Most open connections from one IP address; further handshakes from it are refused.
+    pub max_connections_per_ip: u32,
     /// Most handshakes in progress at once (paces a round-start burst).
     pub max_concurrent_handshakes: u32,
-    /// Largest frame accepted from a client, in bytes.
+    /// A handshake not complete after this long is abandoned (milliseconds).
+    pub handshake_timeout_ms: u64,
+    /// With more handshakes than this in progress, a connection attempt from an address not yet
+    /// validated is answered with a stateless QUIC Retry (0: always).
+    pub retry_above_handshakes: u32,
+    /// A connection must present a valid token in a check-in within this long after its
+    /// handshake (milliseconds).
+    pub checkin_timeout_ms: u64,
+    /// Largest frame accepted from a client that has been sent a task (its update), in bytes.
+    /// The service never accepts more than the largest encoding of the model needs.
     pub max_frame_bytes: u32,
+    /// Largest frame accepted from any other connection (before its token verified, or while it
+    /// holds no task), in bytes.
+    pub unauthenticated_max_frame_bytes: u32,
+    /// A frame must finish arriving within this long after its first bytes (milliseconds).
+    pub frame_timeout_ms: u64,
+    /// A frame must be written to a client within this long (milliseconds).
+    pub send_timeout_ms: u64,
     /// A connection without traffic for this long is closed (milliseconds).
     pub idle_timeout_ms: u64,
     /// Bidirectional streams a client may open at once on one connection.
@@ -110,8 +128,15 @@ impl Default for ServerSection {
             admin_token_file: "secrets/admin.token".into(),
             token_secret_file: "secrets/token.key".into(),
             max_connections: 20_000,
+            max_connections_per_ip: 64,
             max_concurrent_handshakes: 256,
+            handshake_timeout_ms: 5_000,
+            retry_above_handshakes: 32,
+            checkin_timeout_ms: 5_000,
             max_frame_bytes: starling_proto::codec::DEFAULT_MAX_FRAME_BYTES,
+            unauthenticated_max_frame_bytes: 16 << 10,
+            frame_timeout_ms: 30_000,
+            send_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
             max_concurrent_streams: 2,
             rate_per_second: 10,
@@ -353,6 +378,19 @@ impl ServiceConfig {
         if s.max_concurrent_handshakes == 0 {
             return Err(invalid("server.max_concurrent_handshakes", "must be at least 1"));
         }
+        if s.max_connections_per_ip == 0 {
+            return Err(invalid("server.max_connections_per_ip", "must be at least 1"));
+        }
+        for (key, ms) in [
+            ("server.handshake_timeout_ms", s.handshake_timeout_ms),
+            ("server.checkin_timeout_ms", s.checkin_timeout_ms),
+            ("server.frame_timeout_ms", s.frame_timeout_ms),
+            ("server.send_timeout_ms", s.send_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
         if s.max_frame_bytes < 1024 || s.max_frame_bytes > starling_proto::codec::HARD_MAX_FRAME_BYTES {
             return Err(invalid("server.max_frame_bytes", "must be between 1 KiB and 1 GiB"));
         }
@@ -371,6 +409,12 @@ impl ServiceConfig {
             return Err(invalid(
                 "server.max_frame_bytes",
                 format!("{} bytes cannot carry the model ({model_bytes} bytes)", s.max_frame_bytes),
+            ));
+        }
+        if s.unauthenticated_max_frame_bytes < 1024 || s.unauthenticated_max_frame_bytes > s.max_frame_bytes {
+            return Err(invalid(
+                "server.unauthenticated_max_frame_bytes",
+                "must be at least 1 KiB and at most server.max_frame_bytes",
             ));
         }
         if !(self.model.init_std.is_finite() && self.model.init_std >= 0.0) {
@@ -400,6 +444,15 @@ impl ServiceConfig {
     /// The shape of the global parameters.
     pub fn shape(&self) -> Result<ModelShape, ConfigError> {
         ModelShape::new(self.model.rows, self.model.row_len).map_err(|e| invalid("model.rows", e.to_string()))
+    }
+
+    /// The largest frame a selected client may send: `server.max_frame_bytes`, lowered to what
+    /// the largest encoding of an update of the model can take (dense or row-sparse with every
+    /// row, plus the frame's envelope), so a peer can never make the service buffer more.
+    pub fn upload_frame_bytes(&self) -> Result<u32, ConfigError> {
+        let shape = self.shape()?;
+        let need = shape.len() as u64 * 4 + u64::from(shape.rows) * 4 + 4096;
+        Ok(need.min(u64::from(self.server.max_frame_bytes)) as u32)
     }
 
     /// The (ε, δ) budget.
@@ -596,9 +649,17 @@ admin_token_file = "secrets/admin.token"
 token_secret_file = "secrets/token.key"
 # Limits. A round start is a burst of handshakes: they are paced by max_concurrent_handshakes
 # and absorbed by a large UDP receive buffer (the kernel caps it at net.core.rmem_max).
+# Hostile peers: see docs/operations.md ("Limits") for what each costs and the memory bound.
 max_connections = 20000
+max_connections_per_ip = 64      # carrier NAT puts many devices behind one address: raise if needed
 max_concurrent_handshakes = 256
-max_frame_bytes = 67108864
+handshake_timeout_ms = 5000
+retry_above_handshakes = 32      # stateless QUIC Retry (address validation) beyond this; 0 = always
+checkin_timeout_ms = 5000        # a valid token within this after the handshake, or closed
+max_frame_bytes = 67108864       # selected clients' uploads (capped further at the model's size)
+unauthenticated_max_frame_bytes = 16384
+frame_timeout_ms = 30000         # a frame must finish arriving within this
+send_timeout_ms = 10000          # a frame must be written within this (a peer that stops reading)
 idle_timeout_ms = 30000
 max_concurrent_streams = 2
 rate_per_second = 10

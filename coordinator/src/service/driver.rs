@@ -10,22 +10,38 @@
 //! - **One driver task owns the [`Orchestrator`]**: every input (a message, a disconnect, a timer,
 //!   a command) is handled in order, then every output is drained. Nothing else touches the engine.
 //! - **Per-connection tasks** (one per peer, generic over [`Connection`], so in-process and QUIC
-//!   peers are served alike) reassemble and decode frames, answer unsupported protocol versions
-//!   with a negotiation frame, drop peers that send invalid frames or go idle, and forward decoded
-//!   messages to the driver through a bounded channel (a slow driver slows the readers down:
-//!   backpressure, never an unbounded queue).
+//!   peers are served alike; see [`connection`]) reassemble and decode frames under the peer's
+//!   current limits, answer unsupported protocol versions with a negotiation frame, enforce the
+//!   check-in, frame, send and silence deadlines, and forward decoded messages to the driver
+//!   through a bounded channel (a slow driver slows the readers down: backpressure, never an
+//!   unbounded queue).
+//! - **Authentication happens here, before a connection speaks for anyone**: a check-in's
+//!   credential is verified by the [`Authenticator`] *before* the connection is bound to the
+//!   client it names. A refused check-in gets `Refusal::Unauthenticated` and its connection is
+//!   closed; it never displaces the client's live connection and is never sent anything meant
+//!   for that client. Only a verified check-in may replace an older connection of the same
+//!   client. The credential is verified again with every update, and [`CoordinatorHandle::reverify`]
+//!   re-checks every bound connection (the service calls it after reloading revocations), closing
+//!   those whose credential was revoked or expired and counting them as dropouts.
 //! - Outbound frames go through a bounded per-connection queue. A peer that does not drain its
 //!   queue is disconnected rather than buffered for. One encoded model frame is shared by every
 //!   client that receives the same task ([`Bytes`], no copy per client).
-//! - **Events** go to the [`EventHook`] *before the next input is handled*: a committed round's
-//!   privacy charge and checkpoint are made durable there, before any later task can ship the
-//!   new model. A hook error halts the driver (no further rounds are started).
+//! - **Events** go to the [`EventHook`] *before the next input is handled*; events the hook marks
+//!   [`blocking`](EventHook::blocking) (storage with fsync) run on tokio's blocking pool, so the
+//!   runtime's threads keep serving connections meanwhile. A committed round's privacy charge and
+//!   checkpoint are made durable there, before any later task can ship the new model. A hook
+//!   error halts the driver (no further rounds are started, on schedule or on command); if it
+//!   failed to record a round's start the round is aborted before any task is sent, and if it
+//!   failed to record a commit the engine reverts to the previous model, so a model that was
+//!   not recorded is never served and the status keeps showing the recorded version.
 //! - **Rounds** start on command, or automatically per [`RoundSchedule`].
 
+mod connection;
+
 use bytes::Bytes;
-use starling_proto::codec::{Codec, FrameBuffer, Inbound};
+use starling_proto::codec::Codec;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
-use starling_proto::message::{ClientMessage, CoordinatorMessage};
+use starling_proto::message::{ClientMessage, CoordinatorMessage, Refusal};
 use starling_proto::round::{Orchestrator, Phase, RoundEvent, StartError};
 use starling_proto::time::Instant as ProtoInstant;
 use starling_sdk::transport::Connection;
@@ -43,11 +59,21 @@ pub struct DriverConfig {
     pub inbound_queue: usize,
     /// Frames waiting to be written, per connection; a peer that falls further behind is dropped.
     pub outbound_queue: usize,
-    /// Largest frame accepted from a peer.
+    /// Largest frame accepted from a client that has been sent a task (its update).
     pub max_frame_bytes: u32,
-    /// A connection that sends nothing for this long is closed. A client waiting for selection
-    /// or training sends nothing, so keep it above the selection plus report timeouts (the
-    /// service does).
+    /// Largest frame accepted from any other peer: before its check-in verified, and while it
+    /// holds no task. A frame header announcing more closes the connection before the body is
+    /// buffered.
+    pub unauthenticated_max_frame_bytes: u32,
+    /// A connection whose check-in has not verified this long after it attached is closed.
+    pub checkin_timeout: Duration,
+    /// A frame whose first bytes arrived must be complete within this (slow-loris).
+    pub frame_timeout: Duration,
+    /// A frame must be written to the peer within this (a peer that stops reading).
+    pub send_timeout: Duration,
+    /// A connection that sends no complete message for this long is closed. A client waiting
+    /// for selection or training sends nothing, so keep it above the selection plus report
+    /// timeouts (the service does).
     pub idle_timeout: Duration,
     /// Messages accepted per connection per second (beyond it the connection is dropped).
     pub max_messages_per_sec: u32,
@@ -62,6 +88,10 @@ impl Default for DriverConfig {
             inbound_queue: 1024,
             outbound_queue: 8,
             max_frame_bytes: starling_proto::codec::DEFAULT_MAX_FRAME_BYTES,
+            unauthenticated_max_frame_bytes: 16 << 10,
+            checkin_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             max_messages_per_sec: 20,
             schedule: None,
@@ -95,6 +125,10 @@ pub struct DriverStatus {
     pub rounds_failed: u64,
     /// Connections dropped for bad input, idleness, rate or slowness.
     pub connections_dropped: u64,
+    /// Check-ins whose credential did not verify (their connections were closed).
+    pub unauthenticated: u64,
+    /// Bound connections closed because their credential was revoked or expired.
+    pub revoked: u64,
     /// Why the driver stopped starting rounds, if it did.
     pub halted: Option<String>,
 }
@@ -104,6 +138,35 @@ pub trait EventHook: Send + 'static {
     /// Persist or report `event`. An error halts the driver's round scheduling and is reported in
     /// [`DriverStatus::halted`].
     fn on_event(&mut self, event: &RoundEvent) -> Result<(), String>;
+
+    /// Whether handling `event` blocks (disk writes, fsync): such events are handed to tokio's
+    /// blocking pool, and the driver waits for them before its next input.
+    fn blocking(&self, _event: &RoundEvent) -> bool {
+        false
+    }
+}
+
+/// Verifies a check-in's credential for the client it names. `Err` carries the reason, for
+/// logs and metrics; on the wire every failure is `Refusal::Unauthenticated`.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Whether `credential` lets its holder speak for `client` now.
+    fn verify(&self, client: ClientId, credential: &[u8]) -> Result<(), String>;
+}
+
+/// Accepts every credential (in-process fleets and tests; never the service).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AcceptAll;
+
+impl Authenticator for AcceptAll {
+    fn verify(&self, _client: ClientId, _credential: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<F: Fn(ClientId, &[u8]) -> Result<(), String> + Send + Sync + 'static> Authenticator for F {
+    fn verify(&self, client: ClientId, credential: &[u8]) -> Result<(), String> {
+        self(client, credential)
+    }
 }
 
 impl<F: FnMut(&RoundEvent) -> Result<(), String> + Send + 'static> EventHook for F {
@@ -122,6 +185,9 @@ pub enum DriverError {
     /// The engine refused to start a round.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The driver halted after a storage (hook) failure and starts no rounds.
+    #[error("the coordinator is halted: {0}")]
+    Halted(String),
 }
 
 type ConnId = u64;
@@ -130,12 +196,16 @@ enum Command {
     Attach { conn: ConnId, out: mpsc::Sender<Outbound>, reply: oneshot::Sender<bool> },
     Message { conn: ConnId, message: ClientMessage },
     Closed { conn: ConnId, reason: Option<String> },
-    StartRound { reply: oneshot::Sender<Result<RoundId, StartError>> },
+    StartRound { reply: oneshot::Sender<Result<RoundId, DriverError>> },
+    Reverify { reply: oneshot::Sender<usize> },
     Shutdown { reply: oneshot::Sender<()> },
 }
 
 enum Outbound {
-    Frame(Bytes),
+    /// A frame to write; `upload` lets the peer send one model-sized frame (it was sent a task).
+    Frame { bytes: Bytes, upload: bool },
+    /// The peer's check-in verified: its check-in deadline is lifted.
+    Authenticated,
     Close(String),
 }
 
@@ -155,14 +225,28 @@ impl CoordinatorHandle {
         let id = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tx = self.tx.clone();
         let config = self.config.clone();
-        tokio::spawn(connection_task(conn, id, tx, config));
+        tokio::spawn(connection::connection_task(conn, id, tx, config));
     }
 
-    /// Starts a round now.
+    /// The driver's limits.
+    pub fn config(&self) -> &DriverConfig {
+        &self.config
+    }
+
+    /// Starts a round now (refused while the driver is halted).
     pub async fn start_round(&self) -> Result<RoundId, DriverError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::StartRound { reply }).await.map_err(|_| DriverError::Stopped)?;
-        Ok(rx.await.map_err(|_| DriverError::Stopped)??)
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Verifies every bound connection's credential again (after revocations were reloaded, and
+    /// to catch expiries); closes those that fail and treats their clients as dropped out.
+    /// Returns how many were closed.
+    pub async fn reverify(&self) -> Result<usize, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Reverify { reply }).await.map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)
     }
 
     /// The latest status.
@@ -190,8 +274,20 @@ impl CoordinatorHandle {
     }
 }
 
-/// Starts the driver task owning `engine`. Must be called inside a tokio runtime.
+/// Starts the driver task owning `engine`, accepting every credential ([`AcceptAll`]). Must be
+/// called inside a tokio runtime.
 pub fn spawn(engine: Orchestrator, config: DriverConfig, hook: impl EventHook) -> CoordinatorHandle {
+    spawn_with_auth(engine, config, hook, std::sync::Arc::new(AcceptAll))
+}
+
+/// Starts the driver task owning `engine`, verifying check-ins with `auth`. Must be called
+/// inside a tokio runtime.
+pub fn spawn_with_auth(
+    engine: Orchestrator,
+    config: DriverConfig,
+    hook: impl EventHook,
+    auth: std::sync::Arc<dyn Authenticator>,
+) -> CoordinatorHandle {
     let (tx, rx) = mpsc::channel(config.inbound_queue.max(1));
     let (version, _) = engine.model();
     let status = DriverStatus {
@@ -202,6 +298,8 @@ pub fn spawn(engine: Orchestrator, config: DriverConfig, hook: impl EventHook) -
         rounds_committed: 0,
         rounds_failed: 0,
         connections_dropped: 0,
+        unauthenticated: 0,
+        revoked: 0,
         halted: None,
     };
     let (status_tx, status_rx) = watch::channel(status);
@@ -217,7 +315,9 @@ pub fn spawn(engine: Orchestrator, config: DriverConfig, hook: impl EventHook) -
         clients: HashMap::new(),
         status: status_tx,
         events: events.clone(),
-        hook: Box::new(hook),
+        hook: Some(Box::new(hook)),
+        auth,
+        max_connections: config.max_connections,
         shared_frames: HashMap::new(),
     };
     tokio::spawn(driver.run(rx));
@@ -232,7 +332,10 @@ pub fn spawn(engine: Orchestrator, config: DriverConfig, hook: impl EventHook) -
 
 struct Conn {
     out: mpsc::Sender<Outbound>,
+    /// The client this connection speaks for: set only once a check-in's credential verified.
     client: Option<ClientId>,
+    /// The credential that verified (checked again with every update and on [`Command::Reverify`]).
+    credential: Vec<u8>,
 }
 
 struct Driver {
@@ -246,7 +349,11 @@ struct Driver {
     clients: HashMap<ClientId, ConnId>,
     status: watch::Sender<DriverStatus>,
     events: broadcast::Sender<RoundEvent>,
-    hook: Box<dyn EventHook>,
+    /// `None` only while a blocking event is being handled on the blocking pool (or after the
+    /// hook panicked there).
+    hook: Option<Box<dyn EventHook>>,
+    auth: std::sync::Arc<dyn Authenticator>,
+    max_connections: usize,
     /// Encoded task frames of the current round, shared by every recipient of the same task.
     shared_frames: HashMap<(RoundId, Option<ModelVersion>), Bytes>,
 }
@@ -292,7 +399,7 @@ impl Driver {
                     }
                 }
             }
-            self.drain();
+            self.drain().await;
             if let Some(reply) = shutdown_reply.take() {
                 for conn in self.conns.values() {
                     let _ = conn.out.try_send(Outbound::Close("coordinator shutting down".into()));
@@ -307,42 +414,15 @@ impl Driver {
         let now = self.now();
         match cmd {
             Command::Attach { conn, out, reply } => {
-                self.conns.insert(conn, Conn { out, client: None });
+                if self.conns.len() >= self.max_connections {
+                    let _ = reply.send(false);
+                    return;
+                }
+                self.conns.insert(conn, Conn { out, client: None, credential: Vec::new() });
                 let _ = reply.send(true);
                 self.status.send_modify(|s| s.connections = self.conns.len());
             }
-            Command::Message { conn, message } => {
-                let Some(c) = self.conns.get_mut(&conn) else { return };
-                let claimed = match &message {
-                    ClientMessage::CheckIn(ci) => Some(ci.client),
-                    _ => None,
-                };
-                let client = match (c.client, claimed) {
-                    // A connection speaks for one client only.
-                    (Some(bound), Some(claim)) if bound != claim => {
-                        self.drop_conn(conn, "a connection may not speak for two clients");
-                        return;
-                    }
-                    (Some(bound), _) => bound,
-                    (None, Some(claim)) => {
-                        c.client = Some(claim);
-                        // A newer connection for the same client replaces the older one.
-                        if let Some(old) = self.clients.insert(claim, conn)
-                            && old != conn
-                            && let Some(o) = self.conns.get_mut(&old)
-                        {
-                            o.client = None;
-                            let _ = o.out.try_send(Outbound::Close("replaced by a newer connection".into()));
-                        }
-                        claim
-                    }
-                    (None, None) => {
-                        self.drop_conn(conn, "the first message must be a check-in");
-                        return;
-                    }
-                };
-                self.engine.handle_message(now, client, message);
-            }
+            Command::Message { conn, message } => self.handle_message(conn, message),
             Command::Closed { conn, reason } => {
                 if let Some(c) = self.conns.remove(&conn) {
                     if reason.is_some() {
@@ -358,11 +438,118 @@ impl Driver {
                 self.status.send_modify(|s| s.connections = self.conns.len());
             }
             Command::StartRound { reply } => {
-                let r = self.engine.start_round(now);
+                let r = match self.status.borrow().halted.clone() {
+                    Some(why) => Err(DriverError::Halted(why)),
+                    None => self.engine.start_round(now).map_err(DriverError::from),
+                };
                 let _ = reply.send(r);
+            }
+            Command::Reverify { reply } => {
+                let bound: Vec<(ConnId, ClientId)> =
+                    self.conns.iter().filter_map(|(id, c)| c.client.map(|client| (*id, client))).collect();
+                let mut closed = 0;
+                for (conn, client) in bound {
+                    let verdict = self.auth.verify(client, &self.conns[&conn].credential);
+                    if let Err(why) = verdict {
+                        self.unbind(conn, &format!("credential no longer valid: {why}"));
+                        closed += 1;
+                    }
+                }
+                if closed > 0 {
+                    self.status.send_modify(|s| s.revoked += closed as u64);
+                }
+                let _ = reply.send(closed);
             }
             Command::Shutdown { .. } => unreachable!("handled by the run loop"),
         }
+    }
+
+    /// A message from `conn`: authentication and binding first, then the engine.
+    fn handle_message(&mut self, conn: ConnId, message: ClientMessage) {
+        let now = self.now();
+        let Some(c) = self.conns.get(&conn) else { return };
+        let client = match (c.client, &message) {
+            (None, ClientMessage::CheckIn(check_in)) => {
+                let claim = check_in.client;
+                if let Err(why) = self.auth.verify(claim, &check_in.credential) {
+                    tracing::debug!(conn, client = claim.0, reason = %why, "check-in refused");
+                    self.refuse_unauthenticated(conn);
+                    return;
+                }
+                self.bind(conn, claim, check_in.credential.clone());
+                claim
+            }
+            (None, _) => return self.drop_conn(conn, "the first message must be a check-in"),
+            (Some(bound), ClientMessage::CheckIn(check_in)) => {
+                if check_in.client != bound {
+                    return self.drop_conn(conn, "a connection may not speak for two clients");
+                }
+                if let Err(why) = self.auth.verify(bound, &check_in.credential) {
+                    tracing::debug!(conn, client = bound.0, reason = %why, "check-in refused");
+                    self.unbind(conn, "unauthenticated");
+                    self.status.send_modify(|s| s.unauthenticated += 1);
+                    return;
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.credential.clone_from(&check_in.credential);
+                }
+                bound
+            }
+            (Some(bound), ClientMessage::Update(_)) => {
+                // Revocation and expiry take effect at the latest here, not only at check-in.
+                if let Err(why) = self.auth.verify(bound, &c.credential) {
+                    self.unbind(conn, &format!("credential no longer valid: {why}"));
+                    self.status.send_modify(|s| s.revoked += 1);
+                    return;
+                }
+                bound
+            }
+            (Some(bound), _) => bound,
+        };
+        self.engine.handle_message(now, client, message);
+    }
+
+    /// `conn` now speaks for `client` (its credential verified). It replaces an older connection
+    /// of the same client, which is closed without counting as a dropout: the client goes on
+    /// over the new one.
+    fn bind(&mut self, conn: ConnId, client: ClientId, credential: Vec<u8>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.client = Some(client);
+            c.credential = credential;
+            let _ = c.out.try_send(Outbound::Authenticated);
+        }
+        if let Some(old) = self.clients.insert(client, conn)
+            && old != conn
+            && let Some(o) = self.conns.get_mut(&old)
+        {
+            o.client = None;
+            let _ = o.out.try_send(Outbound::Close("replaced by a newer connection".into()));
+        }
+    }
+
+    /// Closes `conn`, which no longer speaks for its client; a client that was training counts
+    /// as dropped out.
+    fn unbind(&mut self, conn: ConnId, reason: &str) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let client = c.client.take();
+        let _ = c.out.try_send(Outbound::Close(reason.into()));
+        if let Some(client) = client
+            && self.clients.get(&client) == Some(&conn)
+        {
+            self.clients.remove(&client);
+            let now = self.now();
+            self.engine.handle_disconnect(now, client);
+        }
+    }
+
+    /// Answers a check-in whose credential did not verify, then closes its connection.
+    fn refuse_unauthenticated(&mut self, conn: ConnId) {
+        self.status.send_modify(|s| s.unauthenticated += 1);
+        let Some(c) = self.conns.get(&conn) else { return };
+        if let Ok(frame) = self.codec.encode_coordinator(&CoordinatorMessage::Refusal(Refusal::Unauthenticated)) {
+            let _ = c.out.try_send(Outbound::Frame { bytes: Bytes::from(frame), upload: false });
+        }
+        let _ = c.out.try_send(Outbound::Close("unauthenticated".into()));
     }
 
     fn scheduled_start(&mut self) {
@@ -393,9 +580,92 @@ impl Driver {
         }
     }
 
-    fn drain(&mut self) {
+    /// Hands `event` to the hook: on the blocking pool when the hook says it blocks.
+    async fn run_hook(&mut self, event: &RoundEvent) -> Result<(), String> {
+        let Some(mut hook) = self.hook.take() else {
+            return Err("the event hook was lost after a panic".into());
+        };
+        if !hook.blocking(event) {
+            let r = hook.on_event(event);
+            self.hook = Some(hook);
+            return r;
+        }
+        let owned = event.clone();
+        match tokio::task::spawn_blocking(move || {
+            let r = hook.on_event(&owned);
+            (hook, r)
+        })
+        .await
+        {
+            Ok((hook, r)) => {
+                self.hook = Some(hook);
+                r
+            }
+            Err(e) => Err(format!("the event hook panicked: {e}")),
+        }
+    }
+
+    async fn drain(&mut self) {
+        loop {
+            self.send_transmits();
+            let Some(event) = self.engine.poll_event() else { break };
+            let hooked = self.run_hook(&event).await;
+            let mut committed = matches!(event, RoundEvent::Committed(_));
+            if let Err(e) = &hooked {
+                tracing::error!(error = %e, "event hook failed; halting round scheduling");
+                // The first failure is the cause; later ones (e.g. recording the abort) follow from it.
+                self.status.send_modify(|s| {
+                    s.halted.get_or_insert_with(|| e.clone());
+                });
+                let now = self.now();
+                match &event {
+                    // The round's start is not on record: no task of it may leave.
+                    RoundEvent::Started { .. } => {
+                        self.engine.abort_round(now, format!("the round's start was not recorded: {e}"))
+                    }
+                    // The commit is not on record: the new model must never be served.
+                    RoundEvent::Committed(_) => {
+                        if self.engine.revert_commit() {
+                            committed = false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let RoundEvent::Committed(_) | RoundEvent::Failed { .. } = &event {
+                let (version, _) = self.engine.model();
+                // One update, so a watcher never sees the count without the new version.
+                self.status.send_modify(|s| {
+                    if committed {
+                        s.rounds_committed += 1
+                    } else {
+                        s.rounds_failed += 1
+                    }
+                    s.model_version = version;
+                });
+                self.shared_frames.clear();
+                if let Some(s) = &self.schedule {
+                    self.next_start = Some(Instant::now() + s.gap);
+                }
+            }
+            let (version, _) = self.engine.model();
+            let (phase, round) = (self.engine.phase(), self.engine.current_round());
+            self.status.send_modify(|s| {
+                s.phase = phase;
+                s.round = round;
+                s.model_version = version;
+            });
+            // Subscribers see the commit only if it stands.
+            if committed || !matches!(event, RoundEvent::Committed(_)) {
+                let _ = self.events.send(event);
+            }
+        }
+    }
+
+    fn send_transmits(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
             let Some(&conn) = self.clients.get(&t.to) else { continue };
+            let upload = matches!(t.message, CoordinatorMessage::Task(_));
             let frame = match self.frame_for(&t.message) {
                 Ok(f) => f,
                 Err(e) => {
@@ -404,7 +674,7 @@ impl Driver {
                 }
             };
             let Some(c) = self.conns.get(&conn) else { continue };
-            if c.out.try_send(Outbound::Frame(frame)).is_err() {
+            if c.out.try_send(Outbound::Frame { bytes: frame, upload }).is_err() {
                 // The peer is not draining its queue: drop it rather than buffer for it.
                 let _ = c.out.try_send(Outbound::Close("too slow".into()));
                 self.clients.remove(&t.to);
@@ -415,44 +685,6 @@ impl Driver {
                 self.engine.handle_disconnect(now, t.to);
                 self.status.send_modify(|s| s.connections_dropped += 1);
             }
-        }
-        let mut changed = false;
-        while let Some(event) = self.engine.poll_event() {
-            changed = true;
-            if let Err(e) = self.hook.on_event(&event) {
-                tracing::error!(error = %e, "event hook failed; halting round scheduling");
-                self.status.send_modify(|s| s.halted = Some(e));
-            }
-            match &event {
-                RoundEvent::Committed(_) | RoundEvent::Failed { .. } => {
-                    let committed = matches!(event, RoundEvent::Committed(_));
-                    let (version, _) = self.engine.model();
-                    // One update, so a watcher never sees the count without the new version.
-                    self.status.send_modify(|s| {
-                        if committed {
-                            s.rounds_committed += 1
-                        } else {
-                            s.rounds_failed += 1
-                        }
-                        s.model_version = version;
-                    });
-                    self.shared_frames.clear();
-                    if let Some(s) = &self.schedule {
-                        self.next_start = Some(Instant::now() + s.gap);
-                    }
-                }
-                _ => {}
-            }
-            let _ = self.events.send(event);
-        }
-        if changed {
-            let (version, _) = self.engine.model();
-            let (phase, round) = (self.engine.phase(), self.engine.current_round());
-            self.status.send_modify(|s| {
-                s.phase = phase;
-                s.round = round;
-                s.model_version = version;
-            });
         }
     }
 
@@ -475,78 +707,6 @@ impl Driver {
         }
         Ok(Bytes::from(self.codec.encode_coordinator(message)?))
     }
-}
-
-async fn connection_task<C: Connection>(
-    mut conn: C,
-    id: ConnId,
-    driver: mpsc::Sender<Command>,
-    config: std::sync::Arc<DriverConfig>,
-) {
-    let (out_tx, mut out_rx) = mpsc::channel(config.outbound_queue.max(1));
-    let (reply, accepted) = oneshot::channel();
-    if driver.send(Command::Attach { conn: id, out: out_tx, reply }).await.is_err()
-        || accepted.await != Ok(true)
-    {
-        conn.close("coordinator unavailable").await;
-        return;
-    }
-    let codec = Codec::new(config.max_frame_bytes);
-    let mut frames = FrameBuffer::new(codec);
-    let mut window = (Instant::now(), 0u32);
-    let reason: Option<String> = 'serve: loop {
-        tokio::select! {
-            received = tokio::time::timeout(config.idle_timeout, conn.recv()) => {
-                let bytes = match received {
-                    Err(_) => break 'serve Some("idle timeout".into()),
-                    Ok(Err(e)) => break 'serve Some(e.to_string()),
-                    Ok(Ok(None)) => break 'serve None,
-                    Ok(Ok(Some(bytes))) => bytes,
-                };
-                frames.push(&bytes);
-                loop {
-                    match frames.next_client() {
-                        Ok(None) => break,
-                        Ok(Some(Inbound::Message { message, .. })) => {
-                            let now = Instant::now();
-                            if now.duration_since(window.0) >= Duration::from_secs(1) {
-                                window = (now, 0);
-                            }
-                            window.1 += 1;
-                            if window.1 > config.max_messages_per_sec {
-                                break 'serve Some("rate limit exceeded".into());
-                            }
-                            if driver.send(Command::Message { conn: id, message }).await.is_err() {
-                                break 'serve Some("coordinator stopped".into());
-                            }
-                        }
-                        Ok(Some(Inbound::UnsupportedVersion { version })) => {
-                            let _ = conn.send(Bytes::from(codec.encode_version_negotiation())).await;
-                            break 'serve Some(format!("unsupported protocol version {version}"));
-                        }
-                        Ok(Some(Inbound::VersionNegotiation { .. })) => {
-                            break 'serve Some("unexpected version negotiation from a client".into());
-                        }
-                        Err(e) => break 'serve Some(format!("invalid frame: {e}")),
-                    }
-                }
-            }
-            out = out_rx.recv() => match out {
-                Some(Outbound::Frame(frame)) => {
-                    if let Err(e) = conn.send(frame).await {
-                        break 'serve Some(e.to_string());
-                    }
-                }
-                Some(Outbound::Close(reason)) => break 'serve Some(reason),
-                None => break 'serve None,
-            }
-        }
-    };
-    if let Some(r) = &reason {
-        tracing::debug!(conn = id, reason = %r, "connection closed");
-    }
-    conn.close(reason.as_deref().unwrap_or("done")).await;
-    let _ = driver.send(Command::Closed { conn: id, reason }).await;
 }
 
 /// Accepts in-process connections from `listener` until it closes.

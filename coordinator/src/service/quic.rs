@@ -9,17 +9,31 @@
 //! - at most [`QuicLimits::max_concurrent_handshakes`] handshakes are in progress; further
 //!   connection attempts wait in quinn's bounded incoming queue.
 //!
-//! Beyond [`QuicLimits::max_connections`] open connections new ones are refused at once. Each
-//! connection may open at most [`QuicLimits::max_concurrent_streams`] bidirectional streams and
-//! no unidirectional ones; each stream is served as one driver connection
-//! ([`QuicConnection`] from the SDK, so both ends share an implementation).
+//! Against hostile peers (see `docs/operations.md`, "Limits"):
+//! - with more than [`QuicLimits::retry_above_handshakes`] handshakes in progress, an attempt
+//!   from an address that has not been validated gets a stateless **Retry**: the server keeps no
+//!   state for it until the peer proves it receives packets at its address (spoofed floods cost
+//!   one packet each);
+//! - a handshake must finish within [`QuicLimits::handshake_timeout`];
+//! - at most [`QuicLimits::max_connections`] connections in all (an attempt beyond it is
+//!   refused), and at most [`QuicLimits::max_connections_per_ip`] from one IP address;
+//! - a connection must open its stream within [`QuicLimits::checkin_timeout`] (the driver then
+//!   gives that stream the same time to check in with a valid token);
+//! - quinn buffers at most [`QuicLimits::stream_receive_window`] per stream and
+//!   [`QuicLimits::receive_window`] per connection of data the service has not read, and at most
+//!   [`QuicLimits::incoming_buffer_bytes`] per connection attempt not yet accepted.
+//!
+//! Each connection may open at most [`QuicLimits::max_concurrent_streams`] bidirectional streams
+//! and no unidirectional ones; each stream is served as one driver connection ([`QuicConnection`]
+//! from the SDK, so both ends share an implementation).
 
 use super::driver::CoordinatorHandle;
 use quinn::rustls;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use starling_sdk::transport::quic::{ALPN, QuicConnection, crypto_provider};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -29,8 +43,22 @@ use tokio::sync::Semaphore;
 pub struct QuicLimits {
     /// Most open connections (default 20,000).
     pub max_connections: usize,
+    /// Most open connections from one IP address (default 64).
+    pub max_connections_per_ip: usize,
     /// Most handshakes in progress at once (default 256).
     pub max_concurrent_handshakes: usize,
+    /// With more handshakes than this in progress, unvalidated attempts get a Retry (default
+    /// 32; 0: always).
+    pub retry_above_handshakes: usize,
+    /// A connection must open its first stream within this (default 5 s).
+    pub checkin_timeout: Duration,
+    /// Unread data quinn buffers per stream (default 512 KiB; at 100 ms round-trip time that
+    /// still allows 5 MB/s per upload).
+    pub stream_receive_window: u32,
+    /// Unread data quinn buffers per connection (default 1 MiB).
+    pub receive_window: u32,
+    /// Data buffered per connection attempt that has not been accepted yet (default 64 KiB).
+    pub incoming_buffer_bytes: u64,
     /// Bidirectional streams one connection may have open (default 2).
     pub max_concurrent_streams: u32,
     /// QUIC idle timeout (default 30 s).
@@ -45,11 +73,17 @@ impl Default for QuicLimits {
     fn default() -> Self {
         Self {
             max_connections: 20_000,
+            max_connections_per_ip: 64,
             max_concurrent_handshakes: 256,
+            retry_above_handshakes: 32,
+            checkin_timeout: Duration::from_secs(5),
+            stream_receive_window: 512 << 10,
+            receive_window: 1 << 20,
+            incoming_buffer_bytes: 64 << 10,
             max_concurrent_streams: 2,
             idle_timeout: Duration::from_secs(30),
             recv_buffer_bytes: 4 << 20,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -84,6 +118,12 @@ pub struct QuicStats {
     pub accepted: AtomicU64,
     /// Connections refused because `max_connections` were open.
     pub refused: AtomicU64,
+    /// Connections refused because their IP address had `max_connections_per_ip` open.
+    pub refused_per_ip: AtomicU64,
+    /// Connection attempts answered with a stateless Retry.
+    pub retries: AtomicU64,
+    /// Connections closed because they opened no stream in time.
+    pub no_stream: AtomicU64,
     /// Handshakes that failed or timed out (bad certificate on the client side, ALPN, loss).
     pub handshake_failures: AtomicU64,
     /// Streams handed to the driver.
@@ -109,9 +149,15 @@ pub fn server_config(
     transport
         .max_concurrent_bidi_streams(limits.max_concurrent_streams.into())
         .max_concurrent_uni_streams(0u8.into())
+        .stream_receive_window(limits.stream_receive_window.into())
+        .receive_window(limits.receive_window.max(limits.stream_receive_window).into())
         .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(idle_ms))));
     config.transport_config(Arc::new(transport));
-    config.max_incoming(limits.max_connections.max(1));
+    // Attempts waiting to be accepted, and what quinn buffers for them.
+    let waiting = limits.max_concurrent_handshakes.max(1) * 4;
+    config.max_incoming(waiting);
+    config.incoming_buffer_size(limits.incoming_buffer_bytes);
+    config.incoming_buffer_size_total(limits.incoming_buffer_bytes.saturating_mul(waiting as u64));
     Ok(config)
 }
 
@@ -145,25 +191,77 @@ pub fn bind(
     Ok((endpoint, granted))
 }
 
-/// Accepts connections until the endpoint is closed, pacing handshakes and handing every
-/// bidirectional stream to the driver.
+/// Open connections per IP address; a [`IpSlot`] holds one and gives it back when dropped.
+#[derive(Debug, Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct IpSlot {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<IpSlot> {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { table: self.clone(), ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts connections until the endpoint is closed, pacing handshakes, answering floods with
+/// Retry, capping connections in all and per address, and handing every bidirectional stream to
+/// the driver.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     handle: CoordinatorHandle,
     limits: QuicLimits,
     stats: Arc<QuicStats>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(limits.max_concurrent_handshakes.max(1)));
+    let max_handshakes = limits.max_concurrent_handshakes.max(1);
+    let handshakes = Arc::new(Semaphore::new(max_handshakes));
+    let per_ip = Arc::new(PerIp::default());
     while let Some(incoming) = endpoint.accept().await {
-        if endpoint.open_connections() > limits.max_connections {
+        let in_progress = max_handshakes - handshakes.available_permits();
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && (limits.retry_above_handshakes == 0 || in_progress >= limits.retry_above_handshakes)
+        {
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            let _ = incoming.retry();
+            continue;
+        }
+        if endpoint.open_connections() >= limits.max_connections {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         }
+        let Some(slot) = per_ip.take(incoming.remote_address().ip(), limits.max_connections_per_ip) else {
+            stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = handshakes.clone().acquire_owned().await else { break };
-        let (handle, stats, timeout) = (handle.clone(), stats.clone(), limits.handshake_timeout);
+        let (handle, stats, limits) = (handle.clone(), stats.clone(), limits.clone());
         tokio::spawn(async move {
-            let conn = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
+            let _slot = slot;
+            let handshake = async { incoming.accept()?.await };
+            let conn = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
@@ -177,11 +275,25 @@ pub async fn serve(
             };
             drop(permit);
             stats.accepted.fetch_add(1, Ordering::Relaxed);
+            // A connection that opens no stream would never reach the driver's check-in deadline.
+            let first = match tokio::time::timeout(limits.checkin_timeout, conn.accept_bi()).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    stats.no_stream.fetch_add(1, Ordering::Relaxed);
+                    conn.close(quinn::VarInt::from_u32(1), b"no check-in in time");
+                    return;
+                }
+            };
+            let mut next = Some(first);
             // The stream limit is enforced by QUIC flow control (max_concurrent_bidi_streams).
-            while let Ok((send, recv)) = conn.accept_bi().await {
+            while let Some((send, recv)) = next.take() {
                 stats.streams.fetch_add(1, Ordering::Relaxed);
                 handle.attach(QuicConnection::new(conn.clone(), send, recv));
+                next = conn.accept_bi().await.ok();
             }
+            // Hold the address's slot until the connection is gone.
+            conn.closed().await;
         });
     }
 }

@@ -165,21 +165,12 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         .map_err(io(format!("reading {}", config.server.admin_token_file.display())))?;
     let admin_token: Arc<str> = admin_token.trim().into();
 
-    let mut engine =
+    // Credentials are verified by the driver, before a connection is bound to the client it
+    // names (the engine's own authenticator is left accepting: the driver never lets an
+    // unverified check-in through).
+    let engine =
         Orchestrator::new(config.orchestrator_config()?, strategy, model, version, recovery.next_round)?;
-    {
-        let (authority, telemetry) = (authority.clone(), telemetry.clone());
-        engine.set_authenticator(move |client, credential| {
-            match authority.verify(client, credential, unix_now_s()) {
-                Ok(_) => true,
-                Err(e) => {
-                    telemetry.auth_failures.get_or_create(&[("reason", e.label())]).inc();
-                    telemetry.failure("auth", format!("{client}: {e}"));
-                    false
-                }
-            }
-        });
-    }
+    let auth = Arc::new(TokenAuth { authority: authority.clone(), telemetry: telemetry.clone() });
     let central = config.central_dp();
     telemetry.update_status(|s| {
         s.model_version = version.0;
@@ -198,9 +189,14 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         central,
     };
     let s = &config.server;
+    let ms = Duration::from_millis;
     let driver_config = DriverConfig {
         max_connections: s.max_connections as usize,
-        max_frame_bytes: s.max_frame_bytes,
+        max_frame_bytes: config.upload_frame_bytes()?,
+        unauthenticated_max_frame_bytes: s.unauthenticated_max_frame_bytes,
+        checkin_timeout: ms(s.checkin_timeout_ms),
+        frame_timeout: ms(s.frame_timeout_ms),
+        send_timeout: ms(s.send_timeout_ms),
         // A client legitimately stays silent while it waits for selection and while it trains:
         // the driver's silence limit covers both deadlines (QUIC keep-alives and the QUIC idle
         // timeout below detect dead peers sooner).
@@ -216,12 +212,16 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         }),
         ..DriverConfig::default()
     };
-    let handle = driver::spawn(engine, driver_config, hook);
+    let handle = driver::spawn_with_auth(engine, driver_config, hook, auth);
 
     // 4. Endpoints.
     let limits = QuicLimits {
         max_connections: s.max_connections as usize,
+        max_connections_per_ip: s.max_connections_per_ip as usize,
         max_concurrent_handshakes: s.max_concurrent_handshakes as usize,
+        retry_above_handshakes: s.retry_above_handshakes as usize,
+        handshake_timeout: ms(s.handshake_timeout_ms),
+        checkin_timeout: ms(s.checkin_timeout_ms),
         max_concurrent_streams: s.max_concurrent_streams,
         idle_timeout: Duration::from_millis(s.idle_timeout_ms),
         recv_buffer_bytes: s.recv_buffer_bytes,
@@ -262,17 +262,33 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
             tracing::error!(error = %e, "admin endpoint failed");
         }
     }));
-    // Revocations made with `starling token revoke` while running take effect within 2 s.
-    let reader = Store::open(&config.storage.path)?;
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            match reader.revocations() {
-                Ok((tokens, clients)) => authority.reload_revocations(tokens, clients),
-                Err(e) => tracing::warn!(error = %e, "cannot reload token revocations"),
+    // Revocations made with `starling token revoke` while running take effect within 2 s: the
+    // set is reloaded (off the async threads) and every bound connection is verified again, so a
+    // revoked or expired client's connections are closed and it drops out of the running round.
+    let reader = Arc::new(std::sync::Mutex::new(Store::open(&config.storage.path)?));
+    {
+        let handle = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let reader = reader.clone();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    reader.lock().unwrap_or_else(|e| e.into_inner()).revocations()
+                })
+                .await;
+                match loaded {
+                    Ok(Ok((tokens, clients))) => authority.reload_revocations(tokens, clients),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot reload token revocations"),
+                    Err(e) => tracing::warn!(error = %e, "revocation reload panicked"),
+                }
+                match handle.reverify().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(closed = n, "closed connections whose credential is no longer valid"),
+                    Err(_) => break,
+                }
             }
-        }
-    }));
+        }));
+    }
     Ok(Running {
         quic_addr,
         admin_addr,
@@ -295,7 +311,27 @@ struct Persist {
     central: bool,
 }
 
+/// Verifies enrollment tokens for the driver, counting failures by reason.
+struct TokenAuth {
+    authority: Arc<TokenAuthority>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl driver::Authenticator for TokenAuth {
+    fn verify(&self, client: starling_proto::ids::ClientId, credential: &[u8]) -> Result<(), String> {
+        self.authority.verify(client, credential, unix_now_s()).map(|_| ()).map_err(|e| {
+            self.telemetry.auth_failures.get_or_create(&[("reason", e.label())]).inc();
+            self.telemetry.failure("auth", format!("{client}: {e}"));
+            e.to_string()
+        })
+    }
+}
+
 impl driver::EventHook for Persist {
+    fn blocking(&self, event: &RoundEvent) -> bool {
+        matches!(event, RoundEvent::Started { .. } | RoundEvent::Committed(_) | RoundEvent::Failed { .. })
+    }
+
     fn on_event(&mut self, event: &RoundEvent) -> Result<(), String> {
         let t = &self.telemetry;
         match event {
