@@ -83,6 +83,8 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     svc.server.listen = "127.0.0.1:0".parse().map_err(|e| err("address")(&e))?;
     svc.server.admin_listen = "127.0.0.1:0".parse().map_err(|e| err("address")(&e))?;
     svc.server.max_connections = svc.server.max_connections.max(n_users as u32 + 64);
+    // Every simulated device connects from 127.0.0.1: the per-address cap must admit them all.
+    svc.server.max_connections_per_ip = svc.server.max_connections;
     svc.model.family = "bpr-mf".into();
     svc.model.rows = n_items;
     svc.model.row_len = dim;
