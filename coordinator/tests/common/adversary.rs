@@ -54,7 +54,13 @@ pub const SLACK: Duration = Duration::from_secs(10);
 /// selection as soon as `target` clients checked in (selection pool = target, over-selection 1,
 /// so every candidate is selected) and commit once `target` reported, or at the report timeout
 /// with at least `min_reports`. Privacy mode "off", fedavg, clip norm 1 (the defaults).
-pub fn config(server_extra: &str, shape: ModelShape, target: usize, min_reports: usize, report_ms: u64) -> String {
+pub fn config(
+    server_extra: &str,
+    shape: ModelShape,
+    target: usize,
+    min_reports: usize,
+    report_ms: u64,
+) -> String {
     format!(
         r#"
 [server]
@@ -186,7 +192,11 @@ impl Serve {
             peak as f64 / MIB as f64,
             bound as f64 / MIB as f64
         );
-        eprintln!("{what}: coordinator peak RSS {:.1} MiB (bound {:.1} MiB)", peak as f64 / MIB as f64, bound as f64 / MIB as f64);
+        eprintln!(
+            "{what}: coordinator peak RSS {:.1} MiB (bound {:.1} MiB)",
+            peak as f64 / MIB as f64,
+            bound as f64 / MIB as f64
+        );
     }
 
     /// What the coordinator logged (warnings and errors).
@@ -196,7 +206,11 @@ impl Serve {
 
     /// The coordinator as an SDK endpoint description.
     pub fn endpoint(&self) -> CoordinatorEndpoint {
-        CoordinatorEndpoint { address: self.quic.to_string(), server_name: "localhost".into(), ca_pem: self.ca.clone() }
+        CoordinatorEndpoint {
+            address: self.quic.to_string(),
+            server_name: "localhost".into(),
+            ca_pem: self.ca.clone(),
+        }
     }
 
     /// A transport on a new UDP socket bound to `ip` (call inside a tokio runtime).
@@ -237,7 +251,11 @@ impl Serve {
 
     /// Waits (polling the live database) until `round` is recorded; returns its base checkpoint
     /// and, if it committed, the new one. `Err` if it failed or did not finish `within`.
-    pub async fn committed(&self, round: RoundId, within: Duration) -> Result<(Checkpoint, Checkpoint), String> {
+    pub async fn committed(
+        &self,
+        round: RoundId,
+        within: Duration,
+    ) -> Result<(Checkpoint, Checkpoint), String> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(store) = Store::open(&self.config.storage.path)
@@ -266,10 +284,7 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        eprintln!(
-            "coordinator peak RSS (VmHWM) at the end: {:.1} MiB",
-            self.peak_rss() as f64 / MIB as f64
-        );
+        eprintln!("coordinator peak RSS (VmHWM) at the end: {:.1} MiB", self.peak_rss() as f64 / MIB as f64);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -504,7 +519,10 @@ pub fn spawn_honest(
 }
 
 /// The honest fleet: one session per client in `clients`, on one transport from [`HONEST_IP`].
-pub fn spawn_fleet(serve: &Serve, clients: impl IntoIterator<Item = u64>) -> Vec<tokio::task::JoinHandle<Result<Reported, String>>> {
+pub fn spawn_fleet(
+    serve: &Serve,
+    clients: impl IntoIterator<Item = u64>,
+) -> Vec<tokio::task::JoinHandle<Result<Reported, String>>> {
     let t = serve.transport(HONEST_IP);
     clients.into_iter().map(|c| spawn_honest(&t, serve, c)).collect()
 }
@@ -534,7 +552,11 @@ pub fn honest_only(base: &[f32], deltas: &[&[f32]]) -> Vec<f32> {
 /// Largest absolute difference, and where.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).enumerate().map(|(i, (x, y))| ((x - y).abs(), i)).fold((0.0, 0), |m, d| if d.0 > m.0 { d } else { m })
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (x, y))| ((x - y).abs(), i))
+        .fold((0.0, 0), |m, d| if d.0 > m.0 { d } else { m })
 }
 
 /// L2 distance.
@@ -666,7 +688,8 @@ impl HalfOpen {
         let answers: Arc<std::sync::Mutex<Vec<(bool, bool)>>> = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
-            let (socket, by_cid, answers, stop) = (socket.clone(), by_cid.clone(), answers.clone(), stop.clone());
+            let (socket, by_cid, answers, stop) =
+                (socket.clone(), by_cid.clone(), answers.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -681,7 +704,8 @@ impl HalfOpen {
                 }
             });
         }
-        let endpoint = quinn_proto::Endpoint::new(Arc::new(quinn::EndpointConfig::default()), None, false, None);
+        let endpoint =
+            quinn_proto::Endpoint::new(Arc::new(quinn::EndpointConfig::default()), None, false, None);
         HalfOpen { endpoint, conns: Vec::new(), config, server, socket, by_cid, answers, stop }
     }
 
@@ -691,7 +715,8 @@ impl HalfOpen {
         let start = self.conns.len();
         let now = std::time::Instant::now();
         for k in 0..n {
-            let (_, mut conn) = self.endpoint.connect(now, self.config.clone(), self.server, "localhost").unwrap();
+            let (_, mut conn) =
+                self.endpoint.connect(now, self.config.clone(), self.server, "localhost").unwrap();
             let mut buf = Vec::new();
             let t = conn.poll_transmit(now, 1, &mut buf).expect("a client Initial");
             let datagram = &buf[..t.size];
