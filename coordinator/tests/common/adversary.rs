@@ -420,8 +420,10 @@ pub fn short(m: &CoordinatorMessage) -> String {
     }
 }
 
-/// Connects as `client` until it is given a task (check-ins answered "come back later" are
-/// retried on a new connection every 100 ms), within `within`.
+/// Connects as `client` until it is given a task, within `within`, as an SDK client would:
+/// check-ins answered "come back later" are retried on a new connection every 100 ms, and so
+/// are connection attempts that fail (a coordinator under attack may refuse or drop a
+/// handshake).
 pub async fn check_in_until_task(
     t: &QuicTransport,
     client: u64,
@@ -429,18 +431,26 @@ pub async fn check_in_until_task(
     within: Duration,
 ) -> Result<(Peer, Task), String> {
     let deadline = Instant::now() + within;
+    let mut last = String::from("nothing");
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("client {client}: no task within {within:?}"));
+            return Err(format!("client {client}: no task within {within:?} (last: {last})"));
         }
-        let mut p = tokio::time::timeout(left, Peer::connect(t))
-            .await
-            .map_err(|_| format!("client {client}: connect timed out"))??;
+        let mut p = match tokio::time::timeout(left, Peer::connect(t)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                last = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => continue,
+        };
         p.send(&check_in(client, token.clone())).await?;
         match p.next(left).await {
             Next::Message(CoordinatorMessage::Task(task)) => return Ok((p, task)),
             Next::Message(CoordinatorMessage::ComeBackAt(_)) => {
+                last = "come back later".into();
                 drop(p);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -480,7 +490,7 @@ pub fn honest_update(id: u64, shape: ModelShape) -> EncodedUpdate {
     let per = 0.8 / (n as f32).sqrt();
     let values = (0..n as u64)
         .map(|k| {
-            let sign = if (id + k) % 2 == 0 { 1.0 } else { -1.0 };
+            let sign = if (id + k).is_multiple_of(2) { 1.0 } else { -1.0 };
             sign * per * (0.5 + 0.5 * ((id * 31 + k * 7) % 10) as f32 / 10.0)
         })
         .collect();
@@ -603,6 +613,24 @@ pub async fn silent_connection(
         .map_err(|_| "handshake timed out".to_string())?
         .map_err(|e| e.to_string())?;
     Ok(Silent { conn, established: Instant::now() })
+}
+
+/// [`silent_connection`], retried (up to 10 attempts, 100 ms apart) when refused or dropped,
+/// as a determined attacker would.
+pub async fn silent_connection_retrying(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    server: SocketAddr,
+) -> Result<Silent, String> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match silent_connection(endpoint, config, server).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
 }
 
 /// Deterministic bytes (splitmix64), for garbage.
