@@ -5,6 +5,7 @@
 //! ```text
 //! cargo build --release -p starling-coordinator --bins --examples
 //! target/release/examples/quic_load --clients 1000 --rounds 4
+//! target/release/examples/quic_load --clients 1000 --rounds 3 --hostile 1000
 //! ```
 //!
 //! It runs `starling init` into a temporary directory, starts the real `starling serve` binary
@@ -16,9 +17,18 @@
 //! cost). Each round runs with every client at once; sessions/s = accepted sessions / time from
 //! the round's first connect to its last receipt. The coordinator's peak RSS is its `VmHWM`.
 //! Client and coordinator share the machine's cores.
+//!
+//! `--hostile N` first opens N hostile connections, from source addresses 127.0.1.x (32 per
+//! address, one UDP socket each), that complete the QUIC handshake and then never check in;
+//! each one reconnects as soon as the coordinator closes it, so that N are held (or being
+//! re-established) throughout the measured rounds. The honest clients' sessions/s are then
+//! measured with them held, and the report says how many were actually open during the rounds.
+//! The generated configuration raises `max_connections_per_ip` (when this build knows the key)
+//! so the honest clients, which share a few sockets on 127.0.0.x, are not capped.
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use starling_coordinator::service::config::ServiceConfig;
 use starling_coordinator::service::server;
 use starling_coordinator::service::tokens::{TokenAuthority, TokenClaims, unix_now_s};
 use starling_proto::codec::{Codec, FrameBuffer, Inbound};
@@ -33,7 +43,9 @@ use starling_sdk::config::CoordinatorEndpoint;
 use starling_sdk::transport::quic::{QuicConnection, QuicTransport};
 use starling_sdk::transport::{Connection, Transport};
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const ROWS: u32 = 3125;
@@ -44,6 +56,7 @@ struct Args {
     rounds: usize,
     bin: std::path::PathBuf,
     endpoints: usize,
+    hostile: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -53,6 +66,7 @@ fn args() -> anyhow::Result<Args> {
         rounds: 4,
         bin: exe.parent().and_then(|p| p.parent()).context("target dir")?.join("starling"),
         endpoints: 4,
+        hostile: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -62,17 +76,18 @@ fn args() -> anyhow::Result<Args> {
             "--rounds" => a.rounds = v.parse()?,
             "--bin" => a.bin = v.into(),
             "--endpoints" => a.endpoints = v.parse()?,
+            "--hostile" => a.hostile = v.parse()?,
             other => bail!("unknown option {other}"),
         }
     }
     Ok(a)
 }
 
-fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
+fn client_endpoint(ip: [u8; 4]) -> anyhow::Result<quinn::Endpoint> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.bind(&std::net::SocketAddr::from((ip, 0)).into())?;
     socket.set_nonblocking(true)?;
     Ok(quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -179,6 +194,79 @@ fn vm_hwm(pid: u32) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// Hostile connections: handshake, then never a stream; reconnect when closed.
+#[derive(Default)]
+struct Hostile {
+    /// Connections open now.
+    held: AtomicUsize,
+    /// Handshakes completed.
+    connects: AtomicU64,
+    /// Connection attempts that failed (refused, timed out).
+    failures: AtomicU64,
+    /// Held connections the coordinator closed.
+    closed: AtomicU64,
+}
+
+/// Keeps one hostile connection open from `endpoint`, reconnecting whenever it is closed or
+/// refused (after 50 ms), until the process ends.
+async fn hold_hostile(
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    server: SocketAddr,
+    h: Arc<Hostile>,
+) {
+    loop {
+        let attempt = match endpoint.connect_with(config.clone(), server, "localhost") {
+            Ok(connecting) => {
+                tokio::time::timeout(Duration::from_secs(30), connecting).await.ok().and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        match attempt {
+            Some(conn) => {
+                h.connects.fetch_add(1, Ordering::Relaxed);
+                h.held.fetch_add(1, Ordering::Relaxed);
+                conn.closed().await;
+                h.held.fetch_sub(1, Ordering::Relaxed);
+                h.closed.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                h.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens `n` hostile connections, 32 per source address 127.0.1.x (127.0.2.x beyond 250
+/// addresses), and waits (up to 60 s) until they are all held.
+async fn start_hostile(n: usize, server: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<Arc<Hostile>> {
+    let h = Arc::new(Hostile::default());
+    let config = starling_sdk::transport::quic::client_config(ca_pem)?;
+    let mut endpoint = None;
+    for i in 0..n {
+        if i % 32 == 0 {
+            let k = i / 32;
+            anyhow::ensure!(k < 250 * 200, "too many hostile connections");
+            endpoint = Some(client_endpoint([127, 0, 1 + (k / 250) as u8, 1 + (k % 250) as u8])?);
+        }
+        let endpoint = endpoint.clone().context("endpoint")?;
+        tokio::spawn(hold_hostile(endpoint, config.clone(), server, h.clone()));
+    }
+    let start = Instant::now();
+    while h.held.load(Ordering::Relaxed) < n && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "hostile: {} of {n} connections held after {:.1} s ({} handshakes, {} failed attempts)",
+        h.held.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64(),
+        h.connects.load(Ordering::Relaxed),
+        h.failures.load(Ordering::Relaxed)
+    );
+    Ok(h)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
@@ -212,6 +300,15 @@ retry_window_ms = 50
 "#,
         min = n * 9 / 10
     );
+    // Honest clients share a few sockets on 127.0.0.1: lift the per-address cap where this
+    // build has one (a build without the key refuses unknown keys).
+    let capped = config.replacen(
+        "[server]\n",
+        &format!("[server]\nmax_connections_per_ip = {}\n", n + args.hostile + 64),
+        1,
+    );
+    let knows_cap = ServiceConfig::from_toml(&capped, Vec::new(), dir.path()).is_ok();
+    let config = if knows_cap { capped } else { config };
     let path = dir.path().join("starling.toml");
     std::fs::write(&path, config)?;
     let secret = std::fs::read_to_string(dir.path().join("secrets/token.key"))?;
@@ -246,14 +343,35 @@ retry_window_ms = 50
     let ca_pem = std::fs::read(dir.path().join("tls/ca.pem"))?;
     let coordinator = CoordinatorEndpoint { address: addr, server_name: "localhost".into(), ca_pem };
     let transports: Vec<QuicTransport> = (0..args.endpoints.max(1))
-        .map(|_| Ok(QuicTransport::with_endpoint(client_endpoint()?, &coordinator)?))
+        .map(|_| Ok(QuicTransport::with_endpoint(client_endpoint([127, 0, 0, 1])?, &coordinator)?))
         .collect::<anyhow::Result<_>>()?;
     println!(
-        "coordinator pid {} at {}; {n} clients, {} rounds, model {ROWS}x{ROW_LEN}",
+        "coordinator pid {} at {}; {n} clients, {} rounds, model {ROWS}x{ROW_LEN}, {} hostile connections{}",
         child.id(),
         coordinator.address,
-        args.rounds
+        args.rounds,
+        args.hostile,
+        if knows_cap { "" } else { " (this build has no max_connections_per_ip)" }
     );
+    let hostile = if args.hostile > 0 {
+        let server: SocketAddr = coordinator.address.parse()?;
+        let h = start_hostile(args.hostile, server, &coordinator.ca_pem).await?;
+        // How many are held during the measured rounds: min and mean of 10 samples a second.
+        let samples = Arc::new((AtomicUsize::new(usize::MAX), AtomicU64::new(0), AtomicU64::new(0)));
+        let (h2, s2) = (h.clone(), samples.clone());
+        tokio::spawn(async move {
+            loop {
+                let held = h2.held.load(Ordering::Relaxed);
+                s2.0.fetch_min(held, Ordering::Relaxed);
+                s2.1.fetch_add(held as u64, Ordering::Relaxed);
+                s2.2.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Some((h, samples))
+    } else {
+        None
+    };
 
     let tokens = Arc::new(tokens);
     let mut have: Vec<Option<ModelVersion>> = vec![None; n];
@@ -312,6 +430,18 @@ retry_window_ms = 50
         results.push(rate);
         // Let the round commit and the next one start.
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some((h, samples)) = &hostile {
+        let count = samples.2.load(Ordering::Relaxed).max(1);
+        println!(
+            "hostile connections held during the rounds: min {}, mean {:.0} of {}; {} handshakes, {} failed attempts, {} closed by the coordinator",
+            samples.0.load(Ordering::Relaxed),
+            samples.1.load(Ordering::Relaxed) as f64 / count as f64,
+            args.hostile,
+            h.connects.load(Ordering::Relaxed),
+            h.failures.load(Ordering::Relaxed),
+            h.closed.load(Ordering::Relaxed)
+        );
     }
     let peak = vm_hwm(child.id()).unwrap_or(0);
     println!("coordinator peak RSS (VmHWM): {:.1} MiB", peak as f64 / (1 << 20) as f64);
