@@ -776,7 +776,11 @@ mod tests {
 
     /// Runs one aggregation of `strategy` over the updates (with their weights) and returns the
     /// delta it applies to a zero model.
-    fn applied_delta(strategy: &mut dyn Strategy, shape: ModelShape, updates: Vec<(Update, f64)>) -> Vec<f32> {
+    fn applied_delta(
+        strategy: &mut dyn Strategy,
+        shape: ModelShape,
+        updates: Vec<(Update, f64)>,
+    ) -> Vec<f32> {
         use rand::SeedableRng;
         let ctx = RoundContext {
             round: RoundId(1),
@@ -821,8 +825,12 @@ mod tests {
         // optimizers normalise per coordinate, so their step is bounded by their learning rate,
         // not by C).
         for kind in ["fedavg_row", "fedavgm", "median", "trimmed_mean"] {
-            let c = ServiceConfig::from_toml(&format!("[strategy]\nkind = \"{kind}\"\n"), env(&[]), Path::new("."))
-                .unwrap();
+            let c = ServiceConfig::from_toml(
+                &format!("[strategy]\nkind = \"{kind}\"\n"),
+                env(&[]),
+                Path::new("."),
+            )
+            .unwrap();
             let mut s = c.build_strategy(PrivacyLedger::new(c.budget().unwrap())).unwrap();
             let mut v = vec![0.0f32; shape.len()];
             v[7] = -3e5;
@@ -873,8 +881,12 @@ mod tests {
         assert_eq!(o.round.weighting, Weighting::Auto);
         assert_eq!(o.round.max_weight, 100.0);
         for (name, want) in [("equal", Weighting::Equal), ("examples", Weighting::Examples)] {
-            let c = ServiceConfig::from_toml(TEMPLATE, env(&[("STARLING_ROUND_WEIGHTING", name)]), Path::new("."))
-                .unwrap();
+            let c = ServiceConfig::from_toml(
+                TEMPLATE,
+                env(&[("STARLING_ROUND_WEIGHTING", name)]),
+                Path::new("."),
+            )
+            .unwrap();
             assert_eq!(c.orchestrator_config().unwrap().round.weighting, want);
         }
         let base = Path::new(".");
