@@ -609,7 +609,6 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         // selected may come back for the next round, so every round samples from everyone available.
         retry_after: Duration::ZERO,
         retry_window: Duration::ZERO,
-        ..RoundConfig::default()
     };
     let goal = ((target as f64) * config.over_selection).ceil() as usize;
     let sampling_rate = sampling_rate(&fleet_config, n_users, goal);
