@@ -26,3 +26,4 @@ pub mod session;
 pub mod strategy;
 pub mod time;
 pub mod update;
+pub mod weighting;

@@ -38,6 +38,8 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+pub use crate::weighting::Weighting;
+
 /// Which device conditions make a client eligible to train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Eligibility {
@@ -101,7 +103,10 @@ pub struct RoundConfig {
     pub plan: TrainingPlan,
     /// Largest update accepted, in values.
     pub max_update_values: usize,
-    /// Largest aggregation weight accepted (bounds one client's influence on FedAvg).
+    /// How a client's reported weight becomes its aggregation weight (see [`Weighting`]).
+    pub weighting: Weighting,
+    /// Cap on one client's aggregation weight under example weighting: larger reported weights
+    /// are clamped to it (bounds one client's influence on FedAvg).
     pub max_weight: f32,
     /// "Come back later" delay given to clients that are not needed now.
     pub retry_after: Duration,
@@ -121,7 +126,8 @@ impl Default for RoundConfig {
             eligibility: Eligibility::default(),
             plan: TrainingPlan::default(),
             max_update_values: 16 << 20,
-            max_weight: 100_000.0,
+            weighting: Weighting::Auto,
+            max_weight: 100.0,
             retry_after: Duration::from_secs(600),
             retry_window: Duration::from_secs(300),
         }
@@ -859,9 +865,10 @@ impl Orchestrator {
             self.reject(round, client, reason);
             return self.maybe_close(now);
         }
-        let weight = u.weight;
-        let bad_weight = !(weight.is_finite() && weight > 0.0 && weight <= self.config.round.max_weight);
-        let decoded = if bad_weight {
+        let cfg = &self.config.round;
+        let admitted = cfg.weighting.admit(u.weight, cfg.max_weight, &r.plan.noise);
+        let weight = admitted.unwrap_or(0.0);
+        let decoded = if admitted.is_none() {
             Err(RejectReason::InvalidWeight)
         } else {
             u.update

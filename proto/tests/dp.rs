@@ -270,3 +270,25 @@ fn a_dp_fleet_moves_the_model_by_the_noised_mean_of_clipped_updates() {
     let total: f32 = model.iter().step_by(2).sum();
     assert!((total - 10.0 * 0.15 / 10.0).abs() < 1e-3, "{model:?}");
 }
+
+/// Central DP sums clipped updates with equal weight; it cannot honour a median or a trimmed
+/// mean, so wrapping one is refused instead of silently replacing it by the mean.
+#[test]
+fn dp_fedavg_refuses_a_robust_aggregation_rule() {
+    use starling_proto::dp::strategy::DpConfigError;
+    use starling_proto::strategy::NormBound;
+    let config = dp_config(1.0, 1.0, 10, 0.01, 8.0);
+    for inner in [Federated::median(), Federated::trimmed_mean(0.1)] {
+        let name = inner.name();
+        let err = DpFedAvg::new(inner.clone(), config).unwrap_err();
+        assert!(matches!(err, DpConfigError::RobustRule { .. }), "{name}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains("median") || text.contains("trimmed"), "{text}");
+        // Decorators do not hide the rule.
+        let bounded = NormBound::new(inner, 5.0).unwrap();
+        assert!(matches!(DpFedAvg::new(bounded, config), Err(DpConfigError::RobustRule { .. })));
+    }
+    for inner in [Federated::fedavg(), Federated::fedavgm(1.0, 0.9), Federated::fedadam(0.01)] {
+        assert!(DpFedAvg::new(inner, config).is_ok());
+    }
+}

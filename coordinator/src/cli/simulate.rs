@@ -1,10 +1,12 @@
 //! `starling simulate`: the main job — a simulated fleet end to end.
 
+use crate::sim::attack::{Attack, AttackKind};
 use crate::sim::report::RoundRecord;
 use crate::sim::{self, DailyWindows, Dataset, NoiseSampler, PrivacyMode, SimConfig, StrategyKind};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use starling_proto::encoding::EncodingKind;
+use starling_proto::round::Weighting;
 use starling_proto::time::Duration;
 use std::path::PathBuf;
 
@@ -74,6 +76,28 @@ pub enum DpArg {
     Central,
     /// Local DP: every client noises its own update and keeps its own ledger.
     Local,
+}
+
+/// Weighting policies on the command line (the service's `round.weighting`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightingArg {
+    /// Equal weights under DP, the reported example count capped at --max-weight otherwise.
+    Auto,
+    /// Every update weighs 1.
+    Equal,
+    /// The reported example count, capped at --max-weight.
+    Examples,
+}
+
+/// Byzantine attacks on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttackArg {
+    /// The honest update times --attack-scale.
+    Scale,
+    /// The honest update times minus --attack-scale.
+    SignFlip,
+    /// Gaussian noise with the honest update's norm times --attack-scale.
+    Random,
 }
 
 /// Noise samplers on the command line.
@@ -202,9 +226,34 @@ pub struct SimulateArgs {
     /// Differential privacy: off, central (DP-FedAvg) or local.
     #[arg(long, value_enum, default_value_t = DpArg::Off)]
     pub dp: DpArg,
-    /// DP: the L2 norm every update is clipped to (the initial one with --adaptive-clip).
-    #[arg(long, default_value_t = 0.5)]
-    pub clip: f64,
+    /// The L2 norm every update is clipped to, by the clients and again by the coordinator
+    /// (default 0.5 with DP — the initial one with --adaptive-clip — and 20 without).
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// Without DP: do not re-clip updates on the coordinator (the service always does; this
+    /// measures what the re-clipping buys).
+    #[arg(long)]
+    pub no_server_clip: bool,
+    /// How a client's reported weight becomes its aggregation weight (the service's
+    /// `round.weighting`).
+    #[arg(long, value_enum, default_value_t = WeightingArg::Auto)]
+    pub weighting: WeightingArg,
+    /// Cap on one client's aggregation weight under example weighting (`round.max_weight`).
+    #[arg(long, default_value_t = starling_proto::round::RoundConfig::default().max_weight)]
+    pub max_weight: f32,
+    /// Byzantine clients: this fraction of all clients (chosen by the seed) sends crafted updates.
+    #[arg(long)]
+    pub attackers: Option<f64>,
+    /// What the Byzantine clients send.
+    #[arg(long, value_enum, default_value_t = AttackArg::Scale)]
+    pub attack: AttackArg,
+    /// The attack's factor.
+    #[arg(long, default_value_t = 100.0)]
+    pub attack_scale: f32,
+    /// With --attackers: first run the same simulation without attackers (reports under
+    /// OUT/baseline), then the attacked one (OUT), and report both HR@10 figures and the drop.
+    #[arg(long)]
+    pub attack_baseline: bool,
     /// DP: noise multiplier sigma (noise standard deviation over the clip norm).
     #[arg(long, default_value_t = 1.0)]
     pub noise_multiplier: f64,
@@ -350,10 +399,49 @@ impl SimulateArgs {
             c.report_timeout = secs(v, "report-timeout-s")?;
         }
         c.eval_users = self.eval_users.max(1);
+        let clip = self.clip.unwrap_or(if self.dp == DpArg::Off { sim::CLIP_WITHOUT_DP } else { 0.5 });
+        anyhow::ensure!(clip.is_finite() && clip > 0.0, "--clip must be positive");
+        c.clip_norm = if self.dp == DpArg::Off { clip } else { sim::CLIP_WITHOUT_DP };
+        c.server_clipping = !self.no_server_clip;
+        anyhow::ensure!(
+            self.dp == DpArg::Off || !self.no_server_clip,
+            "--no-server-clip applies without DP only (DP always clips)"
+        );
+        c.weighting = match self.weighting {
+            WeightingArg::Auto => Weighting::Auto,
+            WeightingArg::Equal => Weighting::Equal,
+            WeightingArg::Examples => Weighting::Examples,
+        };
+        anyhow::ensure!(
+            self.max_weight.is_finite() && self.max_weight > 0.0,
+            "--max-weight must be positive"
+        );
+        c.max_weight = self.max_weight;
+        c.attack = self
+            .attackers
+            .map(|fraction| {
+                let attack = Attack {
+                    fraction,
+                    kind: match self.attack {
+                        AttackArg::Scale => AttackKind::Scale,
+                        AttackArg::SignFlip => AttackKind::SignFlip,
+                        AttackArg::Random => AttackKind::Random,
+                    },
+                    factor: self.attack_scale,
+                };
+                attack.validate().map_err(|e| anyhow::anyhow!("--attackers/--attack-scale: {e}"))?;
+                Ok::<_, anyhow::Error>(attack)
+            })
+            .transpose()?;
+        anyhow::ensure!(!self.attack_baseline || c.attack.is_some(), "--attack-baseline needs --attackers");
+        anyhow::ensure!(
+            !(self.attack_baseline && self.compare_row_aware),
+            "--attack-baseline and --compare-row-aware cannot be combined"
+        );
         c.privacy = match self.dp {
             DpArg::Off => PrivacyMode::Off,
             DpArg::Central => PrivacyMode::Central {
-                clip: self.clip,
+                clip,
                 noise_multiplier: self.noise_multiplier,
                 epsilon: self.epsilon,
                 delta: self.delta,
@@ -364,11 +452,9 @@ impl SimulateArgs {
                     SamplerArg::OpendpGrid => NoiseSampler::OpenDpGrid,
                 },
             },
-            DpArg::Local => PrivacyMode::Local {
-                clip: self.clip,
-                noise_multiplier: self.noise_multiplier,
-                delta: self.delta,
-            },
+            DpArg::Local => {
+                PrivacyMode::Local { clip, noise_multiplier: self.noise_multiplier, delta: self.delta }
+            }
         };
         Ok(c)
     }
@@ -447,13 +533,47 @@ fn run_one(config: &SimConfig, out: &std::path::Path, quiet: bool) -> anyhow::Re
             .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
             .unwrap_or_else(|| "n/a".into())
     );
+    if let Some(a) = &report.attack {
+        println!("{}", a.summary());
+    }
     println!("wrote {} and {}", out.join("results.json").display(), out.join("report.html").display());
     Ok(report)
+}
+
+/// The final HR@10 of a run (the last evaluated round).
+fn final_hr(report: &sim::report::SimReport) -> Option<f64> {
+    report.rounds.iter().rev().find_map(|r| r.hr_at_10)
+}
+
+/// `--attack-baseline`: the run without attackers into OUT/baseline, then the attacked run into
+/// OUT, whose reports carry both HR@10 figures and the drop.
+fn run_attack_with_baseline(config: &SimConfig, args: &SimulateArgs) -> anyhow::Result<()> {
+    let baseline = SimConfig { attack: None, ..config.clone() };
+    println!("== baseline: the same simulation without attackers ==");
+    let base = run_one(&baseline, &args.out.join("baseline"), args.quiet)?;
+    println!("== with attackers ==");
+    let mut attacked = run_one(config, &args.out, args.quiet)?;
+    if let Some(a) = &mut attacked.attack {
+        a.set_baseline(final_hr(&base));
+    }
+    attacked.write(&args.out)?;
+    if let Some(a) = &attacked.attack {
+        println!(
+            "HR@10 without attackers {}, with attackers {}: drop {}",
+            fmt_opt(a.baseline_hr_at_10, 0),
+            fmt_opt(a.hr_at_10, 0),
+            fmt_opt(a.hr_at_10_drop, 0)
+        );
+    }
+    Ok(())
 }
 
 /// Runs `starling simulate`.
 pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     let config = args.to_config()?;
+    if args.attack_baseline {
+        return run_attack_with_baseline(&config, args);
+    }
     if !args.compare_row_aware {
         run_one(&config, &args.out, args.quiet)?;
         return Ok(());

@@ -16,8 +16,8 @@ use starling_proto::dp::strategy::{DpConfig, DpConfigError, DpFedAvg};
 use starling_proto::dp::{Budget, ClipNorm, Delta, Epsilon, NoiseMultiplier, PrivacyLedger, SamplingRate};
 use starling_proto::encoding::EncodingKind;
 use starling_proto::message::{NoiseSettings, TrainingPlan};
-use starling_proto::round::{Eligibility, OrchestratorConfig, RoundConfig};
-use starling_proto::strategy::{Federated, Strategy};
+use starling_proto::round::{Eligibility, OrchestratorConfig, RoundConfig, Weighting};
+use starling_proto::strategy::{Federated, NormBound, Strategy};
 use starling_proto::update::ModelShape;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -208,7 +208,11 @@ pub struct RoundSection {
     pub batch_size: u32,
     /// Update encoding: `row_sparse`, `dense` or `quantized8`.
     pub encoding: String,
-    /// Largest aggregation weight accepted from one client.
+    /// How a client's reported weight becomes its aggregation weight: `auto` (equal weights under
+    /// any DP mode, the reported example count capped at `max_weight` otherwise), `equal` or
+    /// `examples` (capped).
+    pub weighting: String,
+    /// Cap on one client's aggregation weight under example weighting (larger claims are clamped).
     pub max_weight: f32,
     /// "Come back later" delay for clients not needed now (milliseconds).
     pub retry_after_ms: u64,
@@ -236,7 +240,8 @@ impl Default for RoundSection {
             private_learning_rate: 0.05,
             batch_size: 32,
             encoding: "row_sparse".into(),
-            max_weight: 100_000.0,
+            weighting: Weighting::default().name().into(),
+            max_weight: RoundConfig::default().max_weight,
             retry_after_ms: 600_000,
             retry_window_ms: 300_000,
         }
@@ -424,6 +429,10 @@ impl ServiceConfig {
             return Err(invalid("model.family", "must not be empty"));
         }
         encoding(&self.round.encoding)?;
+        weighting(&self.round.weighting)?;
+        if !(self.round.max_weight.is_finite() && self.round.max_weight > 0.0) {
+            return Err(invalid("round.max_weight", "must be a positive finite number"));
+        }
         self.build_strategy(PrivacyLedger::new(self.budget()?))?;
         // The engine's own checks (targets, over-selection, weights).
         let shape = self.shape()?;
@@ -505,6 +514,7 @@ impl ServiceConfig {
                 },
                 plan,
                 max_update_values: shape.len(),
+                weighting: weighting(&r.weighting)?,
                 max_weight: r.max_weight,
                 retry_after: ms(r.retry_after_ms),
                 retry_window: ms(r.retry_window_ms),
@@ -514,7 +524,11 @@ impl ServiceConfig {
         })
     }
 
-    /// The strategy, wrapped in DP-FedAvg continuing from `ledger` when central DP is on.
+    /// The strategy, wrapped so that the coordinator re-clips every update to `privacy.clip_norm`
+    /// whatever clients did: in [`NormBound`] with `privacy.mode = "off"`, in DP-FedAvg (which
+    /// clips, sums and noises) continuing from `ledger` with `"central"`. A robust rule (median,
+    /// trimmed mean) with central DP is refused (`strategy.kind`): DP-FedAvg would replace it by
+    /// its mean.
     pub fn build_strategy(&self, ledger: PrivacyLedger) -> Result<Box<dyn Strategy>, ConfigError> {
         let st = &self.strategy;
         let inner = match st.kind.as_str() {
@@ -540,7 +554,11 @@ impl ServiceConfig {
             }
         };
         match self.privacy.mode.as_str() {
-            "off" => Ok(Box::new(inner)),
+            "off" => {
+                let bounded = NormBound::new(inner, self.privacy.clip_norm)
+                    .map_err(|e| invalid("privacy.clip_norm", e.to_string()))?;
+                Ok(Box::new(bounded))
+            }
             "central" => {
                 let p = &self.privacy;
                 let target = self.round.target_participants.max(1);
@@ -560,8 +578,10 @@ impl ServiceConfig {
                     budget: self.budget()?,
                     adaptive: None,
                 };
-                let dp = DpFedAvg::with_ledger(inner, dp_config, ledger)
-                    .map_err(|e: DpConfigError| invalid("privacy", e.to_string()))?;
+                let dp = DpFedAvg::with_ledger(inner, dp_config, ledger).map_err(|e| match e {
+                    DpConfigError::RobustRule { .. } => invalid("strategy.kind", e.to_string()),
+                    e => invalid("privacy", e.to_string()),
+                })?;
                 Ok(Box::new(dp))
             }
             other => Err(invalid("privacy.mode", format!("unknown mode {other:?} (off, central)"))),
@@ -590,6 +610,12 @@ fn encoding(name: &str) -> Result<EncodingKind, ConfigError> {
             format!("unknown encoding {other:?} (row_sparse, dense, quantized8)"),
         )),
     }
+}
+
+fn weighting(name: &str) -> Result<Weighting, ConfigError> {
+    Weighting::from_name(name).ok_or_else(|| {
+        invalid("round.weighting", format!("unknown weighting {name:?} (auto, equal, examples)"))
+    })
 }
 
 /// Applies `STARLING_<SECTION>_<KEY>=value` overrides to the parsed file.
@@ -692,7 +718,10 @@ learning_rate = 0.05
 private_learning_rate = 0.05
 batch_size = 32
 encoding = "row_sparse"      # row_sparse | dense | quantized8
-max_weight = 100000.0
+# A client's aggregation weight: auto = equal weights under any DP mode, else the example count it
+# reports capped at max_weight (larger claims are clamped); equal; examples (capped).
+weighting = "auto"
+max_weight = 100.0
 retry_after_ms = 600000
 retry_window_ms = 300000
 
@@ -704,7 +733,7 @@ trim = 0.1
 
 [privacy]
 mode = "off"                 # off | central (DP-FedAvg: clip, sum, Gaussian noise)
-clip_norm = 1.0              # every update is clipped to this L2 norm, with or without DP
+clip_norm = 1.0              # clients clip to this L2 norm and the coordinator re-clips, in every mode
 noise_multiplier = 1.0
 epsilon_budget = 8.0         # rounds that would exceed it are not started
 delta = 1e-5
@@ -718,6 +747,10 @@ keep_checkpoints = 8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use starling_proto::ids::{ModelVersion, RoundId};
+    use starling_proto::round::Weighting;
+    use starling_proto::strategy::RoundContext;
+    use starling_proto::update::Update;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -800,5 +833,130 @@ mod tests {
         let m = c.initial_model().unwrap();
         assert_eq!(m.len(), 1682 * 32);
         assert_eq!(m, c.initial_model().unwrap(), "seeded");
+    }
+
+    /// Runs one aggregation of `strategy` over the updates (with their weights) and returns the
+    /// delta it applies to a zero model.
+    fn applied_delta(
+        strategy: &mut dyn Strategy,
+        shape: ModelShape,
+        updates: Vec<(Update, f64)>,
+    ) -> Vec<f32> {
+        use rand::SeedableRng;
+        let ctx = RoundContext {
+            round: RoundId(1),
+            model_version: ModelVersion(0),
+            shape,
+            target_participants: updates.len(),
+            selected: updates.len(),
+        };
+        let mut agg = strategy.aggregator(&ctx);
+        for (u, w) in updates {
+            agg.accept(u, w).unwrap();
+        }
+        let aggregate = agg.finish(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
+        let mut model = vec![0.0; shape.len()];
+        strategy.apply(&ctx, &mut model, &aggregate).unwrap();
+        model
+    }
+
+    fn norm(v: &[f32]) -> f64 {
+        v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn the_default_config_re_clips_every_update_server_side() {
+        // `starling init`'s file: privacy off.
+        let c = ServiceConfig::from_toml(TEMPLATE, env(&[]), Path::new(".")).unwrap();
+        assert!(!c.central_dp());
+        let clip = c.privacy.clip_norm;
+        let mut s = c.build_strategy(PrivacyLedger::new(c.budget().unwrap())).unwrap();
+        let shape = c.shape().unwrap();
+        // One finite but huge update (norm 1e6), alone and among honest small ones.
+        let mut huge = vec![0.0f32; shape.len()];
+        huge[0] = 1e6;
+        let huge = Update::dense(shape, huge).unwrap();
+        let delta = applied_delta(&mut *s, shape, vec![(huge.clone(), 1.0)]);
+        let lr = f64::from(c.strategy.server_learning_rate);
+        assert!(norm(&delta) <= clip * lr * (1.0 + 1e-6), "norm {} > C = {clip}", norm(&delta));
+        let small = Update::sparse(shape, vec![5], vec![0.01; 32]).unwrap();
+        let delta = applied_delta(&mut *s, shape, vec![(huge, 1.0), (small.clone(), 1.0), (small, 1.0)]);
+        assert!(norm(&delta) <= clip * lr, "norm {}", norm(&delta));
+        // The other rules keep the bound (one round of momentum is the plain step; the adaptive
+        // optimizers normalise per coordinate, so their step is bounded by their learning rate,
+        // not by C).
+        for kind in ["fedavg_row", "fedavgm", "median", "trimmed_mean"] {
+            let c = ServiceConfig::from_toml(
+                &format!("[strategy]\nkind = \"{kind}\"\n"),
+                env(&[]),
+                Path::new("."),
+            )
+            .unwrap();
+            let mut s = c.build_strategy(PrivacyLedger::new(c.budget().unwrap())).unwrap();
+            let mut v = vec![0.0f32; shape.len()];
+            v[7] = -3e5;
+            let u = Update::dense(shape, v).unwrap();
+            let delta = applied_delta(&mut *s, shape, vec![(u.clone(), 1.0), (u.clone(), 1.0), (u, 1.0)]);
+            let lr = f64::from(c.strategy.server_learning_rate).max(1.0);
+            assert!(norm(&delta) <= clip * lr * (1.0 + 1e-6), "{kind}: norm {}", norm(&delta));
+        }
+    }
+
+    #[test]
+    fn central_dp_re_clips_too() {
+        let c = ServiceConfig::from_toml(
+            "[privacy]\nmode = \"central\"\nnoise_multiplier = 0.0\nclip_norm = 2.0\n",
+            env(&[]),
+            Path::new("."),
+        )
+        .unwrap();
+        let mut s = c.build_strategy(PrivacyLedger::new(c.budget().unwrap())).unwrap();
+        let shape = c.shape().unwrap();
+        let mut huge = vec![0.0f32; shape.len()];
+        huge[3] = 1e6;
+        let delta = applied_delta(&mut *s, shape, vec![(Update::dense(shape, huge).unwrap(), 1.0)]);
+        // Clipped to C = 2, divided by the fixed denominator (the target, 100), no noise.
+        assert!((norm(&delta) - 2.0 / 100.0).abs() < 1e-6, "norm {}", norm(&delta));
+    }
+
+    #[test]
+    fn a_robust_rule_with_central_dp_is_refused_at_start_up() {
+        for kind in ["median", "trimmed_mean"] {
+            let text = format!("[strategy]\nkind = \"{kind}\"\n[privacy]\nmode = \"central\"\n");
+            let e = ServiceConfig::from_toml(&text, env(&[]), Path::new(".")).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { key: "strategy.kind", .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("central") && msg.contains("mean"), "{msg}");
+            // Without DP the robust rule is fine.
+            let ok = format!("[strategy]\nkind = \"{kind}\"\n");
+            assert!(ServiceConfig::from_toml(&ok, env(&[]), Path::new(".")).is_ok());
+        }
+    }
+
+    #[test]
+    fn weighting_defaults_to_auto_with_a_small_cap_and_is_validated() {
+        let c = ServiceConfig::from_toml(TEMPLATE, env(&[]), Path::new(".")).unwrap();
+        assert_eq!(c.round.weighting, "auto");
+        assert_eq!(c.round.max_weight, 100.0);
+        let o = c.orchestrator_config().unwrap();
+        assert_eq!(o.round.weighting, Weighting::Auto);
+        assert_eq!(o.round.max_weight, 100.0);
+        for (name, want) in [("equal", Weighting::Equal), ("examples", Weighting::Examples)] {
+            let c = ServiceConfig::from_toml(
+                TEMPLATE,
+                env(&[("STARLING_ROUND_WEIGHTING", name)]),
+                Path::new("."),
+            )
+            .unwrap();
+            assert_eq!(c.orchestrator_config().unwrap().round.weighting, want);
+        }
+        let base = Path::new(".");
+        let e = ServiceConfig::from_toml("[round]\nweighting = \"biggest\"\n", env(&[]), base).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { key: "round.weighting", .. }), "{e}");
+        for bad in ["0.0", "-5.0", "nan", "inf"] {
+            let e = ServiceConfig::from_toml(&format!("[round]\nmax_weight = {bad}\n"), env(&[]), base)
+                .unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { key: "round.max_weight", .. }), "{bad}: {e}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! `eval_every` rounds each client scores its held-out item against the 99 sampled negatives of the
 //! reference protocol with its own private vector and the current global model.
 
+pub mod attack;
 pub mod quic;
 pub mod report;
 pub mod sdk_trainer;
@@ -13,10 +14,11 @@ pub mod trainer;
 
 use crate::privacy::{DurableLedger, OpenDpGaussian};
 use crate::store::Store;
+use attack::{Attack, Byzantine};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
-use report::{RoundRecord, SimReport};
+use report::{AttackReport, RoundRecord, SimReport};
 use sdk_trainer::{SdkFleetTrainer, SimTrainer};
 use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
@@ -33,7 +35,7 @@ use starling_proto::ids::{ModelVersion, RoundId};
 use starling_proto::message::NoiseSettings;
 use starling_proto::message::{DeviceConditions, TrainingPlan};
 use starling_proto::round::{
-    Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, StartError,
+    Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, StartError, Weighting,
 };
 use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
 use starling_proto::time::{Duration, Instant};
@@ -107,7 +109,8 @@ pub enum NoiseSampler {
 /// Differential privacy in a simulation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PrivacyMode {
-    /// No DP: updates are neither clipped nor noised.
+    /// No DP: nothing is noised; updates are clipped to [`SimConfig::clip_norm`] by the clients and
+    /// again by the coordinator (as the service does with `privacy.mode = "off"`).
     Off,
     /// User-level DP-FedAvg: clients clip, the coordinator clips again, sums, adds noise and
     /// charges every round to the ledger; rounds beyond the budget are refused and the run stops.
@@ -196,6 +199,19 @@ pub struct SimConfig {
     pub threads: usize,
     /// Differential privacy.
     pub privacy: PrivacyMode,
+    /// Without DP: the plan's clip norm, which the coordinator re-clips every update to (the
+    /// service's `privacy.clip_norm` with `privacy.mode = "off"`). The DP modes use their own.
+    pub clip_norm: f64,
+    /// Without DP: whether the coordinator re-clips (the service always does; turning it off is
+    /// only for measuring what the re-clipping buys, e.g. against Byzantine clients).
+    pub server_clipping: bool,
+    /// How a client's reported weight becomes its aggregation weight (the service's
+    /// `round.weighting`).
+    pub weighting: Weighting,
+    /// Cap on one client's aggregation weight under example weighting (`round.max_weight`).
+    pub max_weight: f32,
+    /// Byzantine clients, if any.
+    pub attack: Option<Attack>,
     /// What the simulated clients are: real SDK devices, or the bare training kernel.
     pub clients: ClientKind,
     /// In-process (simulated network and clock) or the real service over loopback QUIC.
@@ -212,9 +228,12 @@ pub enum TransportKind {
     Quic,
 }
 
-/// The clip norm of the plan when DP is off and the clients are SDK devices (which refuse to send
-/// unclipped updates).
-pub const SDK_CLIP_WITHOUT_DP: f32 = 100.0;
+/// The default clip norm of the plan, and of the coordinator's re-clipping, when DP is off
+/// ([`SimConfig::clip_norm`]): about the 90th percentile of honest update norms at the
+/// simulator's item learning rate of 1.0 (measured on ML-100K and the synthetic populations:
+/// median 3–7, 90th percentile 8–21), so it rarely binds on an honest client and bounds a
+/// Byzantine one to a few honest updates' worth (see `docs/simulation.md`).
+pub const CLIP_WITHOUT_DP: f64 = 20.0;
 
 /// What each simulated client is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,6 +314,11 @@ impl Default for SimConfig {
             seed: 42,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             privacy: PrivacyMode::Off,
+            clip_norm: CLIP_WITHOUT_DP,
+            server_clipping: true,
+            weighting: RoundConfig::default().weighting,
+            max_weight: RoundConfig::default().max_weight,
+            attack: None,
             clients: ClientKind::Sdk,
             transport: TransportKind::InProcess,
         }
@@ -499,7 +523,7 @@ impl<F: FnMut(&RoundRecord, u32)> Progress for F {
 /// A simulation ready to run its first round.
 struct Built {
     data: Prepared,
-    fleet: Fleet<SimTrainer>,
+    fleet: SimFleet,
     ledger: Option<SimLedger>,
 }
 
@@ -532,9 +556,13 @@ fn sampling_rate(fleet: &FleetConfig, clients: usize, goal: usize) -> f64 {
     if expected <= 0.0 { 1.0 } else { (goal as f64 / expected).min(1.0) }
 }
 
+/// The simulator's fleet: its clients (honest, and Byzantine if the run has an attack) on the
+/// simulated network.
+pub type SimFleet = Fleet<Byzantine<SimTrainer>>;
+
 /// The fleet of `config` (data loaded or generated, round engine, trainer, network), ready for its
 /// first round: what [`run`] drives, for callers that want to step rounds themselves (benchmarks).
-pub fn build_fleet(config: &SimConfig) -> Result<Fleet<SimTrainer>, SimError> {
+pub fn build_fleet(config: &SimConfig) -> Result<SimFleet, SimError> {
     Ok(build(config)?.fleet)
 }
 
@@ -574,21 +602,18 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             ..TrainingPlan::default()
         },
         max_update_values: shape.len(),
+        // The service's weighting policy and cap.
+        weighting: config.weighting,
+        max_weight: config.max_weight,
         // Who checks in is the fleet model's business (availability, check-in rate): clients not
         // selected may come back for the next round, so every round samples from everyone available.
         retry_after: Duration::ZERO,
         retry_window: Duration::ZERO,
-        ..RoundConfig::default()
     };
     let goal = ((target as f64) * config.over_selection).ceil() as usize;
     let sampling_rate = sampling_rate(&fleet_config, n_users, goal);
     let (strategy, ledger) =
         build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
-    if config.clients == ClientKind::Sdk && round.plan.clip_norm.is_none() {
-        // The SDK never sends an unclipped update, so even without DP the plan sets a norm; this
-        // one is loose enough that it seldom binds on this model.
-        round.plan.clip_norm = Some(SDK_CLIP_WITHOUT_DP);
-    }
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
     let orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
@@ -625,6 +650,13 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             local_delta.map(Delta::get),
         ))),
     };
+    let trainer = match config.attack {
+        Some(attack) => {
+            attack.validate().map_err(SimError::Config)?;
+            Byzantine::new(trainer, attack, n_users, config.seed)
+        }
+        None => Byzantine::honest(trainer),
+    };
     let fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
 
     Ok(Built { data, fleet, ledger })
@@ -639,9 +671,9 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     let Built { data, mut fleet, mut ledger } = build(config)?;
     let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
     let layout = mf::MfLayout::new(n_items, config.dim);
-    let evaluate = |fleet: &mut Fleet<SimTrainer>| {
+    let evaluate = |fleet: &mut SimFleet| {
         let model = fleet.orchestrator().model().1.clone();
-        let trainer = fleet.trainer_mut();
+        let trainer = fleet.trainer_mut().inner();
         let m = data
             .eval
             .evaluate(|u, items, out| mf::score_items(layout, &model, &trainer.user_vector(u), items, out));
@@ -669,7 +701,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             Err(e) => return Err(e.into()),
         };
         let round_seconds = round_started.elapsed().as_secs_f64();
-        let train_seconds = fleet.trainer_mut().take_train_time().as_secs_f64();
+        let train_seconds = fleet.trainer_mut().inner_mut().take_train_time().as_secs_f64();
         let mut rec = RoundRecord {
             round: u64::from(r),
             committed: false,
@@ -716,7 +748,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         }
         rec.epsilon = match (&ledger, &config.privacy) {
             (Some(l), _) => Some(l.spent()),
-            (None, PrivacyMode::Local { .. }) => Some(fleet.trainer_mut().max_device_epsilon()),
+            (None, PrivacyMode::Local { .. }) => Some(fleet.trainer_mut().inner().max_device_epsilon()),
             _ => None,
         };
         if r % config.eval_every == 0 || r == config.rounds {
@@ -738,7 +770,14 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         last.ndcg_at_10 = Some(m.ndcg_at_10);
         last.full_hr_at_10 = full;
     }
-    Ok(finish(config, started, (initial, popular), records, stopped))
+    let attackers = fleet.trainer_mut().attackers();
+    let crafted = fleet.trainer_mut().crafted();
+    let mut report = finish(config, started, (initial, popular), records, stopped);
+    if let Some(a) = &mut report.attack {
+        a.attackers = attackers;
+        a.crafted_updates = crafted;
+    }
+    Ok(report)
 }
 
 /// The report of a finished run: `baselines` are the untrained model's and the popularity
@@ -766,6 +805,16 @@ fn finish(
         median_train_seconds: median(&|r| r.train_seconds),
         peak_rss_bytes: peak_rss_bytes(),
         stopped,
+        attack: config.attack.map(|a| AttackReport {
+            fraction: a.fraction,
+            kind: a.kind.name().into(),
+            factor: a.factor,
+            attackers: 0,
+            crafted_updates: 0,
+            hr_at_10: records.iter().rev().find_map(|r| r.hr_at_10),
+            baseline_hr_at_10: None,
+            hr_at_10_drop: None,
+        }),
         rounds: records,
     }
 }
@@ -807,7 +856,18 @@ fn build_privacy(
 ) -> Result<(Box<dyn Strategy>, Option<SimLedger>), SimError> {
     let bad = |e: starling_proto::dp::params::ParamError| SimError::Config(e.to_string());
     match config.privacy {
-        PrivacyMode::Off => Ok((strategy, None)),
+        PrivacyMode::Off => {
+            // As the service with `privacy.mode = "off"`: clients clip to the plan's norm and the
+            // coordinator re-clips every update to it.
+            ClipNorm::new(config.clip_norm).map_err(bad)?;
+            round.plan.clip_norm = Some(config.clip_norm as f32);
+            if !config.server_clipping {
+                return Ok((strategy, None));
+            }
+            let bounded =
+                NormBound::new(strategy, config.clip_norm).map_err(|e| SimError::Config(e.to_string()))?;
+            Ok((Box::new(bounded), None))
+        }
         PrivacyMode::Local { clip, noise_multiplier, .. } => {
             ClipNorm::new(clip).map_err(bad)?;
             NoiseMultiplier::new(noise_multiplier).map_err(bad)?;
@@ -903,6 +963,12 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         "seed": c.seed,
         "threads": c.threads,
         "clients": format!("{:?}", c.clients).to_lowercase(),
+        "clip_norm": c.clip_norm,
+        "server_clipping": c.server_clipping,
+        "weighting": c.weighting.name(),
+        "max_weight": c.max_weight,
+        "attack": c.attack.map(|a| serde_json::json!({
+            "fraction": a.fraction, "kind": a.kind.name(), "factor": a.factor})),
         "transport": match c.transport { TransportKind::InProcess => "in-process", TransportKind::Quic => "quic" },
     })
 }

@@ -67,6 +67,15 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     if config.clients != ClientKind::Sdk {
         return Err(SimError::Config("--transport quic runs SDK clients only (--clients sdk)".into()));
     }
+    if config.attack.is_some() {
+        return Err(SimError::Config(
+            "--transport quic runs unmodified SDK clients; Byzantine clients (--attackers) need --transport in-process"
+                .into(),
+        ));
+    }
+    if !config.server_clipping {
+        return Err(SimError::Config("the service always re-clips updates (--transport quic)".into()));
+    }
     let data = prepare(config)?;
     if data.n_users > MAX_QUIC_USERS {
         return Err(SimError::Config(format!(
@@ -110,6 +119,8 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     r.batch_size = config.batch_size;
     r.retry_after_ms = 0;
     r.retry_window_ms = 200;
+    r.weighting = config.weighting.name().into();
+    r.max_weight = config.max_weight;
     svc.strategy.kind = match config.strategy {
         StrategyKind::FedAvg => "fedavg",
         StrategyKind::FedAvgRowAware => "fedavg_row",
@@ -123,7 +134,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     match config.privacy {
         super::PrivacyMode::Off => {
             svc.privacy.mode = "off".into();
-            svc.privacy.clip_norm = f64::from(super::SDK_CLIP_WITHOUT_DP);
+            svc.privacy.clip_norm = config.clip_norm;
         }
         super::PrivacyMode::Central { clip, noise_multiplier, epsilon, delta, .. } => {
             svc.privacy.mode = "central".into();

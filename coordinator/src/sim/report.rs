@@ -76,6 +76,55 @@ pub struct SimReport {
     /// Why the run stopped before its last round (e.g. the privacy budget refused a round).
     #[serde(default)]
     pub stopped: Option<String>,
+    /// The Byzantine clients of the run, if it had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackReport>,
+}
+
+/// The Byzantine clients of a run and what they cost (`results.json`'s `attack` object).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttackReport {
+    /// Fraction of all clients that attack.
+    pub fraction: f64,
+    /// `scale`, `sign-flip` or `random`.
+    pub kind: String,
+    /// The attack's factor.
+    pub factor: f32,
+    /// How many clients attack (chosen by the seed).
+    pub attackers: usize,
+    /// Crafted updates the attackers sent over the run.
+    pub crafted_updates: usize,
+    /// The final HR@10 of this (attacked) run.
+    pub hr_at_10: Option<f64>,
+    /// The final HR@10 of the same run without attackers, when a baseline run was made.
+    pub baseline_hr_at_10: Option<f64>,
+    /// `baseline_hr_at_10 − hr_at_10` (positive: the attack hurt), when a baseline run was made.
+    pub hr_at_10_drop: Option<f64>,
+}
+
+impl AttackReport {
+    /// Records the final HR@10 of the same run without attackers, and the drop.
+    pub fn set_baseline(&mut self, baseline_hr_at_10: Option<f64>) {
+        self.baseline_hr_at_10 = baseline_hr_at_10;
+        self.hr_at_10_drop = baseline_hr_at_10.zip(self.hr_at_10).map(|(b, a)| b - a);
+    }
+
+    /// One sentence describing the attack and, with a baseline, the HR@10 drop.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "Byzantine clients: {} of the fleet ({} clients) sent `{}` updates with factor {} ({} crafted updates); final HR@10 {}",
+            self.fraction,
+            self.attackers,
+            self.kind,
+            self.factor,
+            self.crafted_updates,
+            fmt4(self.hr_at_10)
+        );
+        if let (Some(b), Some(d)) = (self.baseline_hr_at_10, self.hr_at_10_drop) {
+            let _ = write!(s, ", against {b:.4} without attackers: HR@10 drop {d:.4}");
+        }
+        s
+    }
 }
 
 /// Why a report could not be written.
@@ -154,6 +203,9 @@ impl SimReport {
             fmt4(self.popularity_hr_at_10),
             self.stopped.as_ref().map(|s| format!(" Stopped early: {}.", escape(s))).unwrap_or_default()
         );
+        if let Some(a) = &self.attack {
+            let _ = writeln!(html, "<h2>Attack</h2>\n<p id=\"attack\">{}.</p>", escape(&a.summary()));
+        }
         html.push_str("<div class=\"grid\">\n");
         html.push_str(&svg_chart("Recommendation quality", "round", &quality, "no evaluation yet"));
         html.push_str(&svg_chart(
@@ -405,6 +457,7 @@ mod tests {
             median_train_seconds: 0.005,
             peak_rss_bytes: Some(1 << 20),
             stopped: None,
+            attack: None,
         };
         let html = report.to_html();
         assert_eq!(html.matches("<svg").count(), 6);
@@ -428,5 +481,43 @@ mod tests {
         let back: SimReport =
             serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
         assert_eq!(back, report);
+        assert!(!std::fs::read_to_string(dir.path().join("results.json")).unwrap().contains("\"attack\""));
+    }
+
+    #[test]
+    fn an_attack_is_reported_in_json_and_html_with_the_drop() {
+        let mut attack = AttackReport {
+            fraction: 0.1,
+            kind: "scale".into(),
+            factor: 100.0,
+            attackers: 94,
+            crafted_updates: 1000,
+            hr_at_10: Some(0.5),
+            baseline_hr_at_10: None,
+            hr_at_10_drop: None,
+        };
+        attack.set_baseline(Some(0.55));
+        assert!((attack.hr_at_10_drop.unwrap() - 0.05).abs() < 1e-12);
+        let report = SimReport {
+            config: serde_json::json!({}),
+            rounds: (1..=3).map(record).collect(),
+            initial_hr_at_10: Some(0.1),
+            initial_ndcg_at_10: Some(0.05),
+            popularity_hr_at_10: Some(0.2),
+            total_seconds: 1.0,
+            median_round_seconds: 0.01,
+            median_train_seconds: 0.005,
+            peak_rss_bytes: None,
+            stopped: None,
+            attack: Some(attack),
+        };
+        let html = report.to_html();
+        assert!(html.contains("<h2>Attack</h2>"), "{html}");
+        assert!(html.contains("94 clients") && html.contains("`scale`"));
+        assert!(html.contains("against 0.5500 without attackers: HR@10 drop 0.0500"));
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["attack"]["kind"], "scale");
+        assert_eq!(json["attack"]["attackers"], 94);
+        assert_eq!(json["attack"]["baseline_hr_at_10"], 0.55);
     }
 }

@@ -8,6 +8,9 @@
 //! at most `C / denominator` whatever the others send. The inner strategy keeps its selection and
 //! its server optimizer (FedAvg's `x += Δ`, FedAdam, …); its aggregation rule is replaced by this
 //! mechanism (example weights are not used: unbounded weights would break the sensitivity bound).
+//! A robust rule (median, trimmed mean) cannot be replaced silently — the operator chose it for its
+//! robustness — so wrapping one is refused ([`DpConfigError::RobustRule`]); the mean-based rules
+//! (weighted and row-weighted means) become the mechanism's fixed-denominator mean.
 //!
 //! Adaptive clipping: each update also contributes a bit `1[‖Δ‖ ≤ C]`; the noised fraction `b̄`
 //! moves the clip norm geometrically towards the target quantile γ: `C ← C·exp(−η (b̄ − γ))`. The
@@ -27,7 +30,8 @@ use crate::ids::ClientId;
 use crate::message::{NoiseSettings, TrainingPlan};
 use crate::strategy::norm::clip_l2;
 use crate::strategy::{
-    AdmissionError, Aggregate, AggregateError, Aggregator, PrivacyCharge, RoundContext, Strategy,
+    AdmissionError, Aggregate, AggregateError, AggregationRule, Aggregator, PrivacyCharge, RoundContext,
+    Strategy,
 };
 use crate::update::{ModelShape, Update};
 use std::sync::{Arc, Mutex};
@@ -75,6 +79,18 @@ pub enum DpConfigError {
     /// (need 2σ_b > σ), or the learning rate is not positive.
     #[error("adaptive clipping needs count_noise > noise/2 and a positive learning rate")]
     Adaptive,
+    /// The inner strategy aggregates with a robust rule (median, trimmed mean) that DP-FedAvg
+    /// would silently replace by its equal-weight mean of clipped updates.
+    #[error(
+        "central DP (DP-FedAvg) cannot honour the robust aggregation rule {rule}: it sums clipped \
+         updates with equal weight, so the {rule} would silently become a mean; use a mean-based \
+         strategy (fedavg, fedavgm, fedadam, fedyogi) with DP — the clipping bounds every client's \
+         influence — or turn DP off to keep the robust rule"
+    )]
+    RobustRule {
+        /// The refused rule (`median`, `trimmed mean (β = …)`).
+        rule: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +121,15 @@ impl<S: Strategy> DpFedAvg<S> {
     pub fn with_ledger(inner: S, config: DpConfig, ledger: PrivacyLedger) -> Result<Self, DpConfigError> {
         if config.expected_participants == 0 {
             return Err(DpConfigError::NoParticipants);
+        }
+        match inner.aggregation_rule() {
+            Some(AggregationRule::Median) => {
+                return Err(DpConfigError::RobustRule { rule: "median".into() });
+            }
+            Some(AggregationRule::TrimmedMean { beta }) => {
+                return Err(DpConfigError::RobustRule { rule: format!("trimmed mean (beta = {beta})") });
+            }
+            _ => {}
         }
         let sigma = config.noise.get();
         let sum_multiplier = match config.adaptive {

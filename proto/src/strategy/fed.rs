@@ -84,6 +84,10 @@ impl Strategy for Federated {
         self.rule.aggregator(ctx.shape)
     }
 
+    fn aggregation_rule(&self) -> Option<AggregationRule> {
+        Some(self.rule)
+    }
+
     fn apply(
         &mut self,
         ctx: &RoundContext,

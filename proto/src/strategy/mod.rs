@@ -167,6 +167,13 @@ pub trait Strategy: Send {
     /// Starts the aggregation of one round.
     fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator>;
 
+    /// The built-in [`AggregationRule`] this strategy folds updates with, if it uses one
+    /// (decorators that keep their inner strategy's rule report it; `None` by default). A
+    /// decorator that replaces the rule (central DP) reads it to refuse a rule it cannot honour.
+    fn aggregation_rule(&self) -> Option<AggregationRule> {
+        None
+    }
+
     /// Applies the aggregate to the global parameters in place (the server optimizer).
     fn apply(
         &mut self,
@@ -201,6 +208,10 @@ impl Strategy for Box<dyn Strategy> {
 
     fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
         (**self).aggregator(ctx)
+    }
+
+    fn aggregation_rule(&self) -> Option<AggregationRule> {
+        (**self).aggregation_rule()
     }
 
     fn apply(

@@ -38,6 +38,11 @@ impl<S: Strategy> NormBound<S> {
     pub fn inner(&self) -> &S {
         &self.inner
     }
+
+    /// The L2 norm every update is clipped to.
+    pub fn bound(&self) -> f64 {
+        self.bound
+    }
 }
 
 struct Clipping {
@@ -81,6 +86,9 @@ impl<S: Strategy> Strategy for NormBound<S> {
     }
     fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
         Box::new(Clipping { inner: self.inner.aggregator(ctx), bound: self.bound })
+    }
+    fn aggregation_rule(&self) -> Option<super::AggregationRule> {
+        self.inner.aggregation_rule()
     }
     fn apply(
         &mut self,
