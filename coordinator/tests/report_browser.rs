@@ -52,6 +52,11 @@ fn report_html_renders_every_chart_in_headless_chromium() -> anyhow::Result<()> 
     assert_eq!(html.matches("<svg").count(), 6);
 
     let Some(browser) = chromium() else {
+        // CI installs Chromium (.ci/run): there, a missing browser is a failure, not a skip.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no chromium found under CI=true (apt-get install -y chromium, or set STARLING_CHROMIUM)"
+        );
         println!("SKIPPED: no chromium found (apt-get install -y chromium, or set STARLING_CHROMIUM)");
         return Ok(());
     };
