@@ -383,11 +383,18 @@ retry_window_ms = 50
         for (i, have) in have.iter().enumerate() {
             let (transport, tokens, have) = (transports[i % transports.len()].clone(), tokens.clone(), *have);
             set.spawn(async move {
+                // A failed connection is retried (as the SDK does, with backoff), a few times.
+                let mut attempts = 0;
                 loop {
                     match session(&transport, i as u64 + 1, &tokens[i], have, (i + round * 7919) as u64).await
                     {
                         Ok(Some(r)) => return (i, Ok(r)),
                         Ok(None) => tokio::time::sleep(Duration::from_millis(30)).await,
+                        Err(e) if attempts < 3 => {
+                            attempts += 1;
+                            eprintln!("session attempt failed, retrying: {e:#}");
+                            tokio::time::sleep(Duration::from_millis(200 << attempts)).await;
+                        }
                         Err(e) => return (i, Err(e)),
                     }
                 }

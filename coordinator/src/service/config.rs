@@ -130,7 +130,7 @@ impl Default for ServerSection {
             max_connections: 20_000,
             max_connections_per_ip: 64,
             max_concurrent_handshakes: 256,
-            handshake_timeout_ms: 5_000,
+            handshake_timeout_ms: 10_000,
             retry_above_handshakes: 32,
             checkin_timeout_ms: 5_000,
             max_frame_bytes: starling_proto::codec::DEFAULT_MAX_FRAME_BYTES,
@@ -679,7 +679,7 @@ token_secret_file = "secrets/token.key"
 max_connections = 20000
 max_connections_per_ip = 64      # carrier NAT puts many devices behind one address: raise if needed
 max_concurrent_handshakes = 256
-handshake_timeout_ms = 5000
+handshake_timeout_ms = 10000          # a slow mobile network may need several seconds
 retry_above_handshakes = 32      # stateless QUIC Retry (address validation) beyond this; 0 = always
 checkin_timeout_ms = 5000        # a valid token within this after the handshake, or closed
 max_frame_bytes = 67108864       # selected clients' uploads (capped further at the model's size)

@@ -83,7 +83,7 @@ impl Default for QuicLimits {
             max_concurrent_streams: 2,
             idle_timeout: Duration::from_secs(30),
             recv_buffer_bytes: 4 << 20,
-            handshake_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
