@@ -20,7 +20,7 @@
 //!
 //! Withdrawing training consent ([`Client::set_consent`]) or calling [`Client::forget`] cancels a
 //! running round before anything more is sent: both move the device's
-//! [`SessionEpoch`](crate::device::SessionEpoch) before they wait for the device, and every frame
+//! [`SessionEpoch`] before they wait for the device, and every frame
 //! is handed to the transport only while holding the device lock and only if the epoch it was
 //! produced under is still current. So once `forget()` has returned, the round in progress sends
 //! nothing more (at most a `Withdraw`); a local training step already running finishes first (it
