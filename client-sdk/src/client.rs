@@ -26,7 +26,7 @@
 //! nothing more (at most a `Withdraw`); a local training step already running finishes first (it
 //! holds the device), and its update is dropped.
 
-use crate::config::{ClientConfig, Consent, NotAllowed};
+use crate::config::{ClientConfig, Consent, NotAllowed, StorageKey};
 use crate::device::{Device, Export, OpenError, PrivacyReport, Recommendations, RecordError, SessionEpoch};
 use crate::participant::{Participant, SessionReport, StartError};
 use crate::store::StoreError;
@@ -255,6 +255,17 @@ impl<T: Transport> Client<T> {
         self.inner.session_epoch.bump();
         let mut d = self.device();
         d.forget()?;
+        self.inner.consent.send_replace(d.consent());
+        Ok(())
+    }
+
+    /// [`forget`](Self::forget), rotating the storage key: the new store's data key is wrapped
+    /// by `key` (see [`Device::forget_with_key`]). Open the client with `key` from now on (this
+    /// client's [`config`](Self::config) still shows the old one).
+    pub fn forget_with_key(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.inner.session_epoch.bump();
+        let mut d = self.device();
+        d.forget_with_key(key)?;
         self.inner.consent.send_replace(d.consent());
         Ok(())
     }

@@ -15,7 +15,7 @@
 //! | `user_vector` | the private user vector (raw `f32`); never leaves the device |
 //! | `stats` | counters for the privacy report ([`Stats`], JSON) |
 
-use crate::config::{ClientConfig, Clock, Consent, ModelSpec, PrivacyMode, Retention, Storage};
+use crate::config::{ClientConfig, Clock, Consent, ModelSpec, PrivacyMode, Retention, Storage, StorageKey};
 use crate::privacy::{self, Contribution};
 use crate::store::{LedgerEntry, Store, StoreError, create_private_dir};
 use rand::{RngExt, SeedableRng};
@@ -798,6 +798,17 @@ impl Device {
     /// The privacy ledger is kept: it holds no event or item, only what this device released,
     /// and resetting it would let the device spend its privacy budget again.
     pub fn forget(&mut self) -> Result<(), StoreError> {
+        self.forget_inner(None)
+    }
+
+    /// [`forget`](Self::forget), and the new store's data key is wrapped by `key` (see
+    /// [`Store::forget_with_key`]): the host rotates its storage key, and must open the device
+    /// with `key` from now on. Ignored for an in-memory store.
+    pub fn forget_with_key(&mut self, key: &StorageKey) -> Result<(), StoreError> {
+        self.forget_inner(Some(key))
+    }
+
+    fn forget_inner(&mut self, key: Option<&StorageKey>) -> Result<(), StoreError> {
         self.epoch.bump();
         self.forgets += 1;
         self.user = None;
@@ -806,7 +817,10 @@ impl Device {
         self.event_count = 0;
         self.examples = None;
         self.consent = self.default_consent;
-        self.store.forget()?;
+        match key {
+            Some(k) => self.store.forget_with_key(k)?,
+            None => self.store.forget()?,
+        }
         self.event_count = self.store.event_count()?;
         Ok(())
     }

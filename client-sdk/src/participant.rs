@@ -220,13 +220,25 @@ impl Participant {
     /// Cancels the session if the device's session epoch moved (see the module docs): drops the
     /// queued frames and withdraws. Returns whether it did.
     pub fn check_epoch(&mut self, now: Instant, device: &mut Device) -> bool {
-        if !self.running || self.is_current(device) {
-            self.epoch = device.session_epoch().current();
+        if self.is_current(device) {
             return false;
         }
-        self.cancel(now, device);
-        self.drive(now, device);
+        if self.running {
+            self.cancel(now, device);
+            self.drive(now, device);
+        } else {
+            // A finished session's last frames (a withdrawal) are dropped too.
+            self.drop_queued();
+            self.epoch = device.session_epoch().current();
+        }
         true
+    }
+
+    fn drop_queued(&mut self) {
+        for frame in self.out.drain(..) {
+            self.bytes_sent = self.bytes_sent.saturating_sub(frame.len() as u64);
+        }
+        self.pushed = self.popped;
     }
 
     /// The frame last taken with [`poll_transmit`](Self::poll_transmit) was not handed to the
@@ -237,10 +249,7 @@ impl Participant {
 
     fn cancel(&mut self, now: Instant, device: &Device) {
         let update_unsent = self.update_seq.is_some_and(|seq| seq >= self.popped);
-        for frame in self.out.drain(..) {
-            self.bytes_sent = self.bytes_sent.saturating_sub(frame.len() as u64);
-        }
-        self.pushed = self.popped;
+        self.drop_queued();
         self.epoch = device.session_epoch().current();
         let reason = WithdrawReason::ConsentWithdrawn;
         if update_unsent {

@@ -488,6 +488,22 @@ impl Store {
     /// synced and deleted, and the new files take their place. Once this returns `Ok`, none of the
     /// erased bytes and no copy of the old data key remains in any file of the store's directory.
     pub fn forget(&mut self) -> Result<(), StoreError> {
+        let kek = self.kek.clone();
+        self.forget_into(kek)
+    }
+
+    /// [`forget`](Self::forget), with the new database's data key wrapped by `key` instead of the
+    /// current one: the host rotates its storage key (after which the old key, and with it every
+    /// remnant of the old key file, can be deleted from its keystore). An unencrypted store
+    /// becomes encrypted. The next open must use `key`. In memory, the same as `forget`.
+    pub fn forget_with_key(&mut self, key: &StorageKey) -> Result<(), StoreError> {
+        if self.path == Path::new(":memory:") {
+            return self.forget();
+        }
+        self.forget_into(Some(Box::new(key.clone())))
+    }
+
+    fn forget_into(&mut self, kek: Option<Box<StorageKey>>) -> Result<(), StoreError> {
         if self.path == Path::new(":memory:") {
             let tx = self.conn.transaction()?;
             tx.execute_batch("DELETE FROM events; DELETE FROM kv;")?;
@@ -503,7 +519,7 @@ impl Store {
         create_private_dir(&staging)?;
         let name = self.path.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("starling.db"));
         {
-            let mut fresh = Store::open_with_key(staging.join(&name), self.kek.as_deref())?;
+            let mut fresh = Store::open_with_key(staging.join(&name), kek.as_deref())?;
             let tx = fresh.conn.transaction()?;
             for e in &ledger {
                 tx.execute(
@@ -524,7 +540,6 @@ impl Store {
         let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
         old.close().map_err(|(_, e)| e)?;
         finish_forget(&self.path)?;
-        let kek = self.kek.take();
         *self = Store::open_with_key(&self.path, kek.as_deref())?;
         Ok(())
     }

@@ -369,6 +369,44 @@ fn forget_shreds_the_data_key_so_an_old_copy_of_the_database_is_unreadable() {
     assert_eq!(d.privacy_report().unwrap().rounds, vec![1]);
 }
 
+#[test]
+fn forget_with_a_new_key_rotates_the_host_key_and_can_encrypt_a_plain_store() {
+    let clock = Clock::manual(NOW);
+    let (old, new) = (StorageKey::new([42; 32]), StorageKey::new([77; 32]));
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = populated(dir.path(), Some(old.clone()), &clock);
+    let trained = d_trained(&mut d);
+    d.record_contribution(RoundId(1), 321, &trained, NOW).unwrap();
+    d.forget_with_key(&new).unwrap();
+    drop(d);
+    let mut cfg = config(Storage::Dir(dir.path().to_path_buf()), &clock);
+    cfg.storage_key = Some(old);
+    assert!(matches!(Device::open(&cfg), Err(OpenError::Store(StoreError::WrongKey { .. }))));
+    cfg.storage_key = Some(new.clone());
+    let d = Device::open(&cfg).unwrap();
+    assert_eq!(
+        (d.event_count(), d.privacy_report().unwrap().updates_sent),
+        (0, 1),
+        "empty but for the ledger"
+    );
+    drop(d);
+
+    // A plain store forgotten with a key comes back encrypted.
+    let plain = tempfile::tempdir().unwrap();
+    let mut d = populated(plain.path(), None, &clock);
+    d.forget_with_key(&new).unwrap();
+    d.set_consent(ALL_IN).unwrap();
+    d.record_batch(&secret_events(10, NOW - DAY_MS), NOW).unwrap();
+    drop(d);
+    assert!(
+        containing(plain.path(), SQLITE_HEADER).is_empty()
+            && containing(plain.path(), SECRET_JSON).is_empty()
+    );
+    let mut cfg = config(Storage::Dir(plain.path().to_path_buf()), &clock);
+    cfg.storage_key = Some(new);
+    assert_eq!(Device::open(&cfg).unwrap().event_count(), 10);
+}
+
 fn d_trained(d: &mut Device) -> starling_sdk::device::Trained {
     d.train(RoundId(1), ModelVersion(1), global(), &plan()).unwrap()
 }
