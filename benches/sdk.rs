@@ -37,6 +37,7 @@ fn device(dir: &std::path::Path, mode: PrivacyMode) -> Device {
     cfg.privacy.mode = mode;
     cfg.retention.max_events = None;
     cfg.seed = Some(1);
+    cfg.clock = starling_sdk::Clock::manual(NOW);
     let mut d = Device::open(&cfg).expect("opens");
     d.set_consent(Consent { personalization: true, training: true }).expect("consent");
     d

@@ -5,7 +5,7 @@
 //! Do not call it from inside an async runtime (blocking there would stall it): use [`Client`].
 
 use crate::client::{Client, RoundError, RoundReport, SchedulerConfig, SchedulerHandle};
-use crate::config::{ClientConfig, Consent};
+use crate::config::{ClientConfig, Consent, StorageKey};
 use crate::device::{Export, OpenError, PrivacyReport, Recommendations, RecordError};
 use crate::store::StoreError;
 use crate::transport::Transport;
@@ -70,6 +70,11 @@ impl<T: Transport> BlockingClient<T> {
     /// See [`Client::forget`].
     pub fn forget(&self) -> Result<(), StoreError> {
         self.client.forget()
+    }
+
+    /// See [`Client::forget_with_key`].
+    pub fn forget_with_key(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.client.forget_with_key(key)
     }
 
     /// See [`Client::export`].

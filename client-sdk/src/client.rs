@@ -17,9 +17,17 @@
 //! [`Client::run_round`] on demand, or [`Client::spawn_scheduler`] in the background. Both drive
 //! the same [`Participant`] (the protocol's session machine) over the configured [`Transport`];
 //! without training consent neither opens a connection.
+//!
+//! Withdrawing training consent ([`Client::set_consent`]) or calling [`Client::forget`] cancels a
+//! running round before anything more is sent: both move the device's
+//! [`SessionEpoch`] before they wait for the device, and every frame
+//! is handed to the transport only while holding the device lock and only if the epoch it was
+//! produced under is still current. So once `forget()` has returned, the round in progress sends
+//! nothing more (at most a `Withdraw`); a local training step already running finishes first (it
+//! holds the device), and its update is dropped.
 
-use crate::config::{ClientConfig, Consent, NotAllowed};
-use crate::device::{Device, Export, OpenError, PrivacyReport, Recommendations, RecordError};
+use crate::config::{ClientConfig, Consent, NotAllowed, StorageKey};
+use crate::device::{Device, Export, OpenError, PrivacyReport, Recommendations, RecordError, SessionEpoch};
 use crate::participant::{Participant, SessionReport, StartError};
 use crate::store::StoreError;
 use crate::transport::{Connection, Transport, TransportError};
@@ -29,8 +37,10 @@ use starling_models::data::events::{Context, Event};
 use starling_proto::message::{DeviceConditions, WithdrawReason};
 use starling_proto::session::SessionOutcome;
 use starling_proto::time::Instant as ProtoInstant;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::task::Poll;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -107,7 +117,18 @@ struct Inner<T> {
     consent: watch::Sender<Consent>,
     round: tokio::sync::Mutex<RoundState>,
     rng: Mutex<ChaCha8Rng>,
-    epoch: Instant,
+    started: Instant,
+    session_epoch: SessionEpoch,
+}
+
+/// What became of a frame given to [`Client::send_gated`].
+enum Gate {
+    /// Handed to the transport.
+    Sent,
+    /// The transport failed.
+    Failed(TransportError),
+    /// The session was cancelled; `started`: part of the frame may have been handed over.
+    Cancelled { started: bool },
 }
 
 /// The SDK's client. Cheap to clone (all clones share one device). See the module docs.
@@ -127,10 +148,6 @@ impl<T: Transport> std::fmt::Debug for Client<T> {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64)
-}
-
 impl<T: Transport> Client<T> {
     /// Opens the device's store and loads its state. Initial device conditions are "nothing
     /// allowed" (not charging, metered, busy, 0 %) until the host reports them.
@@ -139,6 +156,7 @@ impl<T: Transport> Client<T> {
         let seed = config.seed.unwrap_or_else(|| device.random_u64());
         let participant = Participant::new(&config, seed);
         let consent = device.consent();
+        let session_epoch = device.session_epoch().clone();
         Ok(Self {
             inner: Arc::new(Inner {
                 conditions: watch::Sender::new(DeviceConditions {
@@ -150,7 +168,8 @@ impl<T: Transport> Client<T> {
                 consent: watch::Sender::new(consent),
                 round: tokio::sync::Mutex::new(RoundState { participant, not_before: None }),
                 rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed.rotate_left(17))),
-                epoch: Instant::now(),
+                started: Instant::now(),
+                session_epoch,
                 device: Mutex::new(device),
                 transport,
                 config,
@@ -174,6 +193,10 @@ impl<T: Transport> Client<T> {
         self.inner.device.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn now_ms(&self) -> i64 {
+        self.inner.config.clock.now_ms()
+    }
+
     /// Runs `f` with the device (for hosts and tools that need lower-level access).
     pub fn with_device<R>(&self, f: impl FnOnce(&mut Device) -> R) -> R {
         f(&mut self.device())
@@ -181,12 +204,14 @@ impl<T: Transport> Client<T> {
 
     /// Records a behaviour event (validated; see [`RecordError`]). Returns its row id.
     pub fn record(&self, event: Event) -> Result<i64, RecordError> {
-        self.device().record(&event, now_ms())
+        let now = self.now_ms();
+        self.device().record(&event, now)
     }
 
     /// Records several events in one transaction; all or none are stored.
     pub fn record_batch(&self, events: &[Event]) -> Result<Vec<i64>, RecordError> {
-        self.device().record_batch(events, now_ms())
+        let now = self.now_ms();
+        self.device().record_batch(events, now)
     }
 
     /// The `k` best items for the user now. Never fails (see [`Device::recommend`]).
@@ -199,8 +224,13 @@ impl<T: Transport> Client<T> {
         self.device().consent()
     }
 
-    /// Records the user's choice. Turning training off withdraws a running round at once.
+    /// Records the user's choice. Turning training off cancels a running round at once: nothing
+    /// more is sent for it (but a `Withdraw`) once this returns.
     pub fn set_consent(&self, consent: Consent) -> Result<(), StoreError> {
+        if !consent.training {
+            // Before waiting for the device: a training step in progress must not be sent.
+            self.inner.session_epoch.bump();
+        }
         self.device().set_consent(consent)?;
         self.inner.consent.send_replace(consent);
         Ok(())
@@ -217,17 +247,33 @@ impl<T: Transport> Client<T> {
         *self.inner.conditions.borrow()
     }
 
-    /// "Forget me": erases everything stored on the device (see [`Device::forget`]).
+    /// "Forget me": cancels a running round and erases everything stored on the device but the
+    /// privacy ledger (see [`Device::forget`]). Once it returns, nothing more is sent for the
+    /// round that was running (at most a `Withdraw`).
     pub fn forget(&self) -> Result<(), StoreError> {
+        // Before waiting for the device: a training step in progress must not be sent.
+        self.inner.session_epoch.bump();
         let mut d = self.device();
         d.forget()?;
         self.inner.consent.send_replace(d.consent());
         Ok(())
     }
 
+    /// [`forget`](Self::forget), rotating the storage key: the new store's data key is wrapped
+    /// by `key` (see [`Device::forget_with_key`]). Open the client with `key` from now on (this
+    /// client's [`config`](Self::config) still shows the old one).
+    pub fn forget_with_key(&self, key: &StorageKey) -> Result<(), StoreError> {
+        self.inner.session_epoch.bump();
+        let mut d = self.device();
+        d.forget_with_key(key)?;
+        self.inner.consent.send_replace(d.consent());
+        Ok(())
+    }
+
     /// "Show me my data": everything stored about the user.
     pub fn export(&self) -> Result<Export, StoreError> {
-        self.device().export(now_ms())
+        let now = self.now_ms();
+        self.device().export(now)
     }
 
     /// [`export`](Self::export) as pretty JSON (schema in `docs/sdk.md`).
@@ -237,22 +283,77 @@ impl<T: Transport> Client<T> {
             .map_err(|e| StoreError::BadValue { what: "export".into(), detail: e.to_string() })
     }
 
-    /// What has been shared.
+    /// What has been shared (retention is applied first).
     pub fn privacy_report(&self) -> Result<PrivacyReport, StoreError> {
-        self.device().privacy_report()
+        let now = self.now_ms();
+        let mut d = self.device();
+        d.enforce_retention(now)?;
+        d.privacy_report()
     }
 
-    /// Applies the retention limits now (they are also applied on every `record`).
+    /// Applies the retention limits now (they are also applied on open, on every `record`, and
+    /// before training, recommending and exporting).
     pub fn enforce_retention(&self) -> Result<usize, StoreError> {
-        self.device().enforce_retention(now_ms())
+        let now = self.now_ms();
+        self.device().enforce_retention(now)
     }
 
     fn proto_now(&self) -> ProtoInstant {
-        ProtoInstant::from_micros(self.inner.epoch.elapsed().as_micros().min(u128::from(u64::MAX)) as u64)
+        ProtoInstant::from_micros(self.inner.started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64)
     }
 
     fn tokio_at(&self, at: ProtoInstant) -> Instant {
-        self.inner.epoch + Duration::from_micros(at.as_micros())
+        self.inner.started + Duration::from_micros(at.as_micros())
+    }
+
+    /// Sends `frame` (produced under session epoch `epoch`) on `conn`. Every poll of the send —
+    /// the only moments bytes are handed to the transport — happens under the device lock and
+    /// only while `epoch` is current; `forget` and consent withdrawal move the epoch and then take
+    /// that lock, so once they return no poll of a stale frame can happen.
+    async fn send_gated(&self, conn: &mut T::Connection, frame: Vec<u8>, epoch: u64) -> Gate {
+        let mut send = std::pin::pin!(conn.send(frame.into()));
+        let mut started = false;
+        std::future::poll_fn(|cx| {
+            let _device = self.device();
+            if self.inner.session_epoch.current() != epoch {
+                return Poll::Ready(Gate::Cancelled { started });
+            }
+            started = true;
+            match send.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Gate::Sent),
+                Poll::Ready(Err(e)) => Poll::Ready(Gate::Failed(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Sends what the participant has queued. Returns `false` if the connection must be aborted
+    /// (a cancelled frame was partly handed to the transport).
+    async fn send_queued(&self, state: &mut RoundState, conn: &mut T::Connection, last: bool) -> bool {
+        while let Some(frame) = state.participant.poll_transmit() {
+            let epoch = state.participant.epoch();
+            match self.send_gated(conn, frame, epoch).await {
+                Gate::Sent => {}
+                Gate::Failed(e) => {
+                    tracing::debug!(error = %e, "send failed");
+                    if last {
+                        return true;
+                    }
+                    state.participant.handle_disconnect(self.proto_now(), &mut self.device());
+                }
+                Gate::Cancelled { started } => {
+                    if !started {
+                        state.participant.discard_last();
+                    }
+                    state.participant.check_epoch(self.proto_now(), &mut self.device());
+                    if started {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// Whether a round could start now (consent, conditions, "come back at"), without connecting.
@@ -285,7 +386,7 @@ impl<T: Transport> Client<T> {
         let mut consent = self.inner.consent.subscribe();
         let start = {
             let device = self.device();
-            state.participant.start(self.proto_now(), now_ms(), &device, *conditions.borrow_and_update())
+            state.participant.start(self.proto_now(), self.now_ms(), &device, *conditions.borrow_and_update())
         };
         if let Err(e) = start {
             conn.close("not participating").await;
@@ -298,13 +399,9 @@ impl<T: Transport> Client<T> {
                 _ => RoundError::Busy,
             });
         }
+        let mut intact = true;
         let report = loop {
-            while let Some(frame) = state.participant.poll_transmit() {
-                if let Err(e) = conn.send(frame.into()).await {
-                    tracing::debug!(error = %e, "send failed");
-                    state.participant.handle_disconnect(self.proto_now(), &mut self.device());
-                }
-            }
+            intact &= self.send_queued(&mut state, &mut conn, false).await;
             if let Some(report) = state.participant.poll_report() {
                 break report;
             }
@@ -325,19 +422,25 @@ impl<T: Transport> Client<T> {
                     state.participant.handle_conditions(self.proto_now(), c, &mut self.device());
                 }
                 Ok(()) = consent.changed() => {
-                    if !consent.borrow_and_update().training {
-                        state.participant.withdraw(self.proto_now(), WithdrawReason::ConsentWithdrawn, &mut self.device());
+                    // `forget` also notifies here: a moved epoch cancels the session.
+                    let training = consent.borrow_and_update().training;
+                    let mut device = self.device();
+                    if !state.participant.check_epoch(self.proto_now(), &mut device) && !training {
+                        state.participant.withdraw(self.proto_now(), WithdrawReason::ConsentWithdrawn, &mut device);
                     }
                 }
             }
         };
         // Let the last frames (e.g. a withdrawal) go out, then close.
-        while let Some(frame) = state.participant.poll_transmit() {
-            if conn.send(frame.into()).await.is_err() {
-                break;
-            }
+        if intact {
+            intact = self.send_queued(&mut state, &mut conn, true).await;
         }
-        conn.close("session over").await;
+        if intact {
+            conn.close("session over").await;
+        } else {
+            // Part of a cancelled frame may be in the transport's buffers: drop them unsent.
+            conn.abort("cancelled").await;
+        }
         state.not_before = state.participant.next_check_in_at().map(|t| self.tokio_at(t));
         Ok(RoundReport { session: report, connect_attempts })
     }

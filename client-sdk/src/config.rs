@@ -8,15 +8,113 @@ use serde::{Deserialize, Serialize};
 use starling_proto::ids::ClientId;
 use starling_proto::message::DeviceConditions;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use crate::keys::StorageKey;
 
 /// Where the SDK keeps its database.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Storage {
-    /// `DIR/starling.db` (the directory is created if missing).
+    /// `DIR/starling.db`, and `DIR/starling.key` when encrypted (the directory is created with
+    /// mode 0700 if missing; the files are created 0600).
     Dir(PathBuf),
-    /// In memory only: nothing survives the process (tests, simulations, kiosk mode).
+    /// In memory only: nothing survives the process (tests, simulations, kiosk mode). Never
+    /// encrypted (nothing is at rest).
     InMemory,
+}
+
+/// The wall clock the SDK dates events by and applies retention with (ms since the Unix epoch).
+/// Clones share one clock.
+#[derive(Clone)]
+pub struct Clock(ClockKind);
+
+#[derive(Clone)]
+enum ClockKind {
+    System,
+    Manual(Arc<AtomicI64>),
+    Custom(Arc<dyn Fn() -> i64 + Send + Sync>),
+}
+
+impl Clock {
+    /// The system clock (the default).
+    pub fn system() -> Self {
+        Self(ClockKind::System)
+    }
+
+    /// A clock standing at `ms` that moves only when told ([`set_ms`](Self::set_ms),
+    /// [`advance`](Self::advance)): tests and simulations with virtual time.
+    pub fn manual(ms: i64) -> Self {
+        Self(ClockKind::Manual(Arc::new(AtomicI64::new(ms))))
+    }
+
+    /// A clock reading `now`, e.g. the host's own trusted time source.
+    pub fn from_fn(now: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(ClockKind::Custom(Arc::new(now)))
+    }
+
+    /// The time now, ms since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        match &self.0 {
+            ClockKind::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64),
+            ClockKind::Manual(t) => t.load(Ordering::Acquire),
+            ClockKind::Custom(f) => f(),
+        }
+    }
+
+    /// Sets a [`manual`](Self::manual) clock to `ms`. Returns whether this clock is manual (the
+    /// others are not changed).
+    pub fn set_ms(&self, ms: i64) -> bool {
+        match &self.0 {
+            ClockKind::Manual(t) => {
+                t.store(ms, Ordering::Release);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves a [`manual`](Self::manual) clock forward by `by`. Returns whether this clock is manual.
+    pub fn advance(&self, by: Duration) -> bool {
+        match &self.0 {
+            ClockKind::Manual(t) => {
+                t.fetch_add(by.as_millis().min(i64::MAX as u128) as i64, Ordering::AcqRel);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ClockKind::System => f.write_str("Clock::System"),
+            ClockKind::Manual(t) => write!(f, "Clock::Manual({})", t.load(Ordering::Relaxed)),
+            ClockKind::Custom(_) => f.write_str("Clock::Custom"),
+        }
+    }
+}
+
+impl PartialEq for Clock {
+    /// The same clock: both the system clock, or clones of one manual or custom clock.
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (ClockKind::System, ClockKind::System) => true,
+            (ClockKind::Manual(a), ClockKind::Manual(b)) => Arc::ptr_eq(a, b),
+            (ClockKind::Custom(a), ClockKind::Custom(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// The coordinator to train with: its address and the CA that signed its certificate.
@@ -207,6 +305,12 @@ pub struct ClientConfig {
     pub coordinator: Option<CoordinatorEndpoint>,
     /// Where the database lives.
     pub storage: Storage,
+    /// The host's key for encryption at rest (a key-encryption key from the OS keystore), or
+    /// `None` for an unencrypted store. Ignored for [`Storage::InMemory`]. A store created with a
+    /// key can only be opened with it, and one created without a key only without.
+    pub storage_key: Option<StorageKey>,
+    /// The wall clock (dates events, applies retention). Default: the system clock.
+    pub clock: Clock,
     /// The model.
     pub model: ModelSpec,
     /// When training is allowed.
@@ -246,6 +350,8 @@ impl ClientConfig {
             credential,
             coordinator: None,
             storage,
+            storage_key: None,
+            clock: Clock::system(),
             model,
             participation: ParticipationPolicy::default(),
             privacy: PrivacyPolicy::default(),

@@ -15,9 +15,9 @@
 //! | `user_vector` | the private user vector (raw `f32`); never leaves the device |
 //! | `stats` | counters for the privacy report ([`Stats`], JSON) |
 
-use crate::config::{ClientConfig, Consent, ModelSpec, PrivacyMode, Retention, Storage};
+use crate::config::{ClientConfig, Clock, Consent, ModelSpec, PrivacyMode, Retention, Storage, StorageKey};
 use crate::privacy::{self, Contribution};
-use crate::store::{LedgerEntry, Store, StoreError};
+use crate::store::{LedgerEntry, Store, StoreError, create_private_dir};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::{NoiseSettings, TrainingPlan};
 use starling_proto::update::{ModelShape, Update};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const KEY_CONSENT: &str = "consent";
 const KEY_GLOBAL_VERSION: &str = "global_version";
@@ -55,7 +56,10 @@ pub enum OpenError {
         /// Why.
         detail: String,
     },
-    /// The database could not be opened (foreign, corrupt, too new, I/O).
+    /// The database could not be opened: foreign, corrupt, too new, I/O; or, for encryption at
+    /// rest, a wrong storage key ([`StoreError::WrongKey`]), an encrypted store opened without a
+    /// key ([`StoreError::KeyRequired`]) or an unencrypted one with a key
+    /// ([`StoreError::NotEncrypted`]). In each of these cases the files were left untouched.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -265,6 +269,37 @@ pub struct GlobalModel {
     pub params: Arc<[f32]>,
 }
 
+/// The device's session epoch, shared with whoever sends on its behalf: it moves whenever a
+/// running session must stop at once — the user withdrew training consent, or asked the device to
+/// forget them. A sender checks that the epoch a frame was produced under is still current
+/// before handing it to the transport ([`crate::participant::Participant::is_current`]).
+#[derive(Clone, Debug, Default)]
+pub struct SessionEpoch(Arc<AtomicU64>);
+
+impl SessionEpoch {
+    /// The current epoch.
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Moves to a new epoch: every session started before is cancelled.
+    pub fn bump(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Called when a local training step starts (instrumentation; tests use it to simulate a slow
+/// device). It runs while the device is in use, so it must not call back into the device.
+pub type TrainHook = Box<dyn FnMut(RoundId) + Send>;
+
+struct Hook(Option<TrainHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(TrainHook)" } else { "None" })
+    }
+}
+
 /// The device. See the module docs.
 #[derive(Debug)]
 pub struct Device {
@@ -291,6 +326,10 @@ pub struct Device {
     examples: Option<Examples>,
     store_global: bool,
     rng: ChaCha8Rng,
+    clock: Clock,
+    epoch: SessionEpoch,
+    forgets: u64,
+    train_hook: Hook,
 }
 
 fn budget(delta: Delta, max_epsilon: Option<f64>) -> Result<Option<Budget>, OpenError> {
@@ -304,7 +343,8 @@ fn budget(delta: Delta, max_epsilon: Option<f64>) -> Result<Option<Budget>, Open
 }
 
 impl Device {
-    /// Opens the device's store (creating it if needed) and loads its state.
+    /// Opens the device's store (creating it if needed), loads its state and applies the
+    /// retention limits at the configured clock's time.
     pub fn open(config: &ClientConfig) -> Result<Self, OpenError> {
         let spec = config.model.clone();
         if spec.items == 0 || spec.dim == 0 {
@@ -328,9 +368,9 @@ impl Device {
         let store = match &config.storage {
             Storage::InMemory => Store::open_in_memory()?,
             Storage::Dir(dir) => {
-                std::fs::create_dir_all(dir)
+                create_private_dir(dir)
                     .map_err(|e| OpenError::Dir { path: dir.clone(), detail: e.to_string() })?;
-                Store::open(dir.join("starling.db"))?
+                Store::open_with_key(dir.join("starling.db"), config.storage_key.as_ref())?
             }
         };
         let ledger = privacy::load(&store, delta, budget(delta, config.privacy.max_epsilon)?)?;
@@ -358,8 +398,13 @@ impl Device {
             store_global: config.store_global_model,
             rng: ChaCha8Rng::seed_from_u64(seed),
             store,
+            clock: config.clock.clone(),
+            epoch: SessionEpoch::default(),
+            forgets: 0,
+            train_hook: Hook(None),
         };
         device.load_state()?;
+        device.enforce_retention(device.clock.now_ms())?;
         Ok(device)
     }
 
@@ -399,10 +444,35 @@ impl Device {
         self.consent
     }
 
+    /// The device's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The session epoch (see [`SessionEpoch`]).
+    pub fn session_epoch(&self) -> &SessionEpoch {
+        &self.epoch
+    }
+
+    /// How many times the device has been told to forget (since it was opened): a session
+    /// started before a forget stores nothing about itself afterwards.
+    pub fn forget_count(&self) -> u64 {
+        self.forgets
+    }
+
+    /// Sets (or clears) the hook called when a local training step starts.
+    pub fn set_train_hook(&mut self, hook: Option<TrainHook>) {
+        self.train_hook = Hook(hook);
+    }
+
     /// Records the user's choice. Withdrawing both consents deletes the stored events (nothing
     /// may be kept for a purpose the user refused); withdrawing personalization alone keeps them
-    /// for training, and vice versa.
+    /// for training, and vice versa. Without training consent, a running session is cancelled
+    /// (the [`SessionEpoch`] moves).
     pub fn set_consent(&mut self, consent: Consent) -> Result<(), StoreError> {
+        if !consent.training {
+            self.epoch.bump();
+        }
         self.store.put(KEY_CONSENT, &consent)?;
         self.consent = consent;
         if !consent.personalization && !consent.training {
@@ -488,10 +558,15 @@ impl Device {
         self.retention.max_age.map(|a| now_ms.saturating_sub(a.as_millis().min(i64::MAX as u128) as i64))
     }
 
-    /// Applies the retention limits now; returns how many events were deleted.
+    /// Applies the retention limits at `now_ms`; returns how many events were deleted. Also
+    /// applied when the device is opened, on every `record`, and before training, recommending
+    /// and exporting.
     pub fn enforce_retention(&mut self, now_ms: i64) -> Result<usize, StoreError> {
         let mut deleted = 0;
-        if let Some(cutoff) = self.cutoff_ms(now_ms) {
+        if let Some(cutoff) = self.cutoff_ms(now_ms)
+            && self.event_count > 0
+            && self.store.oldest_event_ms()?.is_some_and(|oldest| oldest < cutoff)
+        {
             deleted += self.store.purge_before(cutoff)?;
         }
         if let Some(cap) = self.retention.max_events
@@ -511,13 +586,6 @@ impl Device {
         Ok(self.store.events::<Event>()?.into_iter().map(|e| e.event).collect())
     }
 
-    fn examples(&self) -> Result<Examples, StoreError> {
-        match &self.examples {
-            Some(e) => Ok(e.clone()),
-            None => Ok(Examples::from_events(&self.events()?)),
-        }
-    }
-
     fn cached_examples(&mut self) -> Result<&Examples, StoreError> {
         if self.examples.is_none() {
             self.examples = Some(Examples::from_events(&self.events()?));
@@ -525,14 +593,19 @@ impl Device {
         Ok(self.examples.get_or_insert_with(Examples::default))
     }
 
-    /// The `k` best items for the user now. Never fails: with no consent to personalize, too
-    /// little data, no global model yet or an unreadable store, it falls back to a non-personal
-    /// ranking (the global model's, else the catalogue order). Items the user already interacted
-    /// with positively are left out of personal lists. The MF model does not use `context`.
-    pub fn recommend(&self, k: usize, _context: Option<Context>) -> Recommendations {
+    /// The `k` best items for the user now (retention is applied first, at the device clock's
+    /// time). Never fails: with no consent to personalize, too little data, no global model yet
+    /// or an unreadable store, it falls back to a non-personal ranking (the global model's, else
+    /// the catalogue order). Items the user already interacted with positively are left out of
+    /// personal lists. The MF model does not use `context`.
+    pub fn recommend(&mut self, k: usize, _context: Option<Context>) -> Recommendations {
         let k = k.min(self.spec.items as usize);
-        let examples = if self.consent.personalization { self.examples().ok() } else { None };
-        let seen: Vec<u32> = examples.as_ref().map(Examples::positive_items).unwrap_or_default();
+        let retained = self.enforce_retention(self.clock.now_ms()).is_ok();
+        let seen: Vec<u32> = if self.consent.personalization && retained {
+            self.cached_examples().map(Examples::positive_items).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         if let (Some(global), Some(user)) = (&self.global, &self.user)
             && seen.len() >= self.min_personal_events
         {
@@ -585,9 +658,10 @@ impl Device {
     }
 
     /// Trains on the device's data from the global `params` (version `version`) as `plan` says,
-    /// then clips (and under local DP noises) the update. The private vector is updated and
-    /// stored; the global model is kept for recommendations. The release is not charged yet:
-    /// call [`record_contribution`](Self::record_contribution) before sending it.
+    /// then clips (and under local DP noises) the update. Retention is applied first, at the
+    /// device clock's time. The private vector is updated and stored; the global model is kept
+    /// for recommendations. The release is not charged yet: call
+    /// [`record_contribution`](Self::record_contribution) before sending it.
     pub fn train(
         &mut self,
         round: RoundId,
@@ -602,6 +676,10 @@ impl Device {
                 expected: self.shape,
                 got: ModelShape::new(rows, self.shape.row_len).unwrap_or(self.shape),
             });
+        }
+        self.enforce_retention(self.clock.now_ms())?;
+        if let Some(hook) = self.train_hook.0.as_mut() {
+            hook(round);
         }
         let examples = self.cached_examples()?;
         let positives = examples.positive_items();
@@ -712,19 +790,38 @@ impl Device {
         self.ledger.epsilon()
     }
 
-    /// "Forget me": deletes every event, the private user vector, the global model, the counters,
-    /// the stored consent and the ledger, and rewrites the database file so none of it remains in
-    /// it. Consent returns to the configured default.
+    /// "Forget me": cancels a running session (the [`SessionEpoch`] moves), deletes every event,
+    /// the private user vector, the global model, the counters and the stored consent, and
+    /// replaces the database (and, when encrypted, its data key) so that none of it remains in
+    /// any file of the store (see [`Store::forget`]). Consent returns to the configured default.
+    ///
+    /// The privacy ledger is kept: it holds no event or item, only what this device released,
+    /// and resetting it would let the device spend its privacy budget again.
     pub fn forget(&mut self) -> Result<(), StoreError> {
-        self.store.forget()?;
+        self.forget_inner(None)
+    }
+
+    /// [`forget`](Self::forget), and the new store's data key is wrapped by `key` (see
+    /// [`Store::forget_with_key`]): the host rotates its storage key, and must open the device
+    /// with `key` from now on. Ignored for an in-memory store.
+    pub fn forget_with_key(&mut self, key: &StorageKey) -> Result<(), StoreError> {
+        self.forget_inner(Some(key))
+    }
+
+    fn forget_inner(&mut self, key: Option<&StorageKey>) -> Result<(), StoreError> {
+        self.epoch.bump();
+        self.forgets += 1;
         self.user = None;
         self.global = None;
         self.stats = Stats::default();
         self.event_count = 0;
         self.examples = None;
         self.consent = self.default_consent;
-        self.ledger =
-            privacy::load(&self.store, self.delta, budget(self.delta, self.max_epsilon).ok().flatten())?;
+        match key {
+            Some(k) => self.store.forget_with_key(k)?,
+            None => self.store.forget()?,
+        }
+        self.event_count = self.store.event_count()?;
         Ok(())
     }
 
@@ -748,8 +845,9 @@ impl Device {
         })
     }
 
-    /// Everything stored about the user.
-    pub fn export(&self, now_ms: i64) -> Result<Export, StoreError> {
+    /// Everything stored about the user (retention is applied at `now_ms` first).
+    pub fn export(&mut self, now_ms: i64) -> Result<Export, StoreError> {
+        self.enforce_retention(now_ms)?;
         let events = self
             .store
             .events::<Event>()?

@@ -11,12 +11,14 @@
 //! - [`transport`]: the transport seam (in-memory; QUIC) that [`client`] connects through.
 //! - [`client`]: the async [`Client`] apps use, with a background scheduler.
 //! - [`blocking`]: the same API for hosts without an async runtime.
-//! - [`store`]: the on-device SQLite database; [`privacy`]: the device's own privacy ledger.
+//! - [`store`]: the on-device SQLite database (SQLCipher-encrypted when the host gives a key, see
+//!   [`keys`]); [`privacy`]: the device's own privacy ledger.
 
 pub mod blocking;
 pub mod client;
 pub mod config;
 pub mod device;
+pub mod keys;
 pub mod participant;
 pub mod privacy;
 pub mod store;
@@ -24,6 +26,7 @@ pub mod transport;
 
 pub use client::{Client, RoundError, RoundReport};
 pub use config::{
-    ClientConfig, Consent, ModelSpec, ParticipationPolicy, PrivacyMode, PrivacyPolicy, Retention, Storage,
+    ClientConfig, Clock, Consent, ModelSpec, ParticipationPolicy, PrivacyMode, PrivacyPolicy, Retention,
+    Storage, StorageKey,
 };
 pub use device::{Device, Export, PrivacyReport, Recommendations, Source};

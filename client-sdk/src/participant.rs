@@ -15,6 +15,16 @@
 //! device's privacy ledger durably**, and only then queues the update frame. A task the device
 //! will not do (no consent, too weak a privacy setting, its own budget spent, no data) is
 //! withdrawn with the reason, never silently dropped.
+//!
+//! ## Cancellation
+//! A session belongs to the device's [`SessionEpoch`](crate::device::SessionEpoch) at its start.
+//! Withdrawing training consent or forgetting the user moves the epoch; from then on the session
+//! is cancelled: every queued frame is dropped (an update that was not handed to the transport
+//! never leaves, and the coordinator is told the device withdrew), and a session cancelled by a
+//! forget stores nothing about itself. Each `handle_*` call checks the epoch first; a host that
+//! sends frames concurrently with the user's controls must also check
+//! [`is_current`](Participant::is_current) right before handing each frame to its transport, under
+//! the same lock the controls take (the async [`Client`](crate::client::Client) does).
 
 use crate::config::{ClientConfig, NotAllowed, ParticipationPolicy};
 use crate::device::{Device, TrainError};
@@ -95,6 +105,12 @@ pub struct Participant {
     bytes_received: u64,
     report: Option<SessionReport>,
     running: bool,
+    // Cancellation.
+    epoch: u64,
+    forgets: u64,
+    pushed: u64,
+    popped: u64,
+    update_seq: Option<u64>,
 }
 
 impl Participant {
@@ -128,6 +144,11 @@ impl Participant {
             bytes_received: 0,
             report: None,
             running: false,
+            epoch: 0,
+            forgets: 0,
+            pushed: 0,
+            popped: 0,
+            update_seq: None,
         }
     }
 
@@ -168,6 +189,9 @@ impl Participant {
             _ => StartError::Busy,
         })?;
         self.wall_origin = Some((now, wall_ms));
+        self.epoch = device.session_epoch().current();
+        self.forgets = device.forget_count();
+        self.update_seq = None;
         self.running = true;
         self.round = None;
         self.sent_update = false;
@@ -181,8 +205,79 @@ impl Participant {
         Ok(())
     }
 
+    /// The session epoch the queued frames belong to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether the device's session epoch is still the one this session's frames were produced
+    /// under: if not, the user withdrew training consent or asked to be forgotten, and nothing
+    /// queued before may be sent.
+    pub fn is_current(&self, device: &Device) -> bool {
+        device.session_epoch().current() == self.epoch
+    }
+
+    /// Cancels the session if the device's session epoch moved (see the module docs): drops the
+    /// queued frames and withdraws. Returns whether it did.
+    pub fn check_epoch(&mut self, now: Instant, device: &mut Device) -> bool {
+        if self.is_current(device) {
+            return false;
+        }
+        if self.running {
+            self.cancel(now, device);
+            self.drive(now, device);
+        } else {
+            // A finished session's last frames (a withdrawal) are dropped too.
+            self.drop_queued();
+            self.epoch = device.session_epoch().current();
+        }
+        true
+    }
+
+    fn drop_queued(&mut self) {
+        for frame in self.out.drain(..) {
+            self.bytes_sent = self.bytes_sent.saturating_sub(frame.len() as u64);
+        }
+        self.pushed = self.popped;
+    }
+
+    /// The frame last taken with [`poll_transmit`](Self::poll_transmit) was not handed to the
+    /// transport after all (the session was cancelled before it could be).
+    pub fn discard_last(&mut self) {
+        self.popped = self.popped.saturating_sub(1);
+    }
+
+    fn cancel(&mut self, now: Instant, device: &Device) {
+        let update_unsent = self.update_seq.is_some_and(|seq| seq >= self.popped);
+        self.drop_queued();
+        self.epoch = device.session_epoch().current();
+        let reason = WithdrawReason::ConsentWithdrawn;
+        if update_unsent {
+            self.sent_update = false;
+            self.update_seq = None;
+            // The coordinator still waits for this round's update: tell it the device withdrew.
+            if let Some(round) = self.round
+                && let Ok(frame) = self.codec.encode_client(&ClientMessage::Withdraw { round, reason })
+            {
+                self.push(frame);
+            }
+        }
+        if self.task_error.is_none() {
+            self.task_error =
+                Some("cancelled: training consent was withdrawn or the device forgot its data".into());
+        }
+        self.session.withdraw(now, reason);
+    }
+
+    fn push(&mut self, frame: Vec<u8>) {
+        self.bytes_sent += frame.len() as u64;
+        self.pushed += 1;
+        self.out.push_back(frame);
+    }
+
     /// Bytes from the coordinator (any chunking).
     pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8], device: &mut Device) {
+        self.check_epoch(now, device);
         if !self.running {
             return;
         }
@@ -213,6 +308,7 @@ impl Participant {
     /// The host reports new device conditions: a running session is withdrawn when they no
     /// longer allow training.
     pub fn handle_conditions(&mut self, now: Instant, conditions: DeviceConditions, device: &mut Device) {
+        self.check_epoch(now, device);
         if self.running && self.policy.check(&conditions).is_err() {
             self.session.withdraw(now, WithdrawReason::ConditionsChanged);
             self.drive(now, device);
@@ -221,6 +317,7 @@ impl Participant {
 
     /// The user withdrew consent (or the app wants out): a running session is withdrawn.
     pub fn withdraw(&mut self, now: Instant, reason: WithdrawReason, device: &mut Device) {
+        self.check_epoch(now, device);
         if self.running {
             self.session.withdraw(now, reason);
             self.drive(now, device);
@@ -229,6 +326,7 @@ impl Participant {
 
     /// The connection was lost.
     pub fn handle_disconnect(&mut self, now: Instant, device: &mut Device) {
+        self.check_epoch(now, device);
         if self.running {
             self.session.handle_disconnect(now);
             self.drive(now, device);
@@ -237,15 +335,19 @@ impl Participant {
 
     /// Time passed: deadlines and answer timeouts.
     pub fn handle_timeout(&mut self, now: Instant, device: &mut Device) {
+        self.check_epoch(now, device);
         if self.running {
             self.session.handle_timeout(now);
             self.drive(now, device);
         }
     }
 
-    /// The next frame to send.
+    /// The next frame to send. A host whose user may withdraw consent or call `forget` while it
+    /// sends checks [`is_current`](Self::is_current) first (see the module docs).
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.out.pop_front()
+        let frame = self.out.pop_front()?;
+        self.popped += 1;
+        Some(frame)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
@@ -277,7 +379,10 @@ impl Participant {
                 SessionAction::Finished(outcome) => {
                     self.flush(now, device);
                     let accepted = matches!(outcome, SessionOutcome::Accepted { .. });
-                    if let Err(e) = device.count_session(self.bytes_sent, self.bytes_received, accepted) {
+                    // A session cancelled by a forget stores nothing about itself.
+                    if device.forget_count() == self.forgets
+                        && let Err(e) = device.count_session(self.bytes_sent, self.bytes_received, accepted)
+                    {
                         tracing::warn!(error = %e, "could not store session counters");
                     }
                     self.running = false;
@@ -310,6 +415,11 @@ impl Participant {
             }
         };
         let trained = match device.train(req.round, req.model_version, params, &req.plan) {
+            // Consent was withdrawn (or the data forgotten) while it trained: nothing is sent.
+            Ok(_) if !self.is_current(device) => {
+                self.cancel(now, device);
+                return;
+            }
             Ok(t) => t,
             Err(e) => {
                 let reason = match e {
@@ -354,19 +464,16 @@ impl Participant {
                     return;
                 }
                 self.sent_update = true;
+                self.update_seq = Some(self.pushed);
             }
-            self.bytes_sent += frame.len() as u64;
-            self.out.push_back(frame);
+            self.push(frame);
         }
     }
 
     fn flush(&mut self, now: Instant, _device: &Device) {
         while let Some(msg) = self.session.poll_transmit() {
             match self.codec.encode_client(&msg) {
-                Ok(frame) => {
-                    self.bytes_sent += frame.len() as u64;
-                    self.out.push_back(frame);
-                }
+                Ok(frame) => self.push(frame),
                 Err(e) => {
                     self.task_error = Some(format!("could not encode a message: {e}"));
                     self.session.handle_disconnect(now);

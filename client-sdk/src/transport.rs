@@ -53,6 +53,12 @@ pub trait Connection: Send + 'static {
     fn recv(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, TransportError>> + Send;
     /// Closes the connection, telling the peer `reason` where the transport can.
     fn close(&mut self, reason: &str) -> impl Future<Output = ()> + Send;
+    /// Closes the connection at once, discarding whatever was handed to [`send`](Self::send) but
+    /// not yet transmitted (used when a frame is cancelled half-way). The default is
+    /// [`close`](Self::close), right for transports whose `send` hands over whole frames only.
+    fn abort(&mut self, reason: &str) -> impl Future<Output = ()> + Send {
+        self.close(reason)
+    }
 }
 
 /// A way to open connections to the coordinator.

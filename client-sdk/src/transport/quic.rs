@@ -248,4 +248,11 @@ impl Connection for QuicConnection {
         let reason = &reason.as_bytes()[..reason.len().min(200)];
         self.conn.close(quinn::VarInt::from_u32(code), reason);
     }
+
+    async fn abort(&mut self, reason: &str) {
+        // Reset, not finish: quinn drops the stream's untransmitted data and stops retransmitting.
+        let _ = self.send.reset(quinn::VarInt::from_u32(CLOSE_ERROR));
+        let reason = &reason.as_bytes()[..reason.len().min(200)];
+        self.conn.close(quinn::VarInt::from_u32(CLOSE_ERROR), reason);
+    }
 }

@@ -44,9 +44,9 @@ pub enum SdkFleetError {
     },
 }
 
-/// A simulated device's SDK configuration: in memory, consent given, any conditions allowed, no
-/// retention cap, no personal fitting, the global model kept in memory only, a seed per client;
-/// under `local_dp` (δ) the device insists on local noise.
+/// A simulated device's SDK configuration: in memory, on the simulated clock, consent given, any
+/// conditions allowed, no retention cap, no personal fitting, the global model kept in memory
+/// only, a seed per client; under `local_dp` (δ) the device insists on local noise.
 pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Option<f64>) -> ClientConfig {
     let mut config =
         ClientConfig::new(ClientId(client), Vec::new(), ModelSpec::mf(items, dim), Storage::InMemory);
@@ -55,6 +55,8 @@ pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Opt
     config.retention.max_events = None;
     config.personal_epochs = 0;
     config.store_global_model = false;
+    // The devices live on the simulated clock (their events are dated by it; retention uses it).
+    config.clock = starling_sdk::Clock::manual(SIM_EPOCH_MS);
     config.seed = Some(seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     if let Some(delta) = local_dp {
         config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
