@@ -41,7 +41,8 @@ fn engine(target: usize) -> Orchestrator {
         history: 1,
         rng_seed: 1,
     };
-    Orchestrator::new(config, Box::new(Federated::fedavg()), vec![0.0; 64], ModelVersion(0), RoundId(1)).unwrap()
+    Orchestrator::new(config, Box::new(Federated::fedavg()), vec![0.0; 64], ModelVersion(0), RoundId(1))
+        .unwrap()
 }
 
 /// Valid credentials are `tok-<client id>`, unless the client is in the revoked set.
@@ -69,7 +70,10 @@ impl driver::Authenticator for Tokens {
 type Events = Arc<Mutex<Vec<RoundEvent>>>;
 
 /// A driver whose hook records events and fails on the event kinds in `fail_on`.
-fn driver(target: usize, fail_on: &'static [&'static str]) -> (CoordinatorHandle, MemoryTransport, Tokens, Events) {
+fn driver(
+    target: usize,
+    fail_on: &'static [&'static str],
+) -> (CoordinatorHandle, MemoryTransport, Tokens, Events) {
     let events: Events = Arc::default();
     let sink = events.clone();
     let tokens = Tokens::default();
@@ -108,7 +112,11 @@ struct Peer {
 
 impl Peer {
     async fn connect(t: &MemoryTransport) -> Peer {
-        Peer { conn: t.connect().await.unwrap(), frames: FrameBuffer::new(Codec::default()), codec: Codec::default() }
+        Peer {
+            conn: t.connect().await.unwrap(),
+            frames: FrameBuffer::new(Codec::default()),
+            codec: Codec::default(),
+        }
     }
 
     async fn send(&mut self, m: &ClientMessage) {
@@ -209,7 +217,8 @@ async fn a_check_in_without_a_valid_token_is_refused_closed_and_never_takes_over
     let model = committed_model(&handle, &events).await;
     assert_eq!(&model[8..12], &[0.5; 4]);
     assert_eq!(handle.status().unauthenticated, 4);
-    let refused = events.lock().unwrap().iter().filter(|e| matches!(e, RoundEvent::CheckInRefused { .. })).count();
+    let refused =
+        events.lock().unwrap().iter().filter(|e| matches!(e, RoundEvent::CheckInRefused { .. })).count();
     assert_eq!(refused, 0, "unauthenticated check-ins never reach the engine");
 }
 
@@ -246,7 +255,13 @@ async fn a_client_revoked_mid_round_is_disconnected_and_its_update_never_counts(
     // The sweep the service runs after reloading revocations closes it and drops it from the round.
     assert_eq!(handle.reverify().await.unwrap(), 1);
     assert_eq!(revoked.until_closed().await, Vec::new());
-    assert!(events.lock().unwrap().iter().any(|e| matches!(e, RoundEvent::ClientDropped { client: ClientId(2), .. })));
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, RoundEvent::ClientDropped { client: ClientId(2), .. }))
+    );
     // Reconnecting with the revoked token is refused.
     late.send(&check_in(2, "tok-2")).await;
     assert_eq!(late.until_closed().await, vec![CoordinatorMessage::Refusal(Refusal::Unauthenticated)]);

@@ -460,7 +460,10 @@ mod tests {
         let big = ClientMessage::Update(ClientUpdate {
             round: RoundId(3),
             base_version: ModelVersion(2),
-            update: EncodedUpdate::Dense { shape: ModelShape::new(1024, 256).unwrap(), values: vec![0.5; 1 << 18] },
+            update: EncodedUpdate::Dense {
+                shape: ModelShape::new(1024, 256).unwrap(),
+                values: vec![0.5; 1 << 18],
+            },
             weight: 1.0,
             metrics: LocalMetrics::default(),
         });

@@ -630,12 +630,8 @@ impl Orchestrator {
     pub fn abort_round(&mut self, now: Instant, reason: impl Into<String>) {
         let Some(r) = &self.round else { return };
         let round = r.id;
-        let mut training: Vec<ClientId> = r
-            .participants
-            .iter()
-            .filter(|(_, p)| **p == Participant::Training)
-            .map(|(c, _)| *c)
-            .collect();
+        let mut training: Vec<ClientId> =
+            r.participants.iter().filter(|(_, p)| **p == Participant::Training).map(|(c, _)| *c).collect();
         training.sort_unstable();
         for c in training {
             self.send(c, CoordinatorMessage::Abort { round, reason: AbortReason::RoundFailed });

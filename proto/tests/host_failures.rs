@@ -147,10 +147,12 @@ fn a_reverted_commit_is_never_served_and_the_old_model_trains_on() {
     o.handle_message(t, ClientId(1), update(round, ModelVersion(1)));
     o.handle_message(t, ClientId(2), update(round, ModelVersion(0)));
     let (_, events) = drain(&mut o);
-    assert!(events.iter().any(|e| matches!(
-        e,
-        RoundEvent::UpdateRejected { reason: RejectReason::StaleVersion { .. }, .. }
-    )));
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            RoundEvent::UpdateRejected { reason: RejectReason::StaleVersion { .. }, .. }
+        ))
+    );
     assert!(events.iter().any(|e| matches!(e, RoundEvent::Committed(c) if c.version == ModelVersion(1))));
 }
 

@@ -203,7 +203,10 @@ enum Command {
 
 enum Outbound {
     /// A frame to write; `upload` lets the peer send one model-sized frame (it was sent a task).
-    Frame { bytes: Bytes, upload: bool },
+    Frame {
+        bytes: Bytes,
+        upload: bool,
+    },
     /// The peer's check-in verified: its check-in deadline is lifted.
     Authenticated,
     Close(String),
@@ -546,7 +549,9 @@ impl Driver {
     fn refuse_unauthenticated(&mut self, conn: ConnId) {
         self.status.send_modify(|s| s.unauthenticated += 1);
         let Some(c) = self.conns.get(&conn) else { return };
-        if let Ok(frame) = self.codec.encode_coordinator(&CoordinatorMessage::Refusal(Refusal::Unauthenticated)) {
+        if let Ok(frame) =
+            self.codec.encode_coordinator(&CoordinatorMessage::Refusal(Refusal::Unauthenticated))
+        {
             let _ = c.out.try_send(Outbound::Frame { bytes: Bytes::from(frame), upload: false });
         }
         let _ = c.out.try_send(Outbound::Close("unauthenticated".into()));

@@ -33,8 +33,8 @@ use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use starling_sdk::transport::quic::{ALPN, QuicConnection, crypto_provider};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 

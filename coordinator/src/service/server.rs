@@ -283,7 +283,9 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
                 }
                 match handle.reverify().await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(closed = n, "closed connections whose credential is no longer valid"),
+                    Ok(n) => {
+                        tracing::info!(closed = n, "closed connections whose credential is no longer valid")
+                    }
                     Err(_) => break,
                 }
             }
