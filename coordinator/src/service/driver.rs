@@ -629,11 +629,7 @@ impl Driver {
                         self.engine.abort_round(now, format!("the round's start was not recorded: {e}"))
                     }
                     // The commit is not on record: the new model must never be served.
-                    RoundEvent::Committed(_) => {
-                        if self.engine.revert_commit() {
-                            committed = false;
-                        }
-                    }
+                    RoundEvent::Committed(_) => committed = !self.engine.revert_commit(),
                     _ => {}
                 }
             }
