@@ -10,7 +10,7 @@
 //! - **One driver task owns the [`Orchestrator`]**: every input (a message, a disconnect, a timer,
 //!   a command) is handled in order, then every output is drained. Nothing else touches the engine.
 //! - **Per-connection tasks** (one per peer, generic over [`Connection`], so in-process and QUIC
-//!   peers are served alike; see [`connection`]) reassemble and decode frames under the peer's
+//!   peers are served alike; see `driver/connection.rs`) reassemble and decode frames under the peer's
 //!   current limits, answer unsupported protocol versions with a negotiation frame, enforce the
 //!   check-in, frame, send and silence deadlines, and forward decoded messages to the driver
 //!   through a bounded channel (a slow driver slows the readers down: backpressure, never an
