@@ -93,8 +93,8 @@ pub struct ServerSection {
     /// With more handshakes than this in progress, a connection attempt from an address not yet
     /// validated is answered with a stateless QUIC Retry (0: always).
     pub retry_above_handshakes: u32,
-    /// A connection must present a valid token in a check-in within this long after its
-    /// handshake (milliseconds).
+    /// A connection must open its stream within this long after its handshake, and present a
+    /// valid token in a check-in within this long after opening it (milliseconds).
     pub checkin_timeout_ms: u64,
     /// Largest frame accepted from a client that has been sent a task (its update), in bytes.
     /// The service never accepts more than the largest encoding of the model needs.
@@ -681,7 +681,7 @@ max_connections_per_ip = 64      # carrier NAT puts many devices behind one addr
 max_concurrent_handshakes = 256
 handshake_timeout_ms = 10000          # a slow mobile network may need several seconds
 retry_above_handshakes = 32      # stateless QUIC Retry (address validation) beyond this; 0 = always
-checkin_timeout_ms = 5000        # a valid token within this after the handshake, or closed
+checkin_timeout_ms = 5000        # open a stream, then check in with a valid token, each within this
 max_frame_bytes = 67108864       # selected clients' uploads (capped further at the model's size)
 unauthenticated_max_frame_bytes = 16384
 frame_timeout_ms = 30000         # a frame must finish arriving within this
