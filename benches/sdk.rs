@@ -95,7 +95,12 @@ fn local_round(c: &mut Criterion) {
                     base_version: ModelVersion(1),
                     update,
                     weight: t.weight,
-                    metrics: LocalMetrics { loss: t.loss, hit_rate_at_10: None, train_ms: 0 },
+                    metrics: LocalMetrics {
+                        loss: t.loss,
+                        hit_rate_at_10: None,
+                        train_ms: 0,
+                        norm_within_clip: None,
+                    },
                 });
                 black_box(codec.encode_client(&msg).expect("encodes"))
             })

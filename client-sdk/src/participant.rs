@@ -437,7 +437,12 @@ impl Participant {
         };
         let encoded = EncodedUpdate::encode(&trained.update, req.plan.encoding, &mut self.rng);
         let train_ms = started.map_or(0, |t| t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
-        let metrics = LocalMetrics { loss: trained.loss, hit_rate_at_10: None, train_ms };
+        let metrics = LocalMetrics {
+            loss: trained.loss,
+            hit_rate_at_10: None,
+            train_ms,
+            norm_within_clip: trained.norm_within_clip,
+        };
         self.loss = Some(trained.loss);
         if let Err(e) = self.session.submit_update(now, req.round, encoded, trained.weight, metrics) {
             self.task_error = Some(e.to_string());

@@ -545,6 +545,19 @@ impl Store {
         ))
     }
 
+    /// N, the enrolled population: clients not revoked that hold at least one token neither
+    /// revoked nor expired at `now_unix_s`. Central DP derives its sampling rate from it.
+    pub fn enrolled_population(&self, now_unix_s: u64) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM clients c WHERE c.revoked_ms IS NULL AND EXISTS (
+                 SELECT 1 FROM tokens t
+                 WHERE t.client_id = c.client_id AND t.revoked_ms IS NULL AND t.expires_s > ?1)",
+            params![to_i64(now_unix_s)?],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
     /// Every issued token, oldest first.
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
@@ -851,5 +864,23 @@ mod tests {
         s.revoke_client(ClientId(9), 4).unwrap();
         assert_eq!(s.revocations().unwrap(), (vec![b], vec![8, 9]));
         assert_eq!(s.tokens().unwrap().len(), 3);
+    }
+
+    /// N counts clients with a live token: not revoked, not expired, client not revoked.
+    #[test]
+    fn enrolled_population_counts_live_clients_only() {
+        let mut s = Store::open_in_memory().unwrap();
+        assert_eq!(s.enrolled_population(50).unwrap(), 0);
+        s.record_token(ClientId(1), 100, 1).unwrap();
+        let t2 = s.record_token(ClientId(2), 100, 1).unwrap();
+        s.record_token(ClientId(3), 100, 1).unwrap();
+        s.record_token(ClientId(4), 60, 1).unwrap(); // expires at 60
+        s.record_token(ClientId(1), 200, 2).unwrap(); // a second token: still one client
+        assert_eq!(s.enrolled_population(50).unwrap(), 4);
+        assert_eq!(s.enrolled_population(70).unwrap(), 3, "client 4's only token expired");
+        s.revoke_token(t2, 3).unwrap();
+        s.revoke_client(ClientId(3), 3).unwrap();
+        assert_eq!(s.enrolled_population(70).unwrap(), 1);
+        assert_eq!(s.enrolled_population(150).unwrap(), 1, "client 1 still has its later token");
     }
 }

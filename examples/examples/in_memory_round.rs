@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         let result = TrainResult {
             update: Update::sparse(shape, vec![row], delta).ok()?,
             weight: 1.0,
-            metrics: LocalMetrics { loss: 0.0, hit_rate_at_10: None, train_ms: 5 },
+            metrics: LocalMetrics { loss: 0.0, hit_rate_at_10: None, train_ms: 5, norm_within_clip: None },
         };
         Some((result, Duration::from_millis(500 + 37 * (client.0 % 20))))
     };

@@ -22,9 +22,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The protocol version this build speaks natively.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The reserved version number of version-negotiation frames.
 pub const VERSION_NEGOTIATION: u16 = 0;
 /// Default maximum frame size (64 MiB): a dense update of 16 million `f32`.
@@ -361,7 +361,12 @@ mod tests {
                 values: vec![0.5, -0.5, 1.0, 2.0],
             },
             weight: 12.0,
-            metrics: LocalMetrics { loss: 0.3, hit_rate_at_10: Some(1.0), train_ms: 4 },
+            metrics: LocalMetrics {
+                loss: 0.3,
+                hit_rate_at_10: Some(1.0),
+                train_ms: 4,
+                norm_within_clip: None,
+            },
         })
     }
 

@@ -377,6 +377,12 @@ pub struct LocalMetrics {
     pub hit_rate_at_10: Option<f32>,
     /// Wall-clock training time in milliseconds, as measured by the host.
     pub train_ms: u32,
+    /// Adaptive clipping's indicator under central DP: whether the update's L2 norm **before**
+    /// clipping was within the plan's clip norm. The coordinator only ever sees clipped updates,
+    /// so it cannot compute this itself (it would always be true and the clip norm would
+    /// collapse). `None` when the plan has no clip norm or under local DP (where nothing
+    /// data-dependent leaves the device unnoised). The coordinator noises the count of these bits.
+    pub norm_within_clip: Option<bool>,
 }
 
 /// A client's update for a task.

@@ -30,7 +30,7 @@ use crate::message::{
     AbortReason, CheckIn, ClientMessage, ClientUpdate, ComeBackAt, CoordinatorMessage, DeviceConditions,
     ModelPayload, Refusal, RejectReason, Task, TrainingPlan, WithdrawReason,
 };
-use crate::strategy::{AdmissionError, Aggregator, PrivacyCharge, RoundContext, Strategy};
+use crate::strategy::{AdmissionError, Aggregator, PrivacyCharge, RoundContext, SelectionPolicy, Strategy};
 use crate::time::{Duration, Instant, millis};
 use crate::update::ModelShape;
 use rand::SeedableRng;
@@ -247,6 +247,10 @@ pub enum StartError {
     /// The orchestrator was shut down.
     #[error("shut down")]
     ShutDown,
+    /// The orchestrator halted earlier (e.g. the privacy budget was exhausted) and refuses every
+    /// later round; a new engine (a restart with a new budget) is needed.
+    #[error("halted: {0:?}")]
+    Halted(Refusal),
 }
 
 /// Counts and figures of one finished round.
@@ -406,6 +410,7 @@ pub struct Orchestrator {
     round: Option<Round>,
     last_phase: Phase,
     halted: Option<Refusal>,
+    population: Option<u64>,
     authenticate: Authenticator,
     /// The model replaced by the last commit, until the next round starts (for [`Orchestrator::revert_commit`]).
     replaced: Option<(ModelVersion, Arc<[f32]>)>,
@@ -467,11 +472,29 @@ impl Orchestrator {
             round: None,
             last_phase: Phase::Idle,
             halted: None,
+            population: None,
             authenticate: Box::new(|_, _| true),
             replaced: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// Replaces the RNG's seed (selection, and noise for samplers that use the caller's RNG) with
+    /// 256 bits the host drew from a secure source. A service must call this with operating-system
+    /// entropy: [`OrchestratorConfig::rng_seed`] is for reproducible simulations and tests, and a
+    /// seed anyone can read from a config file makes selection (and any noise drawn from this
+    /// RNG) predictable.
+    pub fn reseed(&mut self, seed: [u8; 32]) {
+        self.rng = ChaCha8Rng::from_seed(seed);
+    }
+
+    /// Tells the engine N, the number of devices enrolled (and not revoked) now. Rounds started
+    /// afterwards carry it in [`RoundContext::population`]; central DP samples each checked-in
+    /// device with probability `q = min(1, target / N)` and charges that `q`. Call before every
+    /// round if the population changes.
+    pub fn set_population(&mut self, n: u64) {
+        self.population = Some(n);
     }
 
     /// Installs the credential check applied to every check-in.
@@ -516,8 +539,10 @@ impl Orchestrator {
         if let Some(r) = &self.round {
             return Err(StartError::Busy(r.id));
         }
-        if matches!(self.halted, Some(Refusal::ShuttingDown)) {
-            return Err(StartError::ShutDown);
+        match &self.halted {
+            Some(Refusal::ShuttingDown) => return Err(StartError::ShutDown),
+            Some(reason) => return Err(StartError::Halted(reason.clone())),
+            None => {}
         }
         let id = self.next_round;
         let cfg = &self.config.round;
@@ -527,6 +552,7 @@ impl Orchestrator {
             shape: self.config.shape,
             target_participants: cfg.target_participants,
             selected: 0,
+            population: self.population,
         };
         if let Err(e) = self.strategy.admit(&ctx) {
             if matches!(e, AdmissionError::BudgetExhausted { .. }) {
@@ -750,6 +776,8 @@ impl Orchestrator {
         let Some(r) = &mut self.round else { return };
         r.stats.candidates = r.candidates.len();
         r.stats.selection_time = now.saturating_duration_since(r.started);
+        // Under Poisson sampling `min_reports` gates the check-ins, before any coin is tossed: the
+        // decision to release must not depend on who was sampled.
         if r.candidates.len() < min_reports {
             let candidates: Vec<ClientId> = r.candidates.iter().map(|(c, _)| *c).collect();
             let reason = FailReason::TooFewCheckIns { got: candidates.len(), needed: min_reports };
@@ -773,6 +801,10 @@ impl Orchestrator {
             candidates: ids.len(),
             selected: chosen.len(),
         });
+        if chosen.is_empty() {
+            // Only Poisson sampling can pick nobody; the round still releases (noise only).
+            return self.finish_round(now);
+        }
         let report_within_ms = millis(self.config.round.report_timeout);
         for c in &chosen {
             let payload = self.payload_for(have.get(c).copied().flatten());
@@ -873,7 +905,8 @@ impl Orchestrator {
         };
         let accepted = decoded.and_then(|update| {
             let agg = r.aggregator.as_mut().expect("collecting rounds have an aggregator");
-            agg.accept(update, f64::from(weight)).map_err(|e| RejectReason::Refused(e.to_string()))
+            agg.accept_report(update, f64::from(weight), &u.metrics)
+                .map_err(|e| RejectReason::Refused(e.to_string()))
         });
         match accepted {
             Err(reason) => {
@@ -917,19 +950,28 @@ impl Orchestrator {
 
     /// Closes a collecting round early once the target is reached or nobody is left training.
     fn maybe_close(&mut self, now: Instant) {
-        let target = self.config.round.target_participants;
+        // Under Poisson sampling every sampled client's report is taken: a cap at the target
+        // would let one client's presence push another's update out (sensitivity 2C, not C).
+        let cap = match self.strategy.selection_policy() {
+            SelectionPolicy::FixedSize => self.config.round.target_participants,
+            SelectionPolicy::Poisson => usize::MAX,
+        };
         let Some(r) = &self.round else { return };
         if r.phase != Phase::Collecting {
             return;
         }
         let training = r.participants.values().filter(|p| **p == Participant::Training).count();
-        if r.stats.reported >= target || training == 0 {
+        if r.stats.reported >= cap || training == 0 {
             self.finish_round(now);
         }
     }
 
     fn finish_round(&mut self, now: Instant) {
-        let min_reports = self.config.round.min_reports;
+        let min_reports = match self.strategy.selection_policy() {
+            SelectionPolicy::FixedSize => self.config.round.min_reports,
+            // Whether a Poisson-sampled round releases must not depend on who reported.
+            SelectionPolicy::Poisson => 0,
+        };
         let Some(r) = &mut self.round else { return };
         let still: Vec<ClientId> =
             r.participants.iter().filter(|(_, p)| **p == Participant::Training).map(|(c, _)| *c).collect();

@@ -23,16 +23,18 @@ fn budget(eps: f64) -> Budget {
     Budget { epsilon: Epsilon::new(eps).unwrap(), delta: Delta::new(1e-5).unwrap() }
 }
 
-fn dp_config(clip: f64, sigma: f64, expected: usize, q: f64, eps: f64) -> DpConfig {
+fn dp_config(clip: f64, sigma: f64, expected: usize, eps: f64) -> DpConfig {
     DpConfig {
         clip: ClipNorm::new(clip).unwrap(),
         noise: NoiseMultiplier::new(sigma).unwrap(),
         expected_participants: expected,
-        sampling_rate: SamplingRate::new(q).unwrap(),
         budget: budget(eps),
         adaptive: None,
     }
 }
+
+/// N in the unit tests' round contexts: q = expected / 1000.
+const POPULATION: u64 = 1000;
 
 fn ctx(shape: ModelShape, round: u64) -> RoundContext {
     RoundContext {
@@ -41,6 +43,7 @@ fn ctx(shape: ModelShape, round: u64) -> RoundContext {
         shape,
         target_participants: 10,
         selected: 10,
+        population: Some(POPULATION),
     }
 }
 
@@ -68,7 +71,8 @@ proptest! {
         if before <= bound {
             prop_assert_eq!(&clipped, &u, "identity below the bound");
         } else {
-            prop_assert!(after <= bound * (1.0 + 1e-5), "clipped to {} > bound {}", after, bound);
+            // Exactly within the bound: a sensitivity exceeded by a rounding error is no bound.
+            prop_assert!(after <= bound, "clipped to {} > bound {}", after, bound);
             prop_assert!(after >= bound * (1.0 - 1e-5), "clipped too far: {} < {}", after, bound);
         }
     }
@@ -87,7 +91,7 @@ proptest! {
     ) {
         let shape = ModelShape::new(25_000, 4).unwrap();
         let expected = 7;
-        let mut dp = DpFedAvg::new(Federated::fedavg(), dp_config(clip, sigma, expected, 0.01, 1e9)).unwrap();
+        let mut dp = DpFedAvg::new(Federated::fedavg(), dp_config(clip, sigma, expected, 1e9)).unwrap();
         let mut agg = dp.aggregator(&ctx(shape, 1));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut exact = vec![0.0f64; shape.len()];
@@ -109,20 +113,20 @@ proptest! {
         prop_assert!(mean.abs() < 5.0 * sigma * clip / n.sqrt(), "mean {}", mean);
         let charge = out.privacy.unwrap();
         prop_assert_eq!(charge.noise_multiplier, sigma);
-        prop_assert_eq!(charge.sampling_rate, 0.01);
+        prop_assert_eq!(charge.sampling_rate, expected as f64 / POPULATION as f64);
     }
 }
 
 #[test]
 fn dp_fedavg_sums_clipped_updates_with_equal_weight_over_a_fixed_denominator() {
     let shape = ModelShape::new(3, 2).unwrap();
-    let mut dp = DpFedAvg::new(Federated::fedavg(), dp_config(1.0, 0.0, 4, 0.5, 1e9)).unwrap();
+    let mut dp = DpFedAvg::new(Federated::fedavg(), dp_config(1.0, 0.0, 4, 1e9)).unwrap();
     let mut agg = dp.aggregator(&ctx(shape, 1));
     // Norm 5, clipped to 1: [0.6, 0.8] on row 0. Norm 0.5: untouched. Weights are ignored.
     agg.accept(Update::sparse(shape, vec![0], vec![3.0, 4.0]).unwrap(), 100.0).unwrap();
     agg.accept(Update::sparse(shape, vec![2], vec![0.0, 0.5]).unwrap(), 1.0).unwrap();
     let out = agg.finish(&mut ChaCha8Rng::seed_from_u64(1)).unwrap();
-    // Divided by the expected 4 participants, not the 2 that reported.
+    // Divided by the expected q·N = 4 participants, not the 2 that reported.
     let want = [0.15f32, 0.2, 0.0, 0.0, 0.0, 0.125];
     for (g, w) in out.delta.iter().zip(want) {
         assert!((g - w).abs() < 1e-6, "{:?}", out.delta);
@@ -141,7 +145,7 @@ fn dp_fedavg_sums_clipped_updates_with_equal_weight_over_a_fixed_denominator() {
 #[test]
 fn adaptive_clipping_tracks_the_target_quantile_of_update_norms() {
     let shape = ModelShape::new(1, 1).unwrap();
-    let mut config = dp_config(0.5, 0.0, 100, 0.1, 1e9);
+    let mut config = dp_config(0.5, 0.0, 100, 1e9);
     config.adaptive =
         Some(AdaptiveClipping { target: Quantile::new(0.5).unwrap(), learning_rate: 0.2, count_noise: 1.0 });
     let mut dp = DpFedAvg::new(Federated::fedavg(), config).unwrap();
@@ -164,7 +168,7 @@ fn adaptive_clipping_tracks_the_target_quantile_of_update_norms() {
 
 #[test]
 fn adaptive_clipping_is_accounted_at_the_configured_sigma() {
-    let mut config = dp_config(1.0, 1.0, 100, 0.01, 10.0);
+    let mut config = dp_config(1.0, 1.0, 100, 10.0);
     config.adaptive =
         Some(AdaptiveClipping { target: Quantile::new(0.5).unwrap(), learning_rate: 0.2, count_noise: 5.0 });
     let dp = DpFedAvg::new(Federated::fedavg(), config).unwrap();
@@ -207,17 +211,21 @@ fn dp_fleet(dp: DpFedAvg<Federated>) -> Fleet<Trainer> {
         history: 0,
         rng_seed: 11,
     };
-    let o = Orchestrator::new(config, Box::new(dp), vec![0.0; shape().len()], ModelVersion(0), RoundId(1))
-        .unwrap();
+    let mut o =
+        Orchestrator::new(config, Box::new(dp), vec![0.0; shape().len()], ModelVersion(0), RoundId(1))
+            .unwrap();
+    // 40 enrolled devices and a target of 10: every device is sampled with q = 0.25.
+    o.set_population(40);
     Fleet::new(o, 40, FnTrainer::new(trainer as fn(_, &_, &_) -> _), FleetConfig::default())
 }
 
 #[test]
 fn a_round_beyond_the_budget_is_refused_and_nothing_is_released() {
     // σ = 1.5 at q = 0.25 buys only a few rounds of ε ≤ 2.
-    let config = dp_config(1.0, 1.5, 10, 0.25, 2.0);
+    let config = dp_config(1.0, 1.5, 10, 2.0);
+    let q = SamplingRate::new(0.25).unwrap();
     let probe = PrivacyLedger::new(config.budget);
-    let allowed = probe.rounds_left(config.sampling_rate, config.noise);
+    let allowed = probe.rounds_left(q, config.noise);
     assert!((1..20).contains(&allowed), "{allowed}");
     let mut fleet = dp_fleet(DpFedAvg::new(Federated::fedavg(), config).unwrap());
     let mut charges = Vec::new();
@@ -254,21 +262,32 @@ fn a_round_beyond_the_budget_is_refused_and_nothing_is_released() {
         }),
     );
     assert!(replayed.spent() <= 2.0);
-    assert_eq!(replayed.rounds_left(config.sampling_rate, config.noise), 0);
+    assert_eq!(replayed.rounds_left(q, config.noise), 0);
+    assert!(charges.iter().all(|c| c.sampling_rate == 0.25), "charged at q = target / N");
 }
 
 #[test]
 fn a_dp_fleet_moves_the_model_by_the_noised_mean_of_clipped_updates() {
     // σ = 0 would be refused (ε = ∞); a negligible σ keeps the arithmetic visible.
-    let config = dp_config(0.25, 1e-4, 10, 0.25, 1e300);
+    let config = dp_config(0.25, 1e-4, 10, 1e300);
     let mut fleet = dp_fleet(DpFedAvg::new(Federated::fedavg(), config).unwrap());
     let round = fleet.run_round().unwrap();
     assert!(round.committed());
+    let reported = round
+        .events
+        .iter()
+        .find_map(|e| match e {
+            RoundEvent::Committed(c) => Some(c.stats.reported),
+            _ => None,
+        })
+        .unwrap();
+    // Poisson sampling at q = 0.25 of 40: about 10, not a fixed count.
+    assert!((2..=25).contains(&reported), "{reported}");
     let (_, model) = fleet.orchestrator().model();
-    // Every update [0.3, -0.4] (norm 0.5) is clipped to norm 0.25: [0.15, -0.2]; each of the 10
-    // reports lands on row (client % 6); the sum is divided by the fixed denominator 10.
+    // Every update [0.3, -0.4] (norm 0.5) is clipped to norm 0.25: [0.15, -0.2]; each report
+    // lands on row (client % 6); the sum is divided by the fixed denominator q·N = 10.
     let total: f32 = model.iter().step_by(2).sum();
-    assert!((total - 10.0 * 0.15 / 10.0).abs() < 1e-3, "{model:?}");
+    assert!((total - reported as f32 * 0.15 / 10.0).abs() < 1e-3, "{model:?}");
 }
 
 /// Central DP sums clipped updates with equal weight; it cannot honour a median or a trimmed
@@ -277,7 +296,7 @@ fn a_dp_fleet_moves_the_model_by_the_noised_mean_of_clipped_updates() {
 fn dp_fedavg_refuses_a_robust_aggregation_rule() {
     use starling_proto::dp::strategy::DpConfigError;
     use starling_proto::strategy::NormBound;
-    let config = dp_config(1.0, 1.0, 10, 0.01, 8.0);
+    let config = dp_config(1.0, 1.0, 10, 8.0);
     for inner in [Federated::median(), Federated::trimmed_mean(0.1)] {
         let name = inner.name();
         let err = DpFedAvg::new(inner.clone(), config).unwrap_err();

@@ -57,7 +57,7 @@ fn fake(client: ClientId, _req: &TrainRequest, _params: &[f32]) -> Option<(Train
     let result = TrainResult {
         update: Update::sparse(shape(), vec![(i % u64::from(ROWS)) as u32], vec![i as f32, 1.0]).unwrap(),
         weight: (1 + i % 3) as f32,
-        metrics: LocalMetrics { loss: 0.5, hit_rate_at_10: None, train_ms: 1 },
+        metrics: LocalMetrics { loss: 0.5, hit_rate_at_10: None, train_ms: 1, norm_within_clip: None },
     };
     Some((result, Duration::from_secs(1 + i % 5)))
 }

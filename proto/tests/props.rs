@@ -185,7 +185,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
                 base_version: ModelVersion(b),
                 update,
                 weight,
-                metrics: LocalMetrics { loss, hit_rate_at_10: hit, train_ms: ms },
+                metrics: LocalMetrics { loss, hit_rate_at_10: hit, train_ms: ms, norm_within_clip: None },
             })
         });
     let withdraw = (any::<u64>(), 0u8..3).prop_map(|(r, k)| ClientMessage::Withdraw {

@@ -68,7 +68,7 @@ fn report(o: &mut Orchestrator, c: u64, value: f32, weight: f32, loss: f32) -> C
             base_version: ModelVersion(0),
             update: EncodedUpdate::RowSparse { shape: shape(), rows: vec![0], values: vec![value, value] },
             weight,
-            metrics: LocalMetrics { loss, hit_rate_at_10: None, train_ms: 1 },
+            metrics: LocalMetrics { loss, hit_rate_at_10: None, train_ms: 1, norm_within_clip: None },
         }),
     );
     std::iter::from_fn(|| o.poll_transmit())

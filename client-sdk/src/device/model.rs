@@ -96,6 +96,10 @@ pub struct Trained {
     pub release: Option<LocalRelease>,
     /// The clip norm applied.
     pub clip_norm: Option<f32>,
+    /// Under central DP: whether the update's norm before clipping was within the clip norm
+    /// (adaptive clipping's indicator, sent with the update). `None` otherwise — in particular
+    /// under local DP, where nothing data-dependent leaves the device unnoised.
+    pub norm_within_clip: Option<bool>,
 }
 
 /// The global model held by the device.
@@ -254,6 +258,7 @@ impl Device {
         if !user.iter().all(|v| v.is_finite()) || !result.loss.is_finite() {
             return Err(TrainError::Training("local training diverged".into()));
         }
+        let norm_within_clip = starling_proto::dp::clip_indicator(&result.update, plan);
         let (update, release) = protect(result.update, plan, round.0, &mut self.rng)?;
         if self.personal_epochs > 0 {
             // Fit the private vector to the global rows (item learning rate 0: rows untouched).
@@ -275,6 +280,7 @@ impl Device {
             loss: result.loss,
             release,
             clip_norm: plan.clip_norm,
+            norm_within_clip,
         })
     }
 

@@ -63,8 +63,12 @@ pub struct StatusSnapshot {
     pub epsilon_spent: f64,
     /// The ε budget (`null` without central DP).
     pub epsilon_budget: Option<f64>,
-    /// δ of the budget.
+    /// δ of the budget (also shown when DP is off now but the ledger holds earlier DP rounds).
     pub delta: Option<f64>,
+    /// `privacy.mode`: `central`, `local` or `off`.
+    pub privacy_mode: String,
+    /// N, the enrolled devices (unrevoked, unexpired token) central DP samples from.
+    pub population: Option<u64>,
     /// Open client streams.
     pub connections: usize,
     /// Why no more rounds are started, if so.

@@ -11,9 +11,12 @@
 //! ([`ServiceConfig::orchestrator_config`], [`ServiceConfig::build_strategy`]); nothing else reads
 //! TOML.
 
+use crate::privacy::OpenDpGaussian;
 use serde::{Deserialize, Serialize};
-use starling_proto::dp::strategy::{DpConfig, DpConfigError, DpFedAvg};
-use starling_proto::dp::{Budget, ClipNorm, Delta, Epsilon, NoiseMultiplier, PrivacyLedger, SamplingRate};
+use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpConfigError, DpFedAvg};
+use starling_proto::dp::{
+    Budget, ClipNorm, Delta, Epsilon, GaussianSampler, NoiseMultiplier, PrivacyLedger, Quantile,
+};
 use starling_proto::encoding::EncodingKind;
 use starling_proto::message::{NoiseSettings, TrainingPlan};
 use starling_proto::round::{Eligibility, OrchestratorConfig, RoundConfig, Weighting};
@@ -268,33 +271,51 @@ impl Default for StrategySection {
     }
 }
 
-/// `[privacy]`: central differential privacy (DP-FedAvg) and its budget.
+/// `[privacy]`: differential privacy (central DP-FedAvg or local DP) and its budget.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrivacySection {
-    /// `off` or `central`.
+    /// `central` (default), `local` or `off`.
     pub mode: String,
-    /// Clip norm `C` of every update.
+    /// Clip norm `C` of every update (clients clip, the coordinator re-clips).
     pub clip_norm: f64,
     /// Noise multiplier σ.
     pub noise_multiplier: f64,
-    /// Total ε budget; rounds that would exceed it are not started.
+    /// Total ε budget (central DP); rounds that would exceed it are not started.
     pub epsilon_budget: f64,
-    /// δ at which ε is measured.
+    /// δ at which ε is measured. Must be well below 1/N: a round is refused when δ·N > 0.1.
     pub delta: f64,
-    /// Enrolled population, for the sampling rate q = selected / population.
-    pub population: u64,
+    /// The sampler of the coordinator's noise under central DP: `opendp-grid` (opendp's discrete
+    /// Gaussian on a 2⁻²⁰ grid, drawn from OpenSSL's CSPRNG) or `opendp-exact`.
+    pub noise_sampler: String,
+    /// Adaptive clipping (Andrew et al. 2021): the clip norm tracks a quantile of update norms.
+    pub adaptive_clipping: bool,
+    /// γ: the quantile of unclipped update norms the clip norm tracks.
+    pub target_quantile: f64,
+    /// η: the clip norm's geometric learning rate.
+    pub clip_learning_rate: f64,
+    /// σ_b: noise on the count of clipping indicators; 0 = target_participants / 20 (raised
+    /// above σ/2 if needed).
+    pub clip_count_noise: f64,
+    /// Must be `true` to run with `mode = "off"` on a store whose ledger already holds DP rounds:
+    /// models released from then on carry no guarantee at all.
+    pub allow_release_without_dp: bool,
 }
 
 impl Default for PrivacySection {
     fn default() -> Self {
         Self {
-            mode: "off".into(),
+            mode: "central".into(),
             clip_norm: 1.0,
             noise_multiplier: 1.0,
             epsilon_budget: 8.0,
-            delta: 1e-5,
-            population: 10_000,
+            delta: 1e-7,
+            noise_sampler: "opendp-grid".into(),
+            adaptive_clipping: false,
+            target_quantile: 0.5,
+            clip_learning_rate: 0.2,
+            clip_count_noise: 0.0,
+            allow_release_without_dp: false,
         }
     }
 }
@@ -434,6 +455,12 @@ impl ServiceConfig {
             return Err(invalid("round.max_weight", "must be a positive finite number"));
         }
         self.build_strategy(PrivacyLedger::new(self.budget()?))?;
+        if self.privacy.adaptive_clipping && !self.central_dp() {
+            return Err(invalid(
+                "privacy.adaptive_clipping",
+                "needs mode = \"central\" (the clipping indicators are counted with central noise)",
+            ));
+        }
         // The engine's own checks (targets, over-selection, weights).
         let shape = self.shape()?;
         starling_proto::round::Orchestrator::new(
@@ -478,6 +505,23 @@ impl ServiceConfig {
         self.privacy.mode == "central"
     }
 
+    /// Whether local DP is on.
+    pub fn local_dp(&self) -> bool {
+        self.privacy.mode == "local"
+    }
+
+    /// The coordinator's noise sampler under central DP.
+    pub fn noise_sampler(&self) -> Result<std::sync::Arc<dyn GaussianSampler>, ConfigError> {
+        match self.privacy.noise_sampler.as_str() {
+            "opendp-grid" => Ok(std::sync::Arc::new(OpenDpGaussian::with_granularity(-20))),
+            "opendp-exact" => Ok(std::sync::Arc::new(OpenDpGaussian::exact())),
+            other => Err(invalid(
+                "privacy.noise_sampler",
+                format!("unknown sampler {other:?} (opendp-grid, opendp-exact)"),
+            )),
+        }
+    }
+
     /// The round engine's configuration.
     pub fn orchestrator_config(&self) -> Result<OrchestratorConfig, ConfigError> {
         let r = &self.round;
@@ -494,6 +538,11 @@ impl ServiceConfig {
         plan.clip_norm = Some(self.privacy.clip_norm as f32);
         if self.central_dp() {
             plan.noise = NoiseSettings::Central { multiplier: self.privacy.noise_multiplier as f32 };
+        }
+        if self.local_dp() {
+            plan.noise = NoiseSettings::Local { multiplier: self.privacy.noise_multiplier as f32 };
+            // Noise goes on every coordinate: a sparse update would name the rows the user touched.
+            plan.encoding = EncodingKind::Dense;
         }
         let shape = self.shape()?;
         Ok(OrchestratorConfig {
@@ -562,29 +611,52 @@ impl ServiceConfig {
             "central" => {
                 let p = &self.privacy;
                 let target = self.round.target_participants.max(1);
-                let selected = ((target as f64) * self.round.over_selection).ceil();
-                if p.population == 0 {
-                    return Err(invalid("privacy.population", "must be at least 1"));
-                }
-                let q = (selected / p.population as f64).min(1.0);
+                let adaptive = if p.adaptive_clipping {
+                    let count_noise = if p.clip_count_noise > 0.0 {
+                        p.clip_count_noise
+                    } else {
+                        // Andrew et al.: σ_b = expected participants / 20, and it must exceed σ/2.
+                        (target as f64 / 20.0).max(p.noise_multiplier * 0.75)
+                    };
+                    Some(AdaptiveClipping {
+                        target: Quantile::new(p.target_quantile)
+                            .map_err(|e| invalid("privacy.target_quantile", e.to_string()))?,
+                        learning_rate: p.clip_learning_rate,
+                        count_noise,
+                    })
+                } else {
+                    None
+                };
                 let dp_config = DpConfig {
                     clip: ClipNorm::new(p.clip_norm)
                         .map_err(|e| invalid("privacy.clip_norm", e.to_string()))?,
                     noise: NoiseMultiplier::new(p.noise_multiplier)
                         .map_err(|e| invalid("privacy.noise_multiplier", e.to_string()))?,
                     expected_participants: target,
-                    sampling_rate: SamplingRate::new(q)
-                        .map_err(|e| invalid("privacy.population", e.to_string()))?,
                     budget: self.budget()?,
-                    adaptive: None,
+                    adaptive,
                 };
                 let dp = DpFedAvg::with_ledger(inner, dp_config, ledger).map_err(|e| match e {
                     DpConfigError::RobustRule { .. } => invalid("strategy.kind", e.to_string()),
+                    DpConfigError::Adaptive => invalid("privacy.clip_learning_rate", e.to_string()),
                     e => invalid("privacy", e.to_string()),
                 })?;
-                Ok(Box::new(dp))
+                Ok(Box::new(dp.with_sampler(self.noise_sampler()?)))
             }
-            other => Err(invalid("privacy.mode", format!("unknown mode {other:?} (off, central)"))),
+            "local" => {
+                let p = &self.privacy;
+                let clip =
+                    ClipNorm::new(p.clip_norm).map_err(|e| invalid("privacy.clip_norm", e.to_string()))?;
+                let sigma = NoiseMultiplier::new(p.noise_multiplier)
+                    .map_err(|e| invalid("privacy.noise_multiplier", e.to_string()))?;
+                // The coordinator cannot check a device's noise, but it bounds every update at what
+                // an honest noised update stays within (re-clipping to C would erase the signal).
+                let bound = noisy_norm_bound(clip, sigma, self.shape()?.len());
+                let bounded =
+                    NormBound::new(inner, bound).map_err(|e| invalid("privacy.clip_norm", e.to_string()))?;
+                Ok(Box::new(bounded))
+            }
+            other => Err(invalid("privacy.mode", format!("unknown mode {other:?} (central, local, off)"))),
         }
     }
 
@@ -598,6 +670,14 @@ impl ServiceConfig {
             .map_err(|e| invalid("model.init_std", e.to_string()))?;
         Ok((0..shape.len()).map(|_| normal.sample(&mut rng)).collect())
     }
+}
+
+/// An honest local-DP update's L2 norm stays below this with probability ≥ 1 − 2·10⁻⁸: the clipped
+/// update (≤ C) plus Gaussian noise of standard deviation 2σC on `len` coordinates, whose norm
+/// exceeds 2σC(√len + t) with probability at most e^(−t²/2) (t = 6).
+fn noisy_norm_bound(clip: ClipNorm, sigma: NoiseMultiplier, len: usize) -> f64 {
+    let c = clip.get();
+    c + 2.0 * sigma.get() * c * ((len as f64).sqrt() + 6.0)
 }
 
 fn encoding(name: &str) -> Result<EncodingKind, ConfigError> {
@@ -732,12 +812,26 @@ momentum = 0.9
 trim = 0.1
 
 [privacy]
-mode = "off"                 # off | central (DP-FedAvg: clip, sum, Gaussian noise)
+# central: clients clip, the coordinator Poisson-samples devices, sums clipped updates, adds
+#          Gaussian noise and keeps the ledger (it sees individual clipped updates in memory).
+# local:   every device clips and noises its own update (trusts nobody; costs far more accuracy).
+# off:     no noise at all: models carry no privacy guarantee.
+mode = "central"
 clip_norm = 1.0              # clients clip to this L2 norm and the coordinator re-clips, in every mode
-noise_multiplier = 1.0
+noise_multiplier = 1.0       # sigma: noise standard deviation over the clip norm
+# Central DP samples every checked-in device with probability q = min(1, target_participants / N),
+# N = enrolled devices with a live token (`starling token issue`), and charges each round at that q.
+# The budget therefore lasts only with a large enough fleet. With target_participants = 100 and
+# sigma = 1, epsilon = 8 at delta = 1e-7 covers about (`starling privacy sigma|epsilon` plans it):
+#   N = 1,000 (q = 0.1): tens of rounds;  N = 10,000 (q = 0.01): thousands;  N = 100,000: far more.
 epsilon_budget = 8.0         # rounds that would exceed it are not started
-delta = 1e-5
-population = 10000           # enrolled clients, for the sampling rate
+delta = 1e-7                 # must be well below 1/N: rounds are refused when delta * N > 0.1
+noise_sampler = "opendp-grid" # opendp-grid | opendp-exact (both discrete Gaussians from OpenSSL's CSPRNG)
+adaptive_clipping = false    # true: clip_norm follows the target_quantile of update norms
+target_quantile = 0.5
+clip_learning_rate = 0.2
+clip_count_noise = 0.0       # noise on the count of clipping bits; 0 = target_participants / 20
+allow_release_without_dp = false # mode = "off" on a store with DP rounds is refused unless true
 
 [storage]
 path = "data/coordinator.db" # SQLite (WAL, synchronous=FULL); back it up with `sqlite3 .backup`
@@ -849,6 +943,7 @@ mod tests {
             shape,
             target_participants: updates.len(),
             selected: updates.len(),
+            population: Some(1000),
         };
         let mut agg = strategy.aggregator(&ctx);
         for (u, w) in updates {
@@ -865,9 +960,13 @@ mod tests {
     }
 
     #[test]
-    fn the_default_config_re_clips_every_update_server_side() {
-        // `starling init`'s file: privacy off.
+    fn without_dp_the_config_still_re_clips_every_update_server_side() {
+        // `starling init`'s file turns central DP on; with it switched off the coordinator still
+        // bounds every update.
         let c = ServiceConfig::from_toml(TEMPLATE, env(&[]), Path::new(".")).unwrap();
+        assert!(c.central_dp(), "privacy is on by default");
+        let c = ServiceConfig::from_toml(TEMPLATE, env(&[("STARLING_PRIVACY_MODE", "off")]), Path::new("."))
+            .unwrap();
         assert!(!c.central_dp());
         let clip = c.privacy.clip_norm;
         let mut s = c.build_strategy(PrivacyLedger::new(c.budget().unwrap())).unwrap();
@@ -887,7 +986,7 @@ mod tests {
         // not by C).
         for kind in ["fedavg_row", "fedavgm", "median", "trimmed_mean"] {
             let c = ServiceConfig::from_toml(
-                &format!("[strategy]\nkind = \"{kind}\"\n"),
+                &format!("[strategy]\nkind = \"{kind}\"\n[privacy]\nmode = \"off\"\n"),
                 env(&[]),
                 Path::new("."),
             )
@@ -915,7 +1014,7 @@ mod tests {
         let mut huge = vec![0.0f32; shape.len()];
         huge[3] = 1e6;
         let delta = applied_delta(&mut *s, shape, vec![(Update::dense(shape, huge).unwrap(), 1.0)]);
-        // Clipped to C = 2, divided by the fixed denominator (the target, 100), no noise.
+        // Clipped to C = 2, divided by the fixed denominator (q·N = the target, 100), no noise.
         assert!((norm(&delta) - 2.0 / 100.0).abs() < 1e-6, "norm {}", norm(&delta));
     }
 
@@ -928,7 +1027,7 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains("central") && msg.contains("mean"), "{msg}");
             // Without DP the robust rule is fine.
-            let ok = format!("[strategy]\nkind = \"{kind}\"\n");
+            let ok = format!("[strategy]\nkind = \"{kind}\"\n[privacy]\nmode = \"off\"\n");
             assert!(ServiceConfig::from_toml(&ok, env(&[]), Path::new(".")).is_ok());
         }
     }

@@ -131,6 +131,8 @@ pub struct DriverStatus {
     pub revoked: u64,
     /// Why the driver stopped starting rounds, if it did.
     pub halted: Option<String>,
+    /// N, the enrolled population the engine was last told ([`CoordinatorHandle::set_population`]).
+    pub population: Option<u64>,
 }
 
 /// Receives every engine event in order, before the driver handles its next input.
@@ -198,6 +200,7 @@ enum Command {
     Closed { conn: ConnId, reason: Option<String> },
     StartRound { reply: oneshot::Sender<Result<RoundId, DriverError>> },
     Reverify { reply: oneshot::Sender<usize> },
+    SetPopulation { n: u64 },
     Shutdown { reply: oneshot::Sender<()> },
 }
 
@@ -252,6 +255,13 @@ impl CoordinatorHandle {
         rx.await.map_err(|_| DriverError::Stopped)
     }
 
+    /// Tells the round engine N, the number of enrolled (unrevoked, unexpired) devices: central
+    /// DP samples each device with probability `q = min(1, target / N)` in rounds started after
+    /// this. The service calls it at start-up and whenever it reloads revocations.
+    pub async fn set_population(&self, n: u64) -> Result<(), DriverError> {
+        self.tx.send(Command::SetPopulation { n }).await.map_err(|_| DriverError::Stopped)
+    }
+
     /// The latest status.
     pub fn status(&self) -> DriverStatus {
         self.status.borrow().clone()
@@ -304,6 +314,7 @@ pub fn spawn_with_auth(
         unauthenticated: 0,
         revoked: 0,
         halted: None,
+        population: None,
     };
     let (status_tx, status_rx) = watch::channel(status);
     let (events, _) = broadcast::channel(1024);
@@ -462,6 +473,10 @@ impl Driver {
                     self.status.send_modify(|s| s.revoked += closed as u64);
                 }
                 let _ = reply.send(closed);
+            }
+            Command::SetPopulation { n } => {
+                self.engine.set_population(n);
+                self.status.send_modify(|s| s.population = Some(n));
             }
             Command::Shutdown { .. } => unreachable!("handled by the run loop"),
         }

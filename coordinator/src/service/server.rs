@@ -5,8 +5,12 @@
 //!    crash are recorded `abandoned` (their clients get `Late`/`WrongRound` rejections and retry),
 //!    the newest committed checkpoint is served, and round ids continue above every id ever used;
 //!    on a fresh store the seeded initial model is stored as version 0;
-//! 2. replay the privacy ledger into the DP strategy (what was spent stays spent);
-//! 3. build the engine, install the token authenticator, and spawn the driver with the
+//! 2. replay the privacy ledger into the DP strategy (what was spent stays spent); a store whose
+//!    ledger holds DP rounds is refused with `privacy.mode = "off"` unless
+//!    `privacy.allow_release_without_dp` says the operator means it;
+//! 3. build the engine — its RNG (selection, Poisson sampling) reseeded with 256 bits from the
+//!    operating system, never from the config's `model.seed`, and told N, the enrolled population
+//!    from the token registry — install the token authenticator, and spawn the driver with the
 //!    persistence hook;
 //! 4. bind the QUIC endpoint and the admin endpoint.
 //!
@@ -154,6 +158,22 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     // 2. The ledger, replayed.
     let budget = config.budget()?;
     let ledger = PrivacyLedger::replay(budget, store.ledger_entries()?);
+    if config.privacy.mode == "off"
+        && !ledger.entries().is_empty()
+        && !config.privacy.allow_release_without_dp
+    {
+        return Err(ConfigError::Invalid {
+            key: "privacy.mode",
+            detail: format!(
+                "this store's ledger holds {} differentially private rounds (epsilon {:.4} at delta {:e});                  with mode = \"off\" every model released from now on carries no guarantee at all. \
+                 Keep central DP, or set privacy.allow_release_without_dp = true if that is what you want",
+                ledger.entries().len(),
+                ledger.spent(),
+                budget.delta.get()
+            ),
+        }
+        .into());
+    }
     let strategy = config.build_strategy(ledger.clone())?;
     // 3. Tokens, engine, driver.
     let secret = std::fs::read_to_string(&config.server.token_secret_file)
@@ -168,26 +188,27 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     // Credentials are verified by the driver, before a connection is bound to the client it
     // names (the engine's own authenticator is left accepting: the driver never lets an
     // unverified check-in through).
-    let engine =
+    let mut engine =
         Orchestrator::new(config.orchestrator_config()?, strategy, model, version, recovery.next_round)?;
+    // Selection (and Poisson sampling under DP) must not be predictable from the config file.
+    engine.reseed(os_seed()?);
+    let population = store.enrolled_population(unix_now_s())?;
+    engine.set_population(population);
     let auth = Arc::new(TokenAuth { authority: authority.clone(), telemetry: telemetry.clone() });
     let central = config.central_dp();
     telemetry.update_status(|s| {
         s.model_version = version.0;
         s.rounds_abandoned_at_start = recovery.abandoned.iter().map(|r| r.0).collect();
-        s.epsilon_spent = if central { ledger.status().epsilon_spent } else { 0.0 };
+        // What was spent stays visible in every mode (it was spent, whatever runs now).
+        s.epsilon_spent = ledger.status().epsilon_spent;
         s.epsilon_budget = central.then(|| budget.epsilon.get());
-        s.delta = central.then(|| budget.delta.get());
+        s.delta = (central || !ledger.entries().is_empty()).then(|| budget.delta.get());
+        s.privacy_mode = config.privacy.mode.clone();
+        s.population = Some(population);
     });
     telemetry.model_version.set(version.0 as i64);
-    let hook = Persist {
-        store,
-        ledger,
-        shape,
-        keep: config.storage.keep_checkpoints,
-        telemetry: telemetry.clone(),
-        central,
-    };
+    let hook =
+        Persist { store, ledger, shape, keep: config.storage.keep_checkpoints, telemetry: telemetry.clone() };
     let s = &config.server;
     let ms = Duration::from_millis;
     let driver_config = DriverConfig {
@@ -268,16 +289,24 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let reader = Arc::new(std::sync::Mutex::new(Store::open(&config.storage.path)?));
     {
         let handle = handle.clone();
+        let telemetry_for_reload = telemetry.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let reader = reader.clone();
                 let loaded = tokio::task::spawn_blocking(move || {
-                    reader.lock().unwrap_or_else(|e| e.into_inner()).revocations()
+                    let store = reader.lock().unwrap_or_else(|e| e.into_inner());
+                    Ok::<_, StoreError>((store.revocations()?, store.enrolled_population(unix_now_s())?))
                 })
                 .await;
                 match loaded {
-                    Ok(Ok((tokens, clients))) => authority.reload_revocations(tokens, clients),
+                    Ok(Ok(((tokens, clients), population))) => {
+                        authority.reload_revocations(tokens, clients);
+                        if handle.set_population(population).await.is_err() {
+                            break;
+                        }
+                        telemetry_for_reload.update_status(|s| s.population = Some(population));
+                    }
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot reload token revocations"),
                     Err(e) => tracing::warn!(error = %e, "revocation reload panicked"),
                 }
@@ -310,7 +339,6 @@ struct Persist {
     shape: ModelShape,
     keep: u32,
     telemetry: Arc<Telemetry>,
-    central: bool,
 }
 
 /// Verifies enrollment tokens for the driver, counting failures by reason.
@@ -383,7 +411,7 @@ impl driver::EventHook for Persist {
                 if let Some(entry) = entry {
                     self.ledger.record(entry);
                 }
-                let spent = if self.central { self.ledger.status().epsilon_spent } else { 0.0 };
+                let spent = self.ledger.status().epsilon_spent;
                 t.rounds.get_or_create(&[("outcome", "committed")]).inc();
                 t.model_version.set(c.version.0 as i64);
                 t.epsilon_spent.set(spent);
@@ -409,6 +437,17 @@ impl driver::EventHook for Persist {
         }
         Ok(())
     }
+}
+
+/// 256 bits from the operating system's CSPRNG.
+fn os_seed() -> Result<[u8; 32], ServeError> {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| ServeError::Io {
+        what: "drawing a seed from the operating system".into(),
+        source: std::io::Error::other("ring::rand failed"),
+    })?;
+    Ok(seed)
 }
 
 fn ledger_entry(round: u64, p: starling_proto::strategy::PrivacyCharge) -> Result<LedgerEntry, String> {

@@ -30,7 +30,6 @@ use starling_proto::dp::{
 };
 use starling_proto::encoding::EncodingKind;
 use starling_proto::harness::{Availability, Fleet, FleetConfig, PerClient};
-use starling_proto::ids::ClientId;
 use starling_proto::ids::{ModelVersion, RoundId};
 use starling_proto::message::NoiseSettings;
 use starling_proto::message::{DeviceConditions, TrainingPlan};
@@ -38,7 +37,7 @@ use starling_proto::round::{
     Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, StartError, Weighting,
 };
 use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
-use starling_proto::time::{Duration, Instant};
+use starling_proto::time::Duration;
 use starling_proto::update::ModelShape;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -527,35 +526,6 @@ struct Built {
     ledger: Option<SimLedger>,
 }
 
-/// The per-round probability that a given client is selected, as the privacy accountant must
-/// assume it: `goal` selected uniformly among the clients that check in. Without availability
-/// windows that is `goal / (clients × check-in probability)`; with windows only the clients inside
-/// theirs check in, so the rate is taken at the quietest time of the simulated day (the share of
-/// clients available is measured on up to 20,000 clients at 96 times of day). Conservative: a
-/// round at a busier hour samples each available client with a lower probability.
-fn sampling_rate(fleet: &FleetConfig, clients: usize, goal: usize) -> f64 {
-    let available = match &fleet.availability {
-        None => 1.0,
-        Some(a) => {
-            let sample = clients.clamp(1, 20_000);
-            let day = a.day.as_micros() as u64;
-            (0..96u64)
-                .map(|slot| {
-                    let at = Instant::from_micros(day / 96 * slot);
-                    let up = (0..sample as u64)
-                        .filter(|&i| {
-                            fleet.available_until(ClientId(i * (clients / sample) as u64), at).is_some()
-                        })
-                        .count();
-                    up as f64 / sample as f64
-                })
-                .fold(1.0, f64::min)
-        }
-    };
-    let expected = clients as f64 * available * fleet.check_in_probability;
-    if expected <= 0.0 { 1.0 } else { (goal as f64 / expected).min(1.0) }
-}
-
 /// The simulator's fleet: its clients (honest, and Byzantine if the run has an attack) on the
 /// simulated network.
 pub type SimFleet = Fleet<Byzantine<SimTrainer>>;
@@ -610,13 +580,14 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         retry_after: Duration::ZERO,
         retry_window: Duration::ZERO,
     };
-    let goal = ((target as f64) * config.over_selection).ceil() as usize;
-    let sampling_rate = sampling_rate(&fleet_config, n_users, goal);
-    let (strategy, ledger) =
-        build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
+    let (strategy, ledger) = build_privacy(config, round_strategy(config), target, &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
-    let orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
+    let mut orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
+    // Every simulated client is enrolled: N for central DP's sampling rate q = min(1, target / N).
+    // Clients outside their availability window simply do not check in; they are still counted,
+    // which keeps q an upper bound on anyone's chance of taking part.
+    orchestrator.set_population(n_users as u64);
     let device = DeviceModel { base: Duration::from_millis(200), per_example: Duration::from_millis(2) };
     let local_delta = match config.privacy {
         PrivacyMode::Local { delta, .. } => {
@@ -851,7 +822,6 @@ fn build_privacy(
     config: &SimConfig,
     strategy: Box<dyn Strategy>,
     target: usize,
-    sampling_rate: f64,
     round: &mut RoundConfig,
 ) -> Result<(Box<dyn Strategy>, Option<SimLedger>), SimError> {
     let bad = |e: starling_proto::dp::params::ParamError| SimError::Config(e.to_string());
@@ -898,7 +868,6 @@ fn build_privacy(
                 clip: ClipNorm::new(clip).map_err(bad)?,
                 noise: NoiseMultiplier::new(noise_multiplier).map_err(bad)?,
                 expected_participants: target,
-                sampling_rate: SamplingRate::new(sampling_rate).map_err(bad)?,
                 budget,
                 adaptive,
             };
@@ -979,32 +948,4 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_accounted_sampling_rate_follows_who_can_check_in() {
-        let always = SimConfig { availability: None, ..SimConfig::default() }.fleet_config();
-        assert_eq!(sampling_rate(&always, 10_000, 100), 0.01);
-        let thinned = FleetConfig { check_in_probability: 0.5, ..always };
-        assert_eq!(sampling_rate(&thinned, 10_000, 100), 0.02);
-        // 8-hour windows spread over the day: about a third of the fleet can check in.
-        let global = SimConfig::default().fleet_config();
-        let q = sampling_rate(&global, 30_000, 100);
-        assert!((q * 100.0 - 1.0).abs() < 0.15, "{q}");
-        // Windows around one hour: at the quietest hour almost nobody is there.
-        let local = SimConfig {
-            availability: Some(DailyWindows {
-                day: Duration::from_secs(86_400),
-                hours: 8.0,
-                peak_hour: Some(3.0),
-            }),
-            ..SimConfig::default()
-        }
-        .fleet_config();
-        assert!(sampling_rate(&local, 30_000, 100) > 5.0 * q);
-    }
 }

@@ -142,7 +142,6 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             svc.privacy.noise_multiplier = noise_multiplier;
             svc.privacy.epsilon_budget = epsilon;
             svc.privacy.delta = delta;
-            svc.privacy.population = n_users as u64;
         }
         super::PrivacyMode::Local { .. } => {
             return Err(SimError::Config("--transport quic supports --dp off and --dp central".into()));

@@ -183,7 +183,12 @@ fn train_on_device(codec: &Codec, device: &mut Device, job: &TrainJob) -> Option
     let stream = job.client.0 ^ req.round.0.rotate_left(32);
     let mut rng = ChaCha8Rng::seed_from_u64(stream);
     let encoded = EncodedUpdate::encode(&trained.update, req.plan.encoding, &mut rng);
-    let metrics = LocalMetrics { loss: trained.loss, hit_rate_at_10: None, train_ms: 0 };
+    let metrics = LocalMetrics {
+        loss: trained.loss,
+        hit_rate_at_10: None,
+        train_ms: 0,
+        norm_within_clip: trained.norm_within_clip,
+    };
     let msg = ClientMessage::Update(ClientUpdate {
         round: req.round,
         base_version: req.model_version,

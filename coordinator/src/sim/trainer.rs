@@ -212,12 +212,13 @@ fn train_one(
         return None;
     }
     // Clip (and under local DP, noise) exactly as the SDK does before anything leaves the device.
+    let norm_within_clip = starling_proto::dp::clip_indicator(&r.update, &job.request.plan);
     let (update, release) = protect(r.update, &job.request.plan, job.request.round.0, &mut rng).ok()?;
     let train_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
     let result = TrainResult {
         update,
         weight: r.examples as f32,
-        metrics: LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms },
+        metrics: LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms, norm_within_clip },
     };
     Some((result, release))
 }

@@ -23,6 +23,23 @@ pub mod clip {
     pub use crate::strategy::norm::clip_l2;
 }
 
+/// The largest δ·N central DP accepts: δ must be well below 1/N (N enrolled devices), or the
+/// "fails with probability δ" clause may plausibly fail for someone.
+pub const MAX_DELTA_TIMES_N: f64 = 0.1;
+
+/// Adaptive clipping's indicator a client sends with its update
+/// ([`LocalMetrics::norm_within_clip`](crate::message::LocalMetrics::norm_within_clip)): under
+/// central DP with a clip norm, whether `update` — measured **before** clipping — is within it.
+/// `None` in every other mode (under local DP nothing data-dependent leaves the device unnoised).
+pub fn clip_indicator(update: &crate::update::Update, plan: &crate::message::TrainingPlan) -> Option<bool> {
+    match plan.noise {
+        crate::message::NoiseSettings::Central { .. } => {
+            plan.clip_norm.map(|c| update.l2_norm() <= f64::from(c))
+        }
+        _ => None,
+    }
+}
+
 pub use accountant::{Mechanism, RdpAccountant, calibrate_sigma, epsilon, zcdp_epsilon};
 pub use ledger::{LedgerEntry, PrivacyLedger};
 pub use noise::{FastGaussian, GaussianSampler};

@@ -91,6 +91,11 @@ newtype!(
     |v| v > 0.0 && v <= 1.0,
     SamplingRate
 );
+impl SamplingRate {
+    /// Full participation, `q = 1`.
+    pub const FULL: Self = Self(1.0);
+}
+
 newtype!(
     /// γ: the norm quantile adaptive clipping tracks, in (0, 1).
     Quantile,

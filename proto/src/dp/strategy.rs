@@ -1,18 +1,24 @@
 //! [`DpFedAvg`]: user-level DP-FedAvg (McMahan et al. 2018) as a decorator over any strategy,
 //! with optional adaptive clipping (Andrew et al. 2021).
 //!
-//! Each round: every update is clipped to L2 norm `C` (clients clip too, but the coordinator never
-//! trusts that); the clipped updates are **summed with equal weight**, Gaussian noise
-//! `N(0, (σ_sum·C)²)` is added to every coordinate, and the sum is divided by a **fixed**
-//! denominator — the expected number of participants — so one user's influence on the release is
-//! at most `C / denominator` whatever the others send. The inner strategy keeps its selection and
+//! Each round: every checked-in device is **Poisson-sampled** — included independently with
+//! probability `q = min(1, expected_participants / N)`, N being the enrolled population the host
+//! supplies ([`RoundContext::population`]) — and the round takes every sampled device's report
+//! (no cap: see [`SelectionPolicy::Poisson`]). Every update is clipped to L2 norm `C` (clients clip
+//! too, but the coordinator never trusts that); the clipped updates are **summed with equal
+//! weight**, Gaussian noise `N(0, (σ_sum·C)²)` is added to every coordinate, and the sum is divided
+//! by a **fixed** denominator `q·N` — the expected number of participants — so adding or removing
+//! one device moves the sum by at most `C` and the release by at most `C / (q·N)`, whatever the
+//! others send. Each round is charged as the Poisson-subsampled Gaussian mechanism at that `q`. The inner strategy keeps its selection and
 //! its server optimizer (FedAvg's `x += Δ`, FedAdam, …); its aggregation rule is replaced by this
 //! mechanism (example weights are not used: unbounded weights would break the sensitivity bound).
 //! A robust rule (median, trimmed mean) cannot be replaced silently — the operator chose it for its
 //! robustness — so wrapping one is refused ([`DpConfigError::RobustRule`]); the mean-based rules
 //! (weighted and row-weighted means) become the mechanism's fixed-denominator mean.
 //!
-//! Adaptive clipping: each update also contributes a bit `1[‖Δ‖ ≤ C]`; the noised fraction `b̄`
+//! Adaptive clipping: each update also contributes a bit `1[‖Δ‖ ≤ C]` measured by the client on
+//! its update *before* clipping ([`LocalMetrics::norm_within_clip`]; the coordinator only sees
+//! clipped updates, for which the bit would always be 1); the noised fraction `b̄`
 //! moves the clip norm geometrically towards the target quantile γ: `C ← C·exp(−η (b̄ − γ))`. The
 //! bits are a second Gaussian release; to keep the accounted noise multiplier at the configured σ,
 //! the sum's multiplier is raised to `σ_sum = (σ⁻² − (2σ_b)⁻²)^{−1/2}` (Andrew et al., Thm. 1).
@@ -27,11 +33,11 @@ use super::ledger::{LedgerEntry, PrivacyLedger};
 use super::noise::{FastGaussian, GaussianSampler};
 use super::params::{Budget, ClipNorm, NoiseMultiplier, ParamError, Quantile, SamplingRate};
 use crate::ids::ClientId;
-use crate::message::{NoiseSettings, TrainingPlan};
+use crate::message::{LocalMetrics, NoiseSettings, TrainingPlan};
 use crate::strategy::norm::clip_l2;
 use crate::strategy::{
     AdmissionError, Aggregate, AggregateError, AggregationRule, Aggregator, PrivacyCharge, RoundContext,
-    Strategy,
+    SelectionPolicy, Strategy,
 };
 use crate::update::{ModelShape, Update};
 use std::sync::{Arc, Mutex};
@@ -55,10 +61,9 @@ pub struct DpConfig {
     pub clip: ClipNorm,
     /// σ: the noise multiplier that is accounted for.
     pub noise: NoiseMultiplier,
-    /// The fixed denominator: expected participants per round.
+    /// Expected participants per round: the sampling rate is `q = min(1, this / N)` for the
+    /// enrolled population N of the round, and the fixed denominator is `q·N`.
     pub expected_participants: usize,
-    /// q: probability that a given user takes part in a round (participants / population).
-    pub sampling_rate: SamplingRate,
     /// The budget.
     pub budget: Budget,
     /// Adaptive clipping, if wanted.
@@ -184,6 +189,13 @@ impl<S: Strategy> DpFedAvg<S> {
         self.sum_multiplier
     }
 
+    /// The sampling rate `q = min(1, expected_participants / N)` of a round over `population`
+    /// enrolled devices, or `None` when the population is unknown or empty.
+    pub fn sampling_rate(&self, population: Option<u64>) -> Option<SamplingRate> {
+        let n = population.filter(|n| *n > 0)? as f64;
+        SamplingRate::new((self.config.expected_participants as f64 / n).min(1.0)).ok()
+    }
+
     /// The noise multiplier charged for one round on a model of `len` parameters: the configured σ
     /// for a continuous sampler; slightly less for a discretising one (it pays for its rounding).
     pub fn accounted_sigma(&self, len: usize) -> f64 {
@@ -206,10 +218,10 @@ impl<S: Strategy> DpFedAvg<S> {
         }
     }
 
-    /// The mechanism one round on a model of `len` parameters releases.
-    pub fn mechanism(&self, len: usize) -> Mechanism {
+    /// The mechanism one round on a model of `len` parameters at sampling rate `q` releases.
+    pub fn mechanism(&self, len: usize, q: SamplingRate) -> Mechanism {
         let sigma = NoiseMultiplier::new(self.accounted_sigma(len)).unwrap_or(self.config.noise);
-        Mechanism { q: self.config.sampling_rate, sigma, steps: 1 }
+        Mechanism { q, sigma, steps: 1 }
     }
 }
 
@@ -228,12 +240,24 @@ struct DpAggregator {
 }
 
 impl Aggregator for DpAggregator {
-    fn accept(&mut self, mut update: Update, _weight: f64) -> Result<(), AggregateError> {
+    fn accept(&mut self, update: Update, weight: f64) -> Result<(), AggregateError> {
+        self.accept_report(update, weight, &LocalMetrics::default())
+    }
+
+    fn accept_report(
+        &mut self,
+        mut update: Update,
+        _weight: f64,
+        metrics: &LocalMetrics,
+    ) -> Result<(), AggregateError> {
         if update.shape() != self.shape {
             return Err(AggregateError::ShapeMismatch { got: update.shape(), want: self.shape });
         }
         let norm = clip_l2(&mut update, self.clip);
-        self.centred_bits += if norm <= self.clip { 0.5 } else { -0.5 };
+        // The client's own indicator (measured before it clipped); a client that sent none is
+        // judged on what arrived. Either way one client moves the count by at most 1/2.
+        let within = metrics.norm_within_clip.unwrap_or(norm <= self.clip);
+        self.centred_bits += if within { 0.5 } else { -0.5 };
         update.add_to(&mut self.sum, 1.0);
         self.count += 1;
         Ok(())
@@ -244,9 +268,8 @@ impl Aggregator for DpAggregator {
     }
 
     fn finish(mut self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError> {
-        if self.count == 0 {
-            return Err(AggregateError::Empty);
-        }
+        // A Poisson-sampled round releases even with no report (the noise alone): whether a round
+        // releases must not depend on who was sampled.
         let noise_err = |e: super::noise::NoiseError| AggregateError::Noise(e.to_string());
         self.sampler.add_noise(&mut self.sum, self.noise_std, rng).map_err(noise_err)?;
         let delta: Vec<f32> = self.sum.iter().map(|s| (s / self.denominator) as f32).collect();
@@ -281,7 +304,13 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
     }
 
     fn admit(&mut self, ctx: &RoundContext) -> Result<(), AdmissionError> {
-        self.ledger.check(&self.mechanism(ctx.shape.len())).map_err(|e| match e {
+        let q = self.sampling_rate(ctx.population).ok_or(AdmissionError::UnknownPopulation)?;
+        let delta = self.config.budget.delta.get();
+        let population = ctx.population.unwrap_or(0);
+        if delta * population as f64 > super::MAX_DELTA_TIMES_N {
+            return Err(AdmissionError::DeltaTooLarge { delta, population });
+        }
+        self.ledger.check(&self.mechanism(ctx.shape.len(), q)).map_err(|e| match e {
             super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
                 AdmissionError::BudgetExhausted {
                     projected_epsilon: projected,
@@ -299,17 +328,31 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         plan.noise = NoiseSettings::Central { multiplier: self.config.noise.get() as f32 };
     }
 
+    /// Poisson sampling: each candidate independently with probability `q` (the inner strategy's
+    /// selection and `wanted` are not used). The coin comes from the round machine's RNG, which a
+    /// service seeds from the operating system ([`Orchestrator::reseed`](crate::round::Orchestrator::reseed)).
     fn select(
         &mut self,
         ctx: &RoundContext,
         candidates: &[ClientId],
-        wanted: usize,
+        _wanted: usize,
         rng: &mut dyn rand::Rng,
     ) -> Vec<ClientId> {
-        self.inner.select(ctx, candidates, wanted, rng)
+        let Some(q) = self.sampling_rate(ctx.population) else { return Vec::new() };
+        let q = q.get();
+        candidates.iter().copied().filter(|_| q >= 1.0 || rand::RngExt::random_bool(rng, q)).collect()
+    }
+
+    fn selection_policy(&self) -> SelectionPolicy {
+        SelectionPolicy::Poisson
     }
 
     fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
+        // `admit` refused rounds without a population, so `q` is known here; the fallback (q = 1,
+        // denominator = expected participants) only over-charges.
+        let q = self.sampling_rate(ctx.population).unwrap_or(SamplingRate::FULL);
+        let population = ctx.population.unwrap_or(self.config.expected_participants as u64);
+        let denominator = (q.get() * population as f64).max(1.0);
         Box::new(DpAggregator {
             shape: ctx.shape,
             clip: self.clip,
@@ -318,9 +361,9 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
             centred_bits: 0.0,
             noise_std: self.sum_multiplier * self.clip,
             count_std: self.config.adaptive.map(|a| a.count_noise),
-            denominator: self.config.expected_participants as f64,
+            denominator,
             charge: PrivacyCharge {
-                sampling_rate: self.config.sampling_rate.get(),
+                sampling_rate: q.get(),
                 noise_multiplier: self.accounted_sigma(ctx.shape.len()),
                 steps: 1,
             },
@@ -336,8 +379,10 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         aggregate: &Aggregate,
     ) -> Result<(), AggregateError> {
         self.inner.apply(ctx, global, aggregate)?;
-        // The noised aggregate is now part of the model: it is released.
-        let mechanism = self.mechanism(ctx.shape.len());
+        // The noised aggregate is now part of the model: it is released, at the charge it carries.
+        let q = SamplingRate::new(aggregate.privacy.map_or(1.0, |c| c.sampling_rate))
+            .unwrap_or(SamplingRate::FULL);
+        let mechanism = self.mechanism(ctx.shape.len(), q);
         self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism });
         if let Some(a) = self.config.adaptive {
             let fraction = self.shared.lock().ok().and_then(|mut s| s.unclipped_fraction.take());

@@ -13,7 +13,7 @@
 //! the differential-privacy layer wraps the aggregator the same way.
 
 use crate::ids::{ClientId, ModelVersion, RoundId};
-use crate::message::TrainingPlan;
+use crate::message::{LocalMetrics, TrainingPlan};
 use crate::update::{ModelShape, Update};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,25 @@ pub struct RoundContext {
     pub target_participants: usize,
     /// How many clients were sent the task (known once selection closes; 0 before).
     pub selected: usize,
+    /// N: the devices enrolled (and not revoked) when the round started, as the host told the
+    /// round machine ([`Orchestrator::set_population`](crate::round::Orchestrator::set_population));
+    /// `None` when the host does not know. Central DP derives its sampling rate from it.
+    pub population: Option<u64>,
+}
+
+/// How a round chooses its participants and when it stops collecting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SelectionPolicy {
+    /// Up to `⌈target · over_selection⌉` of the checked-in clients ([`Strategy::select`]); the
+    /// round closes once `target` updates arrived and fails below `min_reports`.
+    #[default]
+    FixedSize,
+    /// Poisson sampling: [`Strategy::select`] includes every checked-in client independently with
+    /// the strategy's probability; the round accepts **every** report of the sampled clients (no
+    /// cap at the target: a cap would let one client's presence push out another's update) and
+    /// releases whatever arrived by the deadline — `min_reports` applies to check-ins only, so
+    /// whether a round releases does not depend on which sampled clients reported.
+    Poisson,
 }
 
 /// The result of a round's aggregation: a delta for the global model.
@@ -73,6 +92,22 @@ pub enum AdmissionError {
         budget_epsilon: f64,
         /// The δ at which ε is measured.
         delta: f64,
+    },
+    /// The strategy needs the enrolled population N (central DP derives its sampling rate q from
+    /// it) and the host has not supplied it.
+    #[error("the number of enrolled devices is unknown: central DP derives its sampling rate from it")]
+    UnknownPopulation,
+    /// δ is not well below 1/N: with N devices, a mechanism that fails with probability δ for
+    /// each may fail for δ·N of them. Refused when δ·N exceeds [`MAX_DELTA_TIMES_N`](crate::dp::MAX_DELTA_TIMES_N).
+    #[error(
+        "delta {delta:e} is too large for {population} enrolled devices: delta x N = {:.3} must be at most {}; lower privacy.delta",
+        delta * (*population as f64), crate::dp::MAX_DELTA_TIMES_N
+    )]
+    DeltaTooLarge {
+        /// The budget's δ.
+        delta: f64,
+        /// N.
+        population: u64,
     },
     /// Another strategy-specific reason.
     #[error("{0}")]
@@ -128,6 +163,18 @@ pub enum AggregateError {
 pub trait Aggregator: Send {
     /// Feeds one validated update with its weight (for FedAvg, the client's example count).
     fn accept(&mut self, update: Update, weight: f64) -> Result<(), AggregateError>;
+    /// Feeds one validated update with its weight and the metrics the client sent with it. The
+    /// round machine calls this; the default ignores the metrics. Adaptive clipping reads the
+    /// client's [`LocalMetrics::norm_within_clip`] indicator here.
+    fn accept_report(
+        &mut self,
+        update: Update,
+        weight: f64,
+        metrics: &LocalMetrics,
+    ) -> Result<(), AggregateError> {
+        let _ = metrics;
+        self.accept(update, weight)
+    }
     /// How many updates were accepted so far.
     fn accepted(&self) -> usize;
     /// Finishes the round. `rng` is the round machine's seeded RNG (used by noise-adding layers).
@@ -162,6 +209,13 @@ pub trait Strategy: Send {
     ) -> Vec<ClientId> {
         let _ = ctx;
         sample_uniform(candidates, wanted, rng)
+    }
+
+    /// How the round machine selects participants and closes rounds for this strategy
+    /// ([`SelectionPolicy::FixedSize`] by default; central DP uses Poisson sampling). Decorators
+    /// must forward it.
+    fn selection_policy(&self) -> SelectionPolicy {
+        SelectionPolicy::FixedSize
     }
 
     /// Starts the aggregation of one round.
@@ -204,6 +258,10 @@ impl Strategy for Box<dyn Strategy> {
         rng: &mut dyn rand::Rng,
     ) -> Vec<ClientId> {
         (**self).select(ctx, candidates, wanted, rng)
+    }
+
+    fn selection_policy(&self) -> SelectionPolicy {
+        (**self).selection_policy()
     }
 
     fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {

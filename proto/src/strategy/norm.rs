@@ -8,10 +8,24 @@ use crate::update::Update;
 
 /// Scales `update` down so its L2 norm is at most `bound`; returns the norm before clipping.
 /// The identity when the norm is already within the bound.
+///
+/// The result is guaranteed to be within the bound as [`Update::l2_norm`] measures it (in `f64`):
+/// the scale factor is rounded *down* to `f32`, and since every `f32` product rounds to nearest,
+/// the norm is checked again and shaved by one part in 2²⁰ until it fits. A sensitivity bound
+/// that is exceeded by a rounding error is not a bound.
 pub fn clip_l2(update: &mut Update, bound: f64) -> f64 {
     let norm = update.l2_norm();
     if norm > bound && norm > 0.0 {
-        update.scale((bound / norm) as f32);
+        let exact = bound / norm;
+        let mut factor = exact as f32;
+        if f64::from(factor) > exact {
+            factor = factor.next_down();
+        }
+        update.scale(factor);
+        // Each pass multiplies by 1 − 2⁻²⁰; a handful suffice (the excess is a few ulps).
+        while update.l2_norm() > bound {
+            update.scale(1.0 - f32::EPSILON * 8.0);
+        }
     }
     norm
 }
@@ -55,6 +69,15 @@ impl Aggregator for Clipping {
         clip_l2(&mut update, self.bound);
         self.inner.accept(update, weight)
     }
+    fn accept_report(
+        &mut self,
+        mut update: Update,
+        weight: f64,
+        metrics: &crate::message::LocalMetrics,
+    ) -> Result<(), AggregateError> {
+        clip_l2(&mut update, self.bound);
+        self.inner.accept_report(update, weight, metrics)
+    }
     fn accepted(&self) -> usize {
         self.inner.accepted()
     }
@@ -83,6 +106,9 @@ impl<S: Strategy> Strategy for NormBound<S> {
         rng: &mut dyn rand::Rng,
     ) -> Vec<ClientId> {
         self.inner.select(ctx, candidates, wanted, rng)
+    }
+    fn selection_policy(&self) -> super::SelectionPolicy {
+        self.inner.selection_policy()
     }
     fn aggregator(&mut self, ctx: &RoundContext) -> Box<dyn Aggregator> {
         Box::new(Clipping { inner: self.inner.aggregator(ctx), bound: self.bound })

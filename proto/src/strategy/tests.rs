@@ -10,6 +10,7 @@ fn shape(rows: u32, row_len: u32) -> ModelShape {
 
 fn ctx(s: ModelShape) -> RoundContext {
     RoundContext {
+        population: None,
         round: RoundId(1),
         model_version: ModelVersion(0),
         shape: s,
