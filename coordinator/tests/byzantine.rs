@@ -74,6 +74,7 @@ fn sdk_devices_attack_through_the_same_path_and_every_kind_is_accepted() {
             over_selection: 1.0,
             device_spread: 0.0,
             attack: Some(Attack { fraction: 0.25, kind, factor: 100.0 }),
+            privacy: starling_coordinator::sim::PrivacyMode::Off,
             ..SimConfig::default()
         };
         let r = run(&config);

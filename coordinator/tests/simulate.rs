@@ -12,6 +12,7 @@ fn small(seed: u64) -> SimConfig {
         rounds: 30,
         eval_every: 10,
         seed,
+        privacy: sim::PrivacyMode::Off,
         ..SimConfig::default()
     }
 }
@@ -63,6 +64,7 @@ fn fifty_clients_three_rounds_beat_the_untrained_model_and_repeat_exactly() {
         // heterogeneous speeds, bandwidths and 5% dropouts as by default.
         availability: None,
         seed,
+        privacy: sim::PrivacyMode::Off,
         ..SimConfig::default()
     };
     let a = run(&config(1));
@@ -142,6 +144,8 @@ fn quic_transport_runs_the_real_service_and_sdk_clients_over_loopback() {
         eval_every: 3,
         transport: sim::TransportKind::Quic,
         seed: 3,
+        // A fixed 20 reports per round (central DP samples each device with probability q).
+        privacy: sim::PrivacyMode::Off,
         ..SimConfig::default()
     };
     let report = run(&config);

@@ -274,6 +274,14 @@ pub struct RoundStats {
     pub mean_loss: Option<f64>,
     /// Mean of the reported local HR@10 values.
     pub mean_local_hit_rate: Option<f64>,
+    /// The clip norm the round's plan asked clients to clip to (it moves under adaptive clipping).
+    pub clip_norm: Option<f32>,
+    /// Accepted updates that carried an adaptive-clipping indicator, and how many of those said
+    /// the norm before clipping was within the clip norm. Unnoised: for the host's diagnostics
+    /// (the simulator's report), never for release.
+    pub clip_indicators: usize,
+    /// See `clip_indicators`.
+    pub within_clip: usize,
     /// From `start_round` to the close of selection.
     pub selection_time: Duration,
     /// From `start_round` to the end.
@@ -562,6 +570,7 @@ impl Orchestrator {
         }
         let mut plan = cfg.plan.clone();
         self.strategy.configure(&ctx, &mut plan);
+        let clip_norm = plan.clip_norm;
         // From here on the last commit's model may be shipped: it can no longer be reverted.
         self.replaced = None;
         self.next_round = id.next();
@@ -577,7 +586,7 @@ impl Orchestrator {
             participants: HashMap::new(),
             aggregator: None,
             patches: BTreeMap::new(),
-            stats: RoundStats::default(),
+            stats: RoundStats { clip_norm, ..RoundStats::default() },
             loss_sum: 0.0,
             loss_weight: 0.0,
             hit_sum: 0.0,
@@ -917,6 +926,10 @@ impl Orchestrator {
                 r.participants.insert(client, Participant::Reported);
                 r.stats.reported += 1;
                 r.stats.total_weight += f64::from(weight);
+                if let Some(within) = u.metrics.norm_within_clip {
+                    r.stats.clip_indicators += 1;
+                    r.stats.within_clip += usize::from(within);
+                }
                 if u.metrics.loss.is_finite() {
                     r.loss_sum += f64::from(weight) * f64::from(u.metrics.loss);
                     r.loss_weight += f64::from(weight);

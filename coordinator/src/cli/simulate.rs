@@ -223,9 +223,10 @@ pub struct SimulateArgs {
     /// coordinator service and one SDK client per user over loopback QUIC, in real time).
     #[arg(long, value_enum, default_value_t = TransportArg::InProcess)]
     pub transport: TransportArg,
-    /// Differential privacy: off, central (DP-FedAvg) or local.
-    #[arg(long, value_enum, default_value_t = DpArg::Off)]
-    pub dp: DpArg,
+    /// Differential privacy: central (DP-FedAvg), local or off. Default: central, except for
+    /// `--workload reference`, whose definition has no DP (off).
+    #[arg(long, value_enum)]
+    pub dp: Option<DpArg>,
     /// The L2 norm every update is clipped to, by the clients and again by the coordinator
     /// (default 0.5 with DP — the initial one with --adaptive-clip — and 20 without).
     #[arg(long)]
@@ -260,8 +261,8 @@ pub struct SimulateArgs {
     /// DP (central): the epsilon budget; the run stops when the next round would exceed it.
     #[arg(long, default_value_t = 8.0)]
     pub epsilon: f64,
-    /// DP: delta.
-    #[arg(long, default_value_t = 1e-5)]
+    /// DP: delta (well below 1 / clients: rounds are refused when delta x clients > 0.1).
+    #[arg(long, default_value_t = 1e-6)]
     pub delta: f64,
     /// DP (central): adapt the clip norm towards this quantile of update norms (e.g. 0.5).
     #[arg(long)]
@@ -280,6 +281,10 @@ pub struct SimulateArgs {
 impl SimulateArgs {
     /// The simulation configuration these options describe.
     pub fn to_config(&self) -> anyhow::Result<SimConfig> {
+        let dp = self.dp.unwrap_or(match self.workload {
+            Workload::Reference => DpArg::Off,
+            Workload::Default => DpArg::Central,
+        });
         let mut c = match self.workload {
             Workload::Reference => {
                 let data = self.data.clone().ok_or_else(|| {
@@ -399,12 +404,12 @@ impl SimulateArgs {
             c.report_timeout = secs(v, "report-timeout-s")?;
         }
         c.eval_users = self.eval_users.max(1);
-        let clip = self.clip.unwrap_or(if self.dp == DpArg::Off { sim::CLIP_WITHOUT_DP } else { 0.5 });
+        let clip = self.clip.unwrap_or(if dp == DpArg::Off { sim::CLIP_WITHOUT_DP } else { 0.5 });
         anyhow::ensure!(clip.is_finite() && clip > 0.0, "--clip must be positive");
-        c.clip_norm = if self.dp == DpArg::Off { clip } else { sim::CLIP_WITHOUT_DP };
+        c.clip_norm = if dp == DpArg::Off { clip } else { sim::CLIP_WITHOUT_DP };
         c.server_clipping = !self.no_server_clip;
         anyhow::ensure!(
-            self.dp == DpArg::Off || !self.no_server_clip,
+            dp == DpArg::Off || !self.no_server_clip,
             "--no-server-clip applies without DP only (DP always clips)"
         );
         c.weighting = match self.weighting {
@@ -438,7 +443,7 @@ impl SimulateArgs {
             !(self.attack_baseline && self.compare_row_aware),
             "--attack-baseline and --compare-row-aware cannot be combined"
         );
-        c.privacy = match self.dp {
+        c.privacy = match dp {
             DpArg::Off => PrivacyMode::Off,
             DpArg::Central => PrivacyMode::Central {
                 clip,

@@ -312,7 +312,15 @@ impl Default for SimConfig {
             eval_users: 10_000,
             seed: 42,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            privacy: PrivacyMode::Off,
+            // Privacy on by default, as `starling simulate` runs it: q = 500 / 20,000 per round.
+            privacy: PrivacyMode::Central {
+                clip: 0.5,
+                noise_multiplier: 1.0,
+                epsilon: 8.0,
+                delta: 1e-6,
+                adaptive_quantile: None,
+                sampler: NoiseSampler::Fast,
+            },
             clip_norm: CLIP_WITHOUT_DP,
             server_clipping: true,
             weighting: RoundConfig::default().weighting,
@@ -343,6 +351,7 @@ impl SimConfig {
             check_in_probability: 1.0,
             round_interval: Duration::ZERO,
             clients: ClientKind::Kernel,
+            privacy: PrivacyMode::Off,
             ..Self::default()
         }
     }
@@ -687,6 +696,8 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             ndcg_at_10: None,
             full_hr_at_10: None,
             epsilon: None,
+            clip_norm: None,
+            within_clip: None,
             check_ins: fr.check_ins,
             window_closed: fr.window_closed,
             bytes_up: fr.bytes_up,
@@ -716,6 +727,9 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             rec.dropouts = stats.dropped;
             rec.stragglers = stats.unfinished;
             rec.loss = stats.mean_loss;
+            rec.clip_norm = stats.clip_norm.map(f64::from);
+            rec.within_clip =
+                (stats.clip_indicators > 0).then(|| stats.within_clip as f64 / stats.clip_indicators as f64);
         }
         rec.epsilon = match (&ledger, &config.privacy) {
             (Some(l), _) => Some(l.spent()),

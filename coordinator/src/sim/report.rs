@@ -40,6 +40,13 @@ pub struct RoundRecord {
     pub full_hr_at_10: Option<f64>,
     /// ε spent so far at the configured δ (when DP is on).
     pub epsilon: Option<f64>,
+    /// The clip norm clients were told to use this round (it moves under adaptive clipping).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+    /// Share of reports whose norm before clipping was within the clip norm (clients' adaptive
+    /// clipping indicators, unnoised: a simulator diagnostic).
+    #[serde(default)]
+    pub within_clip: Option<f64>,
     /// Bytes sent by clients this round.
     pub bytes_up: u64,
     /// Bytes sent by the coordinator this round.
@@ -436,6 +443,8 @@ mod tests {
             ndcg_at_10: Some(0.05 * round as f64),
             full_hr_at_10: None,
             epsilon: Some(0.3 * round as f64),
+            clip_norm: None,
+            within_clip: None,
             bytes_up: 1000,
             bytes_down: 5000,
             round_seconds: 0.01,
