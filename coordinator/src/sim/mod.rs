@@ -7,6 +7,7 @@
 //! reference protocol with its own private vector and the current global model.
 
 pub mod attack;
+pub mod audit;
 pub mod quic;
 pub mod report;
 pub mod sdk_trainer;
@@ -15,6 +16,7 @@ pub mod trainer;
 use crate::privacy::{DurableLedger, OpenDpGaussian};
 use crate::store::Store;
 use attack::{Attack, Byzantine};
+use audit::{AuditConfig, Canaries, CanarySet};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -212,6 +214,8 @@ pub struct SimConfig {
     pub max_weight: f32,
     /// Byzantine clients, if any.
     pub attack: Option<Attack>,
+    /// Empirical privacy audit: canary clients added to the fleet ([`audit`]), if any.
+    pub audit: Option<AuditConfig>,
     /// What the simulated clients are: real SDK devices, or the bare training kernel.
     pub clients: ClientKind,
     /// In-process (simulated network and clock) or the real service over loopback QUIC.
@@ -319,6 +323,7 @@ impl Default for SimConfig {
             weighting: RoundConfig::default().weighting,
             max_weight: RoundConfig::default().max_weight,
             attack: None,
+            audit: None,
             clients: ClientKind::Sdk,
             transport: TransportKind::InProcess,
         }
@@ -556,9 +561,9 @@ fn sampling_rate(fleet: &FleetConfig, clients: usize, goal: usize) -> f64 {
     if expected <= 0.0 { 1.0 } else { (goal as f64 / expected).min(1.0) }
 }
 
-/// The simulator's fleet: its clients (honest, and Byzantine if the run has an attack) on the
-/// simulated network.
-pub type SimFleet = Fleet<Byzantine<SimTrainer>>;
+/// The simulator's fleet: its clients (honest, Byzantine if the run has an attack, and canaries
+/// if it has an audit) on the simulated network.
+pub type SimFleet = Fleet<Byzantine<Canaries<SimTrainer>>>;
 
 /// The fleet of `config` (data loaded or generated, round engine, trainer, network), ready for its
 /// first round: what [`run`] drives, for callers that want to step rounds themselves (benchmarks).
@@ -572,6 +577,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             "clients_per_round, rounds, dim and eval_every must be positive".into(),
         ));
     }
+    let canaries = audit::validate(config)?;
     let data = prepare(config)?;
     let n_users = data.n_users;
     let n_items = data.n_items;
@@ -611,13 +617,15 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         retry_window: Duration::ZERO,
     };
     let goal = ((target as f64) * config.over_selection).ceil() as usize;
-    let sampling_rate = sampling_rate(&fleet_config, n_users, goal);
+    // Canaries are clients: the accountant's population includes them.
+    let sampling_rate = sampling_rate(&fleet_config, n_users + canaries, goal);
     let (strategy, ledger) =
         build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
     let orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
     let device = DeviceModel { base: Duration::from_millis(200), per_example: Duration::from_millis(2) };
+    let canary_compute = device.base;
     let local_delta = match config.privacy {
         PrivacyMode::Local { delta, .. } => {
             Some(Delta::new(delta).map_err(|e| SimError::Config(e.to_string()))?)
@@ -650,6 +658,8 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             local_delta.map(Delta::get),
         ))),
     };
+    let set = (canaries > 0).then(|| CanarySet::new(n_users as u64, canaries, shape, config.seed));
+    let trainer = Canaries::new(trainer, set, canary_compute, config.max_weight);
     let trainer = match config.attack {
         Some(attack) => {
             attack.validate().map_err(SimError::Config)?;
@@ -657,7 +667,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         }
         None => Byzantine::honest(trainer),
     };
-    let fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
+    let fleet = Fleet::new(orchestrator, n_users + canaries, trainer, fleet_config);
 
     Ok(Built { data, fleet, ledger })
 }
@@ -665,10 +675,12 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
 /// Runs a simulation and returns its report.
 pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
     if config.transport == TransportKind::Quic {
+        audit::validate(config)?;
         return quic::run_quic(config, progress);
     }
     let started = WallClock::now();
     let Built { data, mut fleet, mut ledger } = build(config)?;
+    let initial_model = config.audit.map(|_| fleet.orchestrator().model().1.clone());
     let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
     let layout = mf::MfLayout::new(n_items, config.dim);
     let evaluate = |fleet: &mut SimFleet| {
@@ -777,6 +789,11 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         a.attackers = attackers;
         a.crafted_updates = crafted;
     }
+    if let (Some(a), Some(initial_model)) = (config.audit, initial_model) {
+        let last = fleet.orchestrator().model().1.clone();
+        let accountant = ledger.as_ref().map(SimLedger::spent);
+        report.audit = fleet.trainer_mut().inner().audit(&initial_model, &last, a.delta, accountant);
+    }
     Ok(report)
 }
 
@@ -815,6 +832,7 @@ fn finish(
             baseline_hr_at_10: None,
             hr_at_10_drop: None,
         }),
+        audit: None,
         rounds: records,
     }
 }
@@ -969,6 +987,7 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         "max_weight": c.max_weight,
         "attack": c.attack.map(|a| serde_json::json!({
             "fraction": a.fraction, "kind": a.kind.name(), "factor": a.factor})),
+        "audit": c.audit.map(|a| serde_json::json!({"canaries": a.canaries, "delta": a.delta})),
         "transport": match c.transport { TransportKind::InProcess => "in-process", TransportKind::Quic => "quic" },
     })
 }
