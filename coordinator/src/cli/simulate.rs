@@ -264,6 +264,10 @@ pub struct SimulateArgs {
     /// DP: delta (well below 1 / clients: rounds are refused when delta x clients > 0.1).
     #[arg(long, default_value_t = 1e-6)]
     pub delta: f64,
+    /// Empirical privacy audit: add this many canary clients to the fleet (0 = off; at least 2) and
+    /// report an empirical epsilon, at --delta, beside the accountant's (see docs/simulation.md).
+    #[arg(long, default_value_t = 0)]
+    pub audit_canaries: usize,
     /// DP (central): adapt the clip norm towards this quantile of update norms (e.g. 0.5).
     #[arg(long)]
     pub adaptive_clip: Option<f64>,
@@ -443,6 +447,8 @@ impl SimulateArgs {
             !(self.attack_baseline && self.compare_row_aware),
             "--attack-baseline and --compare-row-aware cannot be combined"
         );
+        c.audit = (self.audit_canaries > 0)
+            .then_some(sim::audit::AuditConfig { canaries: self.audit_canaries, delta: self.delta });
         c.privacy = match dp {
             DpArg::Off => PrivacyMode::Off,
             DpArg::Central => PrivacyMode::Central {
@@ -539,6 +545,9 @@ fn run_one(config: &SimConfig, out: &std::path::Path, quiet: bool) -> anyhow::Re
             .unwrap_or_else(|| "n/a".into())
     );
     if let Some(a) = &report.attack {
+        println!("{}", a.summary());
+    }
+    if let Some(a) = &report.audit {
         println!("{}", a.summary());
     }
     println!("wrote {} and {}", out.join("results.json").display(), out.join("report.html").display());

@@ -7,6 +7,7 @@
 //! reference protocol with its own private vector and the current global model.
 
 pub mod attack;
+pub mod audit;
 pub mod quic;
 pub mod report;
 pub mod sdk_trainer;
@@ -15,6 +16,7 @@ pub mod trainer;
 use crate::privacy::{DurableLedger, OpenDpGaussian};
 use crate::store::Store;
 use attack::{Attack, Byzantine};
+use audit::{AuditConfig, Canaries, CanarySet};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -211,6 +213,8 @@ pub struct SimConfig {
     pub max_weight: f32,
     /// Byzantine clients, if any.
     pub attack: Option<Attack>,
+    /// Empirical privacy audit: canary clients added to the fleet ([`audit`]), if any.
+    pub audit: Option<AuditConfig>,
     /// What the simulated clients are: real SDK devices, or the bare training kernel.
     pub clients: ClientKind,
     /// In-process (simulated network and clock) or the real service over loopback QUIC.
@@ -326,6 +330,7 @@ impl Default for SimConfig {
             weighting: RoundConfig::default().weighting,
             max_weight: RoundConfig::default().max_weight,
             attack: None,
+            audit: None,
             clients: ClientKind::Sdk,
             transport: TransportKind::InProcess,
         }
@@ -535,9 +540,9 @@ struct Built {
     ledger: Option<SimLedger>,
 }
 
-/// The simulator's fleet: its clients (honest, and Byzantine if the run has an attack) on the
-/// simulated network.
-pub type SimFleet = Fleet<Byzantine<SimTrainer>>;
+/// The simulator's fleet: its clients (honest, Byzantine if the run has an attack, and canaries
+/// if it has an audit) on the simulated network.
+pub type SimFleet = Fleet<Byzantine<Canaries<SimTrainer>>>;
 
 /// The fleet of `config` (data loaded or generated, round engine, trainer, network), ready for its
 /// first round: what [`run`] drives, for callers that want to step rounds themselves (benchmarks).
@@ -551,6 +556,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             "clients_per_round, rounds, dim and eval_every must be positive".into(),
         ));
     }
+    let canaries = audit::validate(config)?;
     let data = prepare(config)?;
     let n_users = data.n_users;
     let n_items = data.n_items;
@@ -594,10 +600,11 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
     let mut orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
     // Every simulated client is enrolled: N for central DP's sampling rate q = min(1, target / N).
-    // Clients outside their availability window simply do not check in; they are still counted,
-    // which keeps q an upper bound on anyone's chance of taking part.
-    orchestrator.set_population(n_users as u64);
+    // Clients outside their availability window simply do not check in; they are still counted
+    // (q stays each one's chance of taking part). Canaries are clients too.
+    orchestrator.set_population((n_users + canaries) as u64);
     let device = DeviceModel { base: Duration::from_millis(200), per_example: Duration::from_millis(2) };
+    let canary_compute = device.base;
     let local_delta = match config.privacy {
         PrivacyMode::Local { delta, .. } => {
             Some(Delta::new(delta).map_err(|e| SimError::Config(e.to_string()))?)
@@ -630,6 +637,8 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             local_delta.map(Delta::get),
         ))),
     };
+    let set = (canaries > 0).then(|| CanarySet::new(n_users as u64, canaries, shape, config.seed));
+    let trainer = Canaries::new(trainer, set, canary_compute, config.max_weight);
     let trainer = match config.attack {
         Some(attack) => {
             attack.validate().map_err(SimError::Config)?;
@@ -637,7 +646,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         }
         None => Byzantine::honest(trainer),
     };
-    let fleet = Fleet::new(orchestrator, n_users, trainer, fleet_config);
+    let fleet = Fleet::new(orchestrator, n_users + canaries, trainer, fleet_config);
 
     Ok(Built { data, fleet, ledger })
 }
@@ -645,10 +654,12 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
 /// Runs a simulation and returns its report.
 pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport, SimError> {
     if config.transport == TransportKind::Quic {
+        audit::validate(config)?;
         return quic::run_quic(config, progress);
     }
     let started = WallClock::now();
     let Built { data, mut fleet, mut ledger } = build(config)?;
+    let initial_model = config.audit.map(|_| fleet.orchestrator().model().1.clone());
     let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
     let layout = mf::MfLayout::new(n_items, config.dim);
     let evaluate = |fleet: &mut SimFleet| {
@@ -762,6 +773,11 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         a.attackers = attackers;
         a.crafted_updates = crafted;
     }
+    if let (Some(a), Some(initial_model)) = (config.audit, initial_model) {
+        let last = fleet.orchestrator().model().1.clone();
+        let accountant = ledger.as_ref().map(SimLedger::spent);
+        report.audit = fleet.trainer_mut().inner().audit(&initial_model, &last, a.delta, accountant);
+    }
     Ok(report)
 }
 
@@ -800,6 +816,7 @@ fn finish(
             baseline_hr_at_10: None,
             hr_at_10_drop: None,
         }),
+        audit: None,
         rounds: records,
     }
 }
@@ -952,6 +969,7 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         "max_weight": c.max_weight,
         "attack": c.attack.map(|a| serde_json::json!({
             "fraction": a.fraction, "kind": a.kind.name(), "factor": a.factor})),
+        "audit": c.audit.map(|a| serde_json::json!({"canaries": a.canaries, "delta": a.delta})),
         "transport": match c.transport { TransportKind::InProcess => "in-process", TransportKind::Quic => "quic" },
     })
 }

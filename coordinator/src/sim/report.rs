@@ -86,6 +86,9 @@ pub struct SimReport {
     /// The Byzantine clients of the run, if it had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack: Option<AttackReport>,
+    /// The empirical privacy audit, if the run had canaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<super::audit::AuditReport>,
 }
 
 /// The Byzantine clients of a run and what they cost (`results.json`'s `attack` object).
@@ -212,6 +215,9 @@ impl SimReport {
         );
         if let Some(a) = &self.attack {
             let _ = writeln!(html, "<h2>Attack</h2>\n<p id=\"attack\">{}.</p>", escape(&a.summary()));
+        }
+        if let Some(a) = &self.audit {
+            html.push_str(&a.to_html());
         }
         html.push_str("<div class=\"grid\">\n");
         html.push_str(&svg_chart("Recommendation quality", "round", &quality, "no evaluation yet"));
@@ -467,6 +473,7 @@ mod tests {
             peak_rss_bytes: Some(1 << 20),
             stopped: None,
             attack: None,
+            audit: None,
         };
         let html = report.to_html();
         assert_eq!(html.matches("<svg").count(), 6);
@@ -519,6 +526,7 @@ mod tests {
             peak_rss_bytes: None,
             stopped: None,
             attack: Some(attack),
+            audit: None,
         };
         let html = report.to_html();
         assert!(html.contains("<h2>Attack</h2>"), "{html}");
