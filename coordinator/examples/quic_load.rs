@@ -297,6 +297,8 @@ require_unmetered = false
 require_idle = false
 retry_after_ms = 50
 retry_window_ms = 50
+[privacy]
+mode = "off"                 # a transport load test: fixed-size rounds, no noise
 "#,
         min = n * 9 / 10
     );

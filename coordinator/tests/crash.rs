@@ -106,7 +106,6 @@ mode = "central"
 clip_norm = 1.0
 noise_multiplier = 0.5
 epsilon_budget = 1000000.0
-population = 50
 "#
     );
     let path = service_dir(dir.path(), &config_text);

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use starling_coordinator::service::server;
 use starling_coordinator::store::Store;
-use starling_proto::codec::Inbound;
+use starling_proto::codec::{Inbound, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ClientId, ModelVersion};
 use starling_proto::message::{
@@ -50,7 +50,6 @@ mode = "central"
 clip_norm = 1.0
 noise_multiplier = 0.3
 epsilon_budget = 1000000.0
-population = 100
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,6 +136,8 @@ interval_ms = 50
 require_charging = false
 require_unmetered = false
 require_idle = false
+[privacy]
+mode = "off"
 "#;
 
 fn update(task: &Task, update: EncodedUpdate) -> ClientMessage {
@@ -172,13 +173,16 @@ async fn bad_input_is_refused_with_its_reason_and_the_round_goes_on() {
     assert!(reason.contains("invalid frame") && reason.contains("exceeds"), "{reason}");
     // Garbage: a small frame whose body is not a message.
     let mut raw = Raw::connect(&transport).await;
-    raw.send_raw(&[10, 0, 0, 0, 1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).await;
+    let mut frame = vec![10, 0, 0, 0];
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame.extend_from_slice(&[0xff; 8]);
+    raw.send_raw(&frame).await;
     let reason = raw.closed().await;
     assert!(reason.contains("malformed message body"), "{reason}");
     // Oversized: a 100 MiB frame is refused from its header, before anything is buffered.
     let mut raw = Raw::connect(&transport).await;
     let mut header = (100u32 << 20).to_le_bytes().to_vec();
-    header.extend_from_slice(&1u16.to_le_bytes());
+    header.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     header.extend_from_slice(&[0u8; 1000]);
     raw.send_raw(&header).await;
     let reason = raw.closed().await;
@@ -186,7 +190,10 @@ async fn bad_input_is_refused_with_its_reason_and_the_round_goes_on() {
     // A protocol version the coordinator does not speak: answered with version negotiation.
     let mut raw = Raw::connect(&transport).await;
     raw.send_raw(&[6, 0, 0, 0, 9, 0, 1, 2, 3, 4]).await;
-    assert_eq!(raw.next().await, Ok(Inbound::VersionNegotiation { min: 1, max: 1 }));
+    assert_eq!(
+        raw.next().await,
+        Ok(Inbound::VersionNegotiation { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION })
+    );
     let reason = raw.closed().await;
     assert!(reason.contains("unsupported protocol version 9"), "{reason}");
 

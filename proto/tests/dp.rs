@@ -311,3 +311,59 @@ fn dp_fedavg_refuses_a_robust_aggregation_rule() {
         assert!(DpFedAvg::new(inner, config).is_ok());
     }
 }
+
+/// Client `c` writes [0.3, −0.4] (norm 0.5) on row `c`; client 3 trains fastest, the others take
+/// 2, 3 and 4 s.
+fn timed(client: ClientId, _req: &TrainRequest, _params: &[f32]) -> Option<(TrainResult, Duration)> {
+    let row = client.0 as u32;
+    let result = TrainResult {
+        update: Update::sparse(shape(), vec![row], vec![0.3, -0.4]).unwrap(),
+        weight: 1.0,
+        metrics: LocalMetrics::default(),
+    };
+    let secs = if client.0 == 3 { 1 } else { client.0 + 2 };
+    Some((result, Duration::from_secs(secs)))
+}
+
+/// The released model after one DP round over `clients` devices, all enrolled, target 3.
+fn one_dp_round(clients: usize) -> Vec<f32> {
+    let config = OrchestratorConfig {
+        model_family: "test".into(),
+        shape: shape(),
+        round: RoundConfig {
+            target_participants: 3,
+            min_reports: 1,
+            selection_timeout: Duration::from_secs(5),
+            report_timeout: Duration::from_secs(30),
+            eligibility: Eligibility::default(),
+            ..RoundConfig::default()
+        },
+        history: 0,
+        rng_seed: 5,
+    };
+    let dp = DpFedAvg::new(Federated::fedavg(), dp_config(0.25, 1e-4, 3, 1e300)).unwrap();
+    let mut o =
+        Orchestrator::new(config, Box::new(dp), vec![0.0; shape().len()], ModelVersion(0), RoundId(1))
+            .unwrap();
+    // N = 3 in both worlds, so q = 1 and the fixed denominator q·N = 3: the only difference
+    // between them is the extra device's presence.
+    o.set_population(3);
+    let mut fleet: Fleet<Trainer> =
+        Fleet::new(o, clients, FnTrainer::new(timed as fn(_, &_, &_) -> _), FleetConfig::default());
+    assert!(fleet.run_round().unwrap().committed());
+    fleet.orchestrator().model().1.to_vec()
+}
+
+/// Adding one device to a round moves the released sum by at most C (the release by C / (q·N)).
+/// With a report cap at the target, the extra (fast) device took the place of a slow one: the
+/// release moved by its update *and* the missing one, √2·C here and up to 2C in general.
+#[test]
+fn one_extra_device_moves_the_release_by_at_most_the_clip_norm() {
+    let without = one_dp_round(3);
+    let with = one_dp_round(4);
+    let moved = without.iter().zip(&with).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    let bound = 0.25 / 3.0;
+    // σ = 1e-4: the two releases' noise differs by about 4e-5 in norm.
+    assert!(moved <= bound + 1e-3, "moved {moved:.5} > C / (q·N) = {bound:.5}");
+    assert!(moved >= bound - 1e-3, "the extra device's update is in: {moved:.5}");
+}
