@@ -228,7 +228,8 @@ pub struct SimulateArgs {
     #[arg(long, value_enum)]
     pub dp: Option<DpArg>,
     /// The L2 norm every update is clipped to, by the clients and again by the coordinator
-    /// (default 0.5 with DP — the initial one with --adaptive-clip — and 20 without).
+    /// (default 5 with central DP — the initial one with --adaptive-clip —, 0.5 with local DP and
+    /// 20 without).
     #[arg(long)]
     pub clip: Option<f64>,
     /// Without DP: do not re-clip updates on the coordinator (the service always does; this
@@ -408,7 +409,11 @@ impl SimulateArgs {
             c.report_timeout = secs(v, "report-timeout-s")?;
         }
         c.eval_users = self.eval_users.max(1);
-        let clip = self.clip.unwrap_or(if dp == DpArg::Off { sim::CLIP_WITHOUT_DP } else { 0.5 });
+        let clip = self.clip.unwrap_or(match dp {
+            DpArg::Off => sim::CLIP_WITHOUT_DP,
+            DpArg::Central => sim::CLIP_CENTRAL_DP,
+            DpArg::Local => 0.5,
+        });
         anyhow::ensure!(clip.is_finite() && clip > 0.0, "--clip must be positive");
         c.clip_norm = if dp == DpArg::Off { clip } else { sim::CLIP_WITHOUT_DP };
         c.server_clipping = !self.no_server_clip;

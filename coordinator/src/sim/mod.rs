@@ -238,6 +238,13 @@ pub enum TransportKind {
 /// Byzantine one to a few honest updates' worth (see `docs/simulation.md`).
 pub const CLIP_WITHOUT_DP: f64 = 20.0;
 
+/// The default clip norm under central DP: about the median honest update norm at the item
+/// learning rate of 1.0 (3–7, see [`CLIP_WITHOUT_DP`]). Once most updates are clipped, a larger C
+/// scales signal and noise alike but takes larger steps; well above the median it adds noise
+/// for nothing. Measured on the main job (σ = 1, 500 per round, 200 rounds): HR@10 0.114 at
+/// C = 0.5, 0.182 at 2, 0.239 at 5, 0.211 at 10, 0.147 at 20.
+pub const CLIP_CENTRAL_DP: f64 = 5.0;
+
 /// What each simulated client is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientKind {
@@ -318,7 +325,7 @@ impl Default for SimConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             // Privacy on by default, as `starling simulate` runs it: q = 500 / 20,000 per round.
             privacy: PrivacyMode::Central {
-                clip: 0.5,
+                clip: CLIP_CENTRAL_DP,
                 noise_multiplier: 1.0,
                 epsilon: 8.0,
                 delta: 1e-6,
