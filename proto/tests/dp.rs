@@ -247,6 +247,11 @@ fn a_round_beyond_the_budget_is_refused_and_nothing_is_released() {
         panic!("expected a budget refusal, got {err}");
     };
     assert!(projected_epsilon > budget_epsilon && budget_epsilon == 2.0);
+    // From then on the engine is halted: a host that asks again is refused without a new
+    // admission check (before, `start_round` only honoured a shutdown).
+    let now = fleet.now();
+    let again = fleet.orchestrator_mut().start_round(now).unwrap_err();
+    assert_eq!(again, StartError::Halted(starling_proto::message::Refusal::BudgetExhausted));
     let (v2, m2) = fleet.orchestrator().model();
     assert_eq!((v2, m2.to_vec()), (version, model), "no new model after the refusal");
     // The ledger replayed from the charges agrees and also refuses.
