@@ -311,10 +311,10 @@ mod tests {
     fn fast_lengths_are_even_and_5_smooth() {
         for len in [1usize, 2, 3, 7, 100, 1000, 4097, 123_457] {
             let n = fast_len(len);
-            assert!(n >= len && n % 2 == 0, "{len} -> {n}");
+            assert!(n >= len && n.is_multiple_of(2), "{len} -> {n}");
             let mut m = n;
             for f in [2, 3, 5] {
-                while m % f == 0 {
+                while m.is_multiple_of(f) {
                     m /= f;
                 }
             }
