@@ -26,7 +26,8 @@ use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
 use starling_models::mf;
 use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
 use starling_proto::dp::{
-    Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile, SamplingRate,
+    AccountantKind, Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile,
+    SamplingRate,
 };
 use starling_proto::encoding::EncodingKind;
 use starling_proto::harness::{Availability, Fleet, FleetConfig, PerClient};
@@ -716,6 +717,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             ndcg_at_10: None,
             full_hr_at_10: None,
             epsilon: None,
+            epsilon_rdp: None,
             check_ins: fr.check_ins,
             window_closed: fr.window_closed,
             bytes_up: fr.bytes_up,
@@ -746,6 +748,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             rec.stragglers = stats.unfinished;
             rec.loss = stats.mean_loss;
         }
+        rec.epsilon_rdp = ledger.as_ref().map(SimLedger::spent_rdp);
         rec.epsilon = match (&ledger, &config.privacy) {
             (Some(l), _) => Some(l.spent()),
             (None, PrivacyMode::Local { .. }) => Some(fleet.trainer_mut().inner().max_device_epsilon()),
@@ -841,8 +844,14 @@ impl SimLedger {
         Ok(())
     }
 
+    /// ε spent, by the ledger's accountant (PLD).
     fn spent(&self) -> f64 {
         self.ledger.status().epsilon_spent
+    }
+
+    /// ε spent by the RDP accountant, reported beside it.
+    fn spent_rdp(&self) -> f64 {
+        self.ledger.ledger().spent_by(AccountantKind::Rdp)
     }
 }
 

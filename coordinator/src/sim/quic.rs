@@ -316,6 +316,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             ndcg_at_10: None,
             full_hr_at_10: None,
             epsilon: svc.central_dp().then(|| running.telemetry.status().epsilon_spent),
+            epsilon_rdp: None,
             check_ins: stats.candidates,
             window_closed: 0,
             bytes_up,
