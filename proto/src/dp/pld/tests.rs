@@ -178,6 +178,21 @@ fn full_participation_is_the_exact_gaussian_from_above() {
     assert!(pld >= exact && pld <= exact * 1.02, "{pld} vs {exact}");
 }
 
+/// Where δ is tiny the FFT's rounding noise is as large as the mass that matters; the
+/// allowance for it keeps the bound above the exact Gaussian there too.
+#[test]
+fn rounding_noise_does_not_let_tiny_deltas_slip_under() {
+    for (sigma, t) in [(1.0, 1000u64), (5.0, 100), (0.7, 20_000)] {
+        let c = composed(&[mech(1.0, sigma, t)]);
+        let mu = (t as f64).sqrt() / sigma;
+        for target in [1e-9, 1e-11, 1e-13] {
+            let e = gaussian_epsilon(mu, d(target));
+            let pld = c.delta(e).unwrap();
+            assert!(pld >= target, "σ {sigma} T {t}: δ({e}) = {pld} < {target}");
+        }
+    }
+}
+
 /// Over a grid of settings: the exact-from-below bracket (losses rounded down) ≤ PLD ≤ RDP, and
 /// for one round PLD ≥ the exact ε of that round.
 #[test]
@@ -218,7 +233,7 @@ fn heterogeneous_composition_is_commutative_and_splits_like_counts() {
     let ba = composed(&[b, a]);
     for delta in [1e-5, 1e-8] {
         let (x, y) = (ab.epsilon(d(delta)), ba.epsilon(d(delta)));
-        assert!((x - y).abs() <= 1e-9 * x, "{x} vs {y}");
+        assert!((x - y).abs() <= 1e-6 * x, "{x} vs {y}");
         // Each part alone costs less than both; both cost less than RDP says.
         let alone = composed(&[a]).epsilon(d(delta)).max(composed(&[b]).epsilon(d(delta)));
         assert!(alone < x && x < rdp(&[a, b], delta), "{alone} {x}");
@@ -226,13 +241,13 @@ fn heterogeneous_composition_is_commutative_and_splits_like_counts() {
     // [A×n, A×m] is A×(n+m): recorded apart, merged by the accountant...
     let split = composed(&[mech(0.01, 1.0, 120), mech(0.01, 1.0, 180)]);
     assert_eq!(split, composed(&[a]));
-    // ...and, composed as two groups by FFT, the same up to rounding.
+    // ...and, composed as two groups by FFT, the same up to rounding (and its allowance).
     let groups = [mech(0.01, 1.0, 120), mech(0.01, 1.0, 180)];
     let two = ComposedPld { outcome: evaluate(&groups, &[], Estimate::ConnectDots, RESOLUTION) };
     let one = composed(&[a]);
     for delta in [1e-5, 1e-8] {
         let (x, y) = (two.epsilon(d(delta)), one.epsilon(d(delta)));
-        assert!((x - y).abs() <= 1e-9 * y, "{x} vs {y}");
+        assert!((x - y).abs() <= 1e-6 * y, "{x} vs {y}");
     }
 }
 
@@ -380,6 +395,25 @@ fn pld_timings() {
             c.is_rdp_fallback(),
             start.elapsed()
         );
+    }
+    for (sigma, t) in [(1.0, 1000u64), (5.0, 100), (0.7, 20_000)] {
+        let c = composed(&[mech(1.0, sigma, t)]);
+        let mu = (t as f64).sqrt() / sigma;
+        for target in [1e-9, 1e-11, 1e-13] {
+            let e = gaussian_epsilon(mu, d(target));
+            println!(
+                "q 1 σ {sigma} T {t}: at the exact ε {e:.4} for δ {target:e}, PLD δ {:.4e} (window {:?}, noise {:?})",
+                c.delta(e).unwrap(),
+                c.window_len(),
+                c.noise()
+            );
+        }
+    }
+    for m in
+        [mech(5e-4, 1.3, 2000), mech(0.01, 1.1, 1000), mech(0.001, 0.8, 100_000), mech(0.05, 0.8, 50_000)]
+    {
+        let c = composed(&[m]);
+        println!("{m:?}: noise {:?}, window {:?}", c.noise(), c.window_len());
     }
     time("calibrate σ (PLD), q 0.01 T 1000 ε 2", &|| {
         calibrate_sigma(SamplingRate::new(0.01).unwrap(), 1000, d(1e-5), Epsilon::new(2.0).unwrap()).unwrap()
