@@ -214,3 +214,75 @@ pub(crate) fn discretise(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grid_tail_is_ten_to_the_minus_twenty() {
+        assert!((ln_phic(Z_TAIL) - 1e-20f64.ln()).abs() < 1e-5, "{}", ln_phic(Z_TAIL));
+    }
+
+    #[test]
+    fn full_participation_profile_is_the_gaussian_one_in_both_directions() {
+        for sigma in [0.3, 1.0, 4.0] {
+            for eps in [-1.0f64, 0.0, 0.5, 3.0] {
+                let g = super::super::gaussian_delta(1.0 / sigma, eps.max(0.0));
+                for dir in [Direction::Remove, Direction::Add] {
+                    let d = delta(1.0, sigma, dir, eps);
+                    if eps >= 0.0 {
+                        assert!((d - g).abs() <= 1e-12 + 1e-9 * g, "σ {sigma} ε {eps} {dir:?}: {d} vs {g}");
+                    }
+                    assert!((0.0..=1.0).contains(&d));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subsampled_profiles_have_their_known_limits() {
+        let (q, s) = (0.01f64, 1.0);
+        // Remove: every loss is above ln(1 − q), so δ = 1 − e^ε below it.
+        let low = (-q).ln_1p() - 0.1;
+        assert!((delta(q, s, Direction::Remove, low) - (-low.exp_m1())).abs() < 1e-15);
+        // Add: no loss exceeds −ln(1 − q).
+        assert_eq!(delta(q, s, Direction::Add, -(-q).ln_1p()), 0.0);
+        // Non-increasing in ε in both directions.
+        for dir in [Direction::Remove, Direction::Add] {
+            let mut last = 1.0;
+            for i in -50..200 {
+                let d = delta(q, s, dir, f64::from(i) * 1e-3);
+                assert!(d <= last + 1e-15, "{dir:?} at {i}");
+                last = d;
+            }
+        }
+    }
+
+    #[test]
+    fn connect_the_dots_is_a_distribution_that_dominates_the_profile() {
+        for (q, s) in [(0.01, 1.0), (0.3, 0.7), (1.0, 2.0)] {
+            for dir in [Direction::Remove, Direction::Add] {
+                let h = 1e-3;
+                let p = discretise(q, s, dir, h, Estimate::ConnectDots, 1 << 22).unwrap();
+                let total: f64 = p.probs.iter().sum::<f64>() + p.infinity;
+                assert!((total - 1.0).abs() < 1e-8, "q {q} {dir:?}: {total}");
+                // Its profile at points between the grid is at least the exact one.
+                for eps in [0.0105, 0.1234, 0.5007] {
+                    let discrete: f64 = p.infinity
+                        + p.probs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &m)| {
+                                let l = (p.k_lo + i as i64) as f64 * h;
+                                if l > eps { m * -(eps - l).exp_m1() } else { 0.0 }
+                            })
+                            .sum::<f64>();
+                    let exact = delta(q, s, dir, eps);
+                    assert!(discrete >= exact - 1e-12, "q {q} {dir:?} ε {eps}: {discrete} < {exact}");
+                    assert!(discrete <= exact + 1e-5, "q {q} {dir:?} ε {eps}: {discrete} vs {exact}");
+                }
+            }
+        }
+    }
+}
