@@ -415,6 +415,11 @@ fn pld_timings() {
         let c = composed(&[m]);
         println!("{m:?}: noise {:?}, window {:?}", c.noise(), c.window_len());
     }
+    let budget = crate::dp::Budget { epsilon: Epsilon::new(8.0).unwrap(), delta: d(1e-5) };
+    let entries = (1..=500).map(|round| crate::dp::LedgerEntry { round, mechanism: mech(0.01, 1.1, 1) });
+    let ledger = crate::dp::PrivacyLedger::replay(budget, entries);
+    let (q, s) = (SamplingRate::new(0.01).unwrap(), NoiseMultiplier::new(1.1).unwrap());
+    time("rounds_left on a ledger of 500 rounds, ε budget 8", &|| ledger.rounds_left(q, s) as f64);
     time("calibrate σ (PLD), q 0.01 T 1000 ε 2", &|| {
         calibrate_sigma(SamplingRate::new(0.01).unwrap(), 1000, d(1e-5), Epsilon::new(2.0).unwrap()).unwrap()
     });
