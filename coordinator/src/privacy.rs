@@ -15,7 +15,9 @@ use opendp::measures::ZeroConcentratedDivergence;
 use opendp::metrics::L2Distance;
 use starling_proto::dp::ledger::{BudgetError, LedgerStatus};
 use starling_proto::dp::noise::{GaussianSampler, NoiseError, check_std};
-use starling_proto::dp::{Budget, LedgerEntry, Mechanism, NoiseMultiplier, PrivacyLedger, SamplingRate};
+use starling_proto::dp::{
+    AccountantKind, Budget, LedgerEntry, Mechanism, NoiseMultiplier, PrivacyLedger, SamplingRate,
+};
 
 /// The privacy ledger, durable: every entry is on disk before the round's model is released.
 #[derive(Debug)]
@@ -36,10 +38,15 @@ pub enum LedgerError {
 }
 
 impl DurableLedger {
-    /// Replays the entries in `store` under `budget`. What was spent stays spent, even if it is
-    /// already beyond a (since lowered) budget.
+    /// Replays the entries in `store` under `budget`, accounted by PLD. What was spent stays
+    /// spent, even if it is already beyond a (since lowered) budget.
     pub fn open(store: &Store, budget: Budget) -> Result<Self, LedgerError> {
-        Ok(Self { ledger: PrivacyLedger::replay(budget, store.ledger_entries()?) })
+        Self::open_with(store, budget, AccountantKind::default())
+    }
+
+    /// [`open`](Self::open) with the accountant `kind`.
+    pub fn open_with(store: &Store, budget: Budget, kind: AccountantKind) -> Result<Self, LedgerError> {
+        Ok(Self { ledger: PrivacyLedger::replay_with(budget, kind, store.ledger_entries()?) })
     }
 
     /// The in-memory ledger (to seed the round engine's DP strategy, or to report).

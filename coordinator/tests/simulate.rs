@@ -110,6 +110,11 @@ fn central_dp_charges_every_round_and_stops_at_the_budget() {
     let eps: Vec<f64> = r.rounds.iter().map(|x| x.epsilon.expect("epsilon reported under DP")).collect();
     assert!(eps.windows(2).all(|w| w[1] > w[0]), "epsilon grows every round: {eps:?}");
     assert!(*eps.last().unwrap() <= 6.0);
+    // ε is the ledger's PLD figure; RDP's, reported beside it, is larger every round.
+    for x in &r.rounds {
+        let (pld, rdp) = (x.epsilon.unwrap(), x.epsilon_rdp.expect("RDP epsilon reported beside it"));
+        assert!(pld < rdp, "round {}: pld {pld} rdp {rdp}", x.round);
+    }
     assert!(r.rounds.len() < 200, "the budget ends the run early");
     let why = r.stopped.as_deref().expect("the run says why it stopped");
     assert!(why.contains("privacy budget"), "{why}");

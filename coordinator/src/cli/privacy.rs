@@ -4,7 +4,7 @@ use crate::privacy::DurableLedger;
 use crate::store::Store;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use starling_proto::dp::{Budget, Delta, Epsilon, NoiseMultiplier, SamplingRate, calibrate_sigma, epsilon};
+use starling_proto::dp::{AccountantKind, Budget, Delta, Epsilon, NoiseMultiplier, SamplingRate};
 use std::path::PathBuf;
 
 /// `starling privacy …`
@@ -33,6 +33,9 @@ pub struct EpsilonArgs {
     /// δ (0 < δ < 1); pick it well below 1 / (number of users).
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// The accountant: `pld` (privacy-loss distributions, tight) or `rdp` (Rényi DP, looser).
+    #[arg(long, default_value_t = AccountantKind::Pld)]
+    pub accountant: AccountantKind,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -53,6 +56,9 @@ pub struct SigmaArgs {
     /// The ε to stay within.
     #[arg(long)]
     pub epsilon: f64,
+    /// The accountant: `pld` or `rdp`.
+    #[arg(long, default_value_t = AccountantKind::Pld)]
+    pub accountant: AccountantKind,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +82,9 @@ pub struct LedgerArgs {
     /// With `--q`: report how many more rounds of this σ fit.
     #[arg(long, requires = "q")]
     pub sigma: Option<f64>,
+    /// The accountant composing the ledger's rounds: `pld` or `rdp`.
+    #[arg(long, default_value_t = AccountantKind::Pld)]
+    pub accountant: AccountantKind,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -87,19 +96,20 @@ pub fn run(cmd: &PrivacyCommand) -> anyhow::Result<()> {
         PrivacyCommand::Epsilon(a) => {
             let (q, sigma, delta) =
                 (SamplingRate::new(a.q)?, NoiseMultiplier::new(a.sigma)?, Delta::new(a.delta)?);
-            let (eps, order) = epsilon(q, sigma, a.rounds, delta);
+            let (eps, order) = a.accountant.epsilon(q, sigma, a.rounds, delta);
             if a.json {
                 let out = serde_json::json!({
-                    "epsilon": finite_or_null(eps), "best_order": finite_or_null(order),
+                    "epsilon": finite_or_null(eps), "best_order": order,
+                    "accountant": a.accountant,
                     "q": a.q, "sigma": a.sigma, "rounds": a.rounds, "delta": a.delta,
                 });
                 println!("{out}");
             } else {
                 println!(
-                    "epsilon {} at delta {:e} (best RDP order {}) for {} rounds at q = {}, sigma = {}",
+                    "epsilon {} at delta {:e} ({}) for {} rounds at q = {}, sigma = {}",
                     fmt_eps(eps),
                     a.delta,
-                    if order.is_finite() { format!("{order:.2}") } else { "-".into() },
+                    describe(a.accountant, order),
                     a.rounds,
                     a.q,
                     a.sigma
@@ -109,18 +119,23 @@ pub fn run(cmd: &PrivacyCommand) -> anyhow::Result<()> {
         PrivacyCommand::Sigma(a) => {
             let (q, delta, target) =
                 (SamplingRate::new(a.q)?, Delta::new(a.delta)?, Epsilon::new(a.epsilon)?);
-            let sigma = calibrate_sigma(q, a.rounds, delta, target)?;
-            let (eps, _) = epsilon(q, NoiseMultiplier::new(sigma)?, a.rounds, delta);
+            let sigma = a.accountant.calibrate_sigma(q, a.rounds, delta, target)?;
+            let (eps, _) = a.accountant.epsilon(q, NoiseMultiplier::new(sigma)?, a.rounds, delta);
             if a.json {
                 let out = serde_json::json!({
                     "sigma": sigma, "epsilon": eps, "target_epsilon": a.epsilon,
+                    "accountant": a.accountant,
                     "q": a.q, "rounds": a.rounds, "delta": a.delta,
                 });
                 println!("{out}");
             } else {
                 println!(
-                    "sigma {sigma:.4} keeps {} rounds at q = {} within epsilon {} at delta {:e} (gives {eps:.4})",
-                    a.rounds, a.q, a.epsilon, a.delta
+                    "sigma {sigma:.4} keeps {} rounds at q = {} within epsilon {} at delta {:e} (gives {eps:.4}; {})",
+                    a.rounds,
+                    a.q,
+                    a.epsilon,
+                    a.delta,
+                    describe(a.accountant, None)
                 );
             }
         }
@@ -128,7 +143,7 @@ pub fn run(cmd: &PrivacyCommand) -> anyhow::Result<()> {
             anyhow::ensure!(a.store.is_file(), "{} does not exist", a.store.display());
             let budget = Budget { epsilon: Epsilon::new(a.epsilon)?, delta: Delta::new(a.delta)? };
             let store = Store::open(&a.store).with_context(|| format!("opening {}", a.store.display()))?;
-            let ledger = DurableLedger::open(&store, budget)?;
+            let ledger = DurableLedger::open_with(&store, budget, a.accountant)?;
             let status = ledger.status();
             let left = match (a.q, a.sigma) {
                 (Some(q), Some(s)) => {
@@ -140,7 +155,8 @@ pub fn run(cmd: &PrivacyCommand) -> anyhow::Result<()> {
                 let out = serde_json::json!({
                     "releases": status.releases,
                     "epsilon_spent": finite_or_null(status.epsilon_spent),
-                    "best_order": finite_or_null(status.best_order),
+                    "best_order": status.best_order,
+                    "accountant": status.accountant,
                     "epsilon_budget": status.epsilon_budget,
                     "delta": status.delta,
                     "rounds_left": left,
@@ -148,17 +164,26 @@ pub fn run(cmd: &PrivacyCommand) -> anyhow::Result<()> {
                 println!("{out}");
             } else {
                 println!(
-                    "{} releases; epsilon spent {} of {} at delta {:e}{}",
+                    "{} releases; epsilon spent {} of {} at delta {:e} ({}){}",
                     status.releases,
                     fmt_eps(status.epsilon_spent),
                     status.epsilon_budget,
                     status.delta,
+                    describe(status.accountant, status.best_order),
                     left.map(|l| format!("; {l} more rounds fit")).unwrap_or_default()
                 );
             }
         }
     }
     Ok(())
+}
+
+/// "PLD accountant", or "RDP accountant, best order 7.80".
+fn describe(kind: AccountantKind, order: Option<f64>) -> String {
+    match (kind, order) {
+        (AccountantKind::Rdp, Some(o)) => format!("RDP accountant, best order {o:.2}"),
+        (k, _) => format!("{} accountant", k.name().to_uppercase()),
+    }
 }
 
 fn fmt_eps(eps: f64) -> String {

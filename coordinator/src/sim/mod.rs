@@ -28,7 +28,8 @@ use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
 use starling_models::mf;
 use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
 use starling_proto::dp::{
-    Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile, SamplingRate,
+    AccountantKind, Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile,
+    SamplingRate,
 };
 use starling_proto::encoding::EncodingKind;
 use starling_proto::harness::{Availability, Fleet, FleetConfig, PerClient};
@@ -716,6 +717,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             epsilon: None,
             clip_norm: None,
             within_clip: None,
+            epsilon_rdp: None,
             check_ins: fr.check_ins,
             window_closed: fr.window_closed,
             bytes_up: fr.bytes_up,
@@ -749,6 +751,7 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             rec.within_clip =
                 (stats.clip_indicators > 0).then(|| stats.within_clip as f64 / stats.clip_indicators as f64);
         }
+        rec.epsilon_rdp = ledger.as_ref().map(SimLedger::spent_rdp);
         rec.epsilon = match (&ledger, &config.privacy) {
             (Some(l), _) => Some(l.spent()),
             (None, PrivacyMode::Local { .. }) => Some(fleet.trainer_mut().inner().max_device_epsilon()),
@@ -850,8 +853,14 @@ impl SimLedger {
         Ok(())
     }
 
+    /// ε spent, by the ledger's accountant (PLD).
     fn spent(&self) -> f64 {
         self.ledger.status().epsilon_spent
+    }
+
+    /// ε spent by the RDP accountant, reported beside it.
+    fn spent_rdp(&self) -> f64 {
+        self.ledger.ledger().spent_by(AccountantKind::Rdp)
     }
 }
 

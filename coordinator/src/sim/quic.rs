@@ -317,6 +317,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             epsilon: svc.central_dp().then(|| running.telemetry.status().epsilon_spent),
             clip_norm: None,
             within_clip: None,
+            epsilon_rdp: None,
             check_ins: stats.candidates,
             window_closed: 0,
             bytes_up,

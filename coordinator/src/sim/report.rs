@@ -38,7 +38,8 @@ pub struct RoundRecord {
     pub ndcg_at_10: Option<f64>,
     /// Full-ranking HR@10 after this round (synthetic data, when evaluated).
     pub full_hr_at_10: Option<f64>,
-    /// ε spent so far at the configured δ (when DP is on).
+    /// ε spent so far at the configured δ (when DP is on; under central DP, the ledger's PLD
+    /// accountant).
     pub epsilon: Option<f64>,
     /// The clip norm clients were told to use this round (it moves under adaptive clipping).
     #[serde(default)]
@@ -47,6 +48,9 @@ pub struct RoundRecord {
     /// clipping indicators, unnoised: a simulator diagnostic).
     #[serde(default)]
     pub within_clip: Option<f64>,
+    /// The same ledger's ε by the RDP accountant, for comparison (central DP, in-process runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_rdp: Option<f64>,
     /// Bytes sent by clients this round.
     pub bytes_up: u64,
     /// Bytes sent by the coordinator this round.
@@ -221,12 +225,12 @@ impl SimReport {
         }
         html.push_str("<div class=\"grid\">\n");
         html.push_str(&svg_chart("Recommendation quality", "round", &quality, "no evaluation yet"));
-        html.push_str(&svg_chart(
-            "Privacy spent (ε)",
-            "round",
-            &[Series { name: "ε", points: xs(&|r| r.epsilon) }],
-            "differential privacy off",
-        ));
+        let mut privacy = vec![Series { name: "ε", points: xs(&|r| r.epsilon) }];
+        let rdp = xs(&|r| r.epsilon_rdp);
+        if !rdp.is_empty() {
+            privacy.push(Series { name: "ε by RDP", points: rdp });
+        }
+        html.push_str(&svg_chart("Privacy spent (ε)", "round", &privacy, "differential privacy off"));
         html.push_str(&svg_chart(
             "Upload per round (MB)",
             "round",
@@ -451,6 +455,7 @@ mod tests {
             epsilon: Some(0.3 * round as f64),
             clip_norm: None,
             within_clip: None,
+            epsilon_rdp: None,
             bytes_up: 1000,
             bytes_down: 5000,
             round_seconds: 0.01,

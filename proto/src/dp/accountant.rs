@@ -30,7 +30,8 @@ pub fn default_orders() -> Vec<f64> {
     o
 }
 
-fn log_add(a: f64, b: f64) -> f64 {
+/// `ln(e^a + e^b)`.
+pub(crate) fn log_add(a: f64, b: f64) -> f64 {
     if a == f64::NEG_INFINITY {
         return b;
     }
@@ -53,7 +54,7 @@ fn log_sub(a: f64, b: f64) -> f64 {
 }
 
 /// `ln erfc(x)`, accurate also where `erfc(x)` underflows.
-fn log_erfc(x: f64) -> f64 {
+pub(crate) fn log_erfc(x: f64) -> f64 {
     if x < 5.0 {
         return libm::erfc(x).ln();
     }
@@ -271,6 +272,20 @@ impl RdpAccountant {
     pub fn epsilon_with(&self, m: &Mechanism, delta: Delta) -> f64 {
         let rdp: Vec<f64> = self.rdp.iter().zip(self.rdp_of(m)).map(|(a, b)| a + b).collect();
         self.best(&rdp, self.rho_after(m), delta).0
+    }
+
+    /// δ at ε: the same conversion (CKS 2020, Prop. 12) solved for δ,
+    /// `ln δ = (α−1)·(RDP(α) + ln(1 − 1/α) − ε) − ln α`, minimised over the orders.
+    pub fn delta_for_epsilon(&self, epsilon: f64) -> f64 {
+        let mut best = 1.0f64;
+        for (&a, &r) in self.orders.iter().zip(&self.rdp) {
+            if a <= 1.0 || !r.is_finite() {
+                continue;
+            }
+            let ln_d = (a - 1.0) * (r + (-1.0 / a).ln_1p() - epsilon) - a.ln();
+            best = best.min(ln_d.exp());
+        }
+        best
     }
 }
 

@@ -6,16 +6,22 @@
 //!   (opendp's exact sampler lives in the coordinator; the module docs say which runs where).
 //! - [`accountant`]: RDP of the Poisson-subsampled Gaussian, composition, conversion to (ε, δ),
 //!   σ calibration.
+//! - [`pld`]: privacy-loss-distribution accounting of the same mechanism (connect-the-dots
+//!   discretisation, FFT composition over heterogeneous rounds): a tight upper bound on ε(δ),
+//!   the default.
+//! - [`kind`]: the choice between the two accountants ([`AccountantKind`]).
 //! - [`ledger`]: the pure privacy ledger with its budget guard.
 //! - [`strategy`]: [`DpFedAvg`], user-level DP-FedAvg with adaptive clipping,
 //!   as a decorator over any [`Strategy`](crate::strategy::Strategy).
 //! - [`local`]: local DP on the device and the device's own ledger.
 
 pub mod accountant;
+pub mod kind;
 pub mod ledger;
 pub mod local;
 pub mod noise;
 pub mod params;
+pub mod pld;
 pub mod strategy;
 
 /// L2 clipping (shared with [`NormBound`](crate::strategy::NormBound)).
@@ -41,7 +47,9 @@ pub fn clip_indicator(update: &crate::update::Update, plan: &crate::message::Tra
 }
 
 pub use accountant::{Mechanism, RdpAccountant, calibrate_sigma, epsilon, zcdp_epsilon};
+pub use kind::{Accountant, AccountantKind};
 pub use ledger::{LedgerEntry, PrivacyLedger};
 pub use noise::{FastGaussian, GaussianSampler};
 pub use params::{Budget, ClipNorm, Delta, Epsilon, NoiseMultiplier, Quantile, SamplingRate};
+pub use pld::{ComposedPld, PldAccountant};
 pub use strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
