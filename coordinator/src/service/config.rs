@@ -821,9 +821,13 @@ clip_norm = 1.0              # clients clip to this L2 norm and the coordinator 
 noise_multiplier = 1.0       # sigma: noise standard deviation over the clip norm
 # Central DP samples every checked-in device with probability q = min(1, target_participants / N),
 # N = enrolled devices with a live token (`starling token issue`), and charges each round at that q.
-# The budget therefore lasts only with a large enough fleet. With target_participants = 100 and
-# sigma = 1, epsilon = 8 at delta = 1e-7 covers about (`starling privacy sigma|epsilon` plans it):
-#   N = 1,000 (q = 0.1): tens of rounds;  N = 10,000 (q = 0.01): thousands;  N = 100,000: far more.
+# The budget therefore lasts only with a large enough fleet. With target_participants = 100,
+# sigma = 1 and delta = 1e-7, the PLD accountant gives (`starling privacy epsilon` plans others):
+#   N =     1,000 (q = 0.1):    epsilon 9.0 after 100 rounds: the budget of 8 lasts under 100 rounds
+#   N =    10,000 (q = 0.01):   epsilon 2.4 after 1,000 rounds, 7.6 after 10,000
+#   N =   100,000 (q = 0.001):  epsilon 0.23 after 1,000 rounds, 0.63 after 10,000
+#   N = 1,000,000 (q = 0.0001): epsilon 0.02 after 1,000 rounds, 0.06 after 10,000
+# With fewer enrolled devices than the target, q = 1: each round costs about 5.6.
 epsilon_budget = 8.0         # rounds that would exceed it are not started
 delta = 1e-7                 # must be well below 1/N: rounds are refused when delta * N > 0.1
 noise_sampler = "opendp-grid" # opendp-grid | opendp-exact (both discrete Gaussians from OpenSSL's CSPRNG)
