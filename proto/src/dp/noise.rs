@@ -5,11 +5,11 @@
 //! | sampler | where it runs | speed (1 core) | why |
 //! |---|---|---|---|
 //! | [`FastGaussian`] (here) | devices (local DP), the simulator, the coordinator by default | ≈150 M values/s | rand_distr's ziggurat on the caller's **seeded** RNG: milliseconds per round for millions of coordinates, and simulations stay reproducible |
-//! | `OpenDpGaussian` (`starling-coordinator`) | the coordinator, when configured (`noise_sampler = "opendp"`) | ≈25 k values/s exact, ≈240 k/s on a 2⁻²⁰ grid | opendp's discrete Gaussian: immune to the floating-point attacks on textbook samplers (Mironov 2012), but far too slow per client update |
+//! | `OpenDpGaussian` (`dp::opendp`, feature `opendp`) | the coordinator, when configured (`noise_sampler = "opendp"`) | ≈25 k values/s exact, ≈240 k/s on a 2⁻²⁰ grid | opendp's discrete Gaussian: immune to the floating-point attacks on textbook samplers (Mironov 2012), but far too slow per client update |
 //!
-//! The sans-IO core cannot hold opendp's sampler (it draws from the operating system's RNG, so a
-//! run could not be replayed from a seed), which is why that one lives in the coordinator crate.
-//! Tests there check that both samplers produce the same distribution (mean, variance, tails).
+//! opendp's sampler draws from its own entropy source, so a run using it cannot be replayed from
+//! a seed; it sits behind the `opendp` feature. Tests in `dp::opendp` check that both samplers
+//! produce the same distribution (mean, variance, tails).
 //! `docs/privacy.md` states the floating-point caveat of the fast path.
 
 use rand_distr::{Distribution, Normal};
