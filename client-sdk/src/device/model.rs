@@ -254,7 +254,7 @@ impl Device {
         if !user.iter().all(|v| v.is_finite()) || !result.loss.is_finite() {
             return Err(TrainError::Training("local training diverged".into()));
         }
-        let (update, release) = protect(result.update, plan, round.0, &mut self.rng)?;
+        let (update, release) = protect(result.update, plan, round.0, self.noise, &mut self.rng)?;
         if self.personal_epochs > 0 {
             // Fit the private vector to the global rows (item learning rate 0: rows untouched).
             let fit = LocalTraining { epochs: self.personal_epochs, item_lr: 0.0, ..cfg };

@@ -46,7 +46,8 @@ pub enum SdkFleetError {
 
 /// A simulated device's SDK configuration: in memory, on the simulated clock, consent given, any
 /// conditions allowed, no retention cap, no personal fitting, the global model kept in memory
-/// only, a seed per client; under `local_dp` (δ) the device insists on local noise.
+/// only, a seed per client, local-DP noise from the seeded fast sampler; under `local_dp` (δ) the
+/// device insists on local noise.
 pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Option<f64>) -> ClientConfig {
     let mut config =
         ClientConfig::new(ClientId(client), Vec::new(), ModelSpec::mf(items, dim), Storage::InMemory);
@@ -62,6 +63,9 @@ pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Opt
         config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
         config.privacy.delta = delta;
     }
+    // Local-DP noise from the seeded fast sampler: runs stay reproducible from the seed and fast
+    // (a device in an app uses opendp's sampler; see `ClientConfig::simulation_seeded_noise`).
+    config.simulation_seeded_noise = true;
     config
 }
 

@@ -8,8 +8,9 @@
 //! its `use-openssl` feature, rand 0.7's `thread_rng` otherwise), never from the caller's RNG, so
 //! nothing drawn with it can be replayed from a seed.
 //!
-//! Where it runs: on the coordinator for central DP when configured (`DpFedAvg::with_sampler`).
-//! It lives in the sans-IO core, behind a feature, so that devices can use it too.
+//! Where it runs: on devices for local DP (the SDK's default, on the grid [`grid_exponent`] picks;
+//! see [`crate::dp::local`]), and on the coordinator for central DP when configured. Its speed
+//! is measured in `docs/privacy.md` ("Noise samplers").
 //!
 //! On a grid (`k = Some(k)`) the input is first rounded to multiples of 2ᵏ; opendp's privacy map
 //! adds the worst-case rounding, `(2ᵏ − 2⁻¹⁰⁷⁴)·√len` in L2, to the sensitivity, and
@@ -31,6 +32,23 @@ use opendp::metrics::L2Distance;
 pub struct OpenDpGaussian {
     /// Noise granularity 2ᵏ (`None` = exact).
     pub k: Option<i32>,
+}
+
+/// The finest grid [`grid_exponent`] picks (a finer one is no more private, only slower).
+pub const FINEST_GRID: i32 = -64;
+/// The coarsest grid [`grid_exponent`] picks.
+pub const COARSEST_GRID: i32 = 0;
+
+/// The coarsest grid exponent `k` whose rounding inflates an L2 `sensitivity` over `len` values
+/// by at most the fraction `max_extra` (opendp adds `2ᵏ·√len` to the sensitivity), clamped to
+/// [`FINEST_GRID`]`..=`[`COARSEST_GRID`]. With a non-positive `sensitivity` or `max_extra` it
+/// returns [`FINEST_GRID`].
+pub fn grid_exponent(sensitivity: f64, len: usize, max_extra: f64) -> i32 {
+    let room = max_extra * sensitivity / (len.max(1) as f64).sqrt();
+    if !(room.is_finite() && room > 0.0) {
+        return if room == f64::INFINITY { COARSEST_GRID } else { FINEST_GRID };
+    }
+    (room.log2().floor() as i64).clamp(i64::from(FINEST_GRID), i64::from(COARSEST_GRID)) as i32
 }
 
 impl OpenDpGaussian {
@@ -180,6 +198,65 @@ mod tests {
         assert_ne!(a, b, "no seed reproduces opendp's noise");
         let scale = 2f64.powi(-k);
         assert!(a.iter().chain(&b).all(|v| (v * scale).fract() == 0.0), "multiples of 2^{k}");
+    }
+
+    #[test]
+    fn the_grid_exponent_keeps_the_inflation_within_the_allowance() {
+        for (sensitivity, len) in [(1.0, 100_000), (0.1, 1_000_000), (10.0, 30), (2e-9, 5)] {
+            for max_extra in [1e-2, 1e-3] {
+                let k = grid_exponent(sensitivity, len, max_extra);
+                let f = OpenDpGaussian::with_granularity(k).sensitivity_inflation(1.0, sensitivity, len);
+                assert!(f <= 1.0 + max_extra, "{sensitivity} x {len}: k {k}, inflation {f}");
+                // The next coarser grid would exceed it (unless clamped).
+                if k < COARSEST_GRID {
+                    let coarser = OpenDpGaussian::with_granularity(k + 1);
+                    let g = coarser.sensitivity_inflation(1.0, sensitivity, len);
+                    assert!(g > 1.0 + max_extra, "{sensitivity} x {len}: k {k} is not the coarsest");
+                }
+            }
+        }
+        assert_eq!(grid_exponent(1.0, 100_000, 1e-3), -19);
+        assert_eq!(grid_exponent(0.0, 10, 1e-3), FINEST_GRID);
+        assert_eq!(grid_exponent(1e300, 1, 1e-3), COARSEST_GRID);
+    }
+
+    /// Speed of the grid sampler on a device's release (`privatize`: clip, widen to f64, noise,
+    /// narrow to f32) at several grids, and what each grid costs in sensitivity. Not a check:
+    /// run it with `cargo test --release --workspace --lib -- --ignored --nocapture
+    /// measure_grid_sampler_speed`; `docs/privacy.md` quotes its output.
+    #[test]
+    #[ignore = "a measurement (about a minute), not a check"]
+    fn measure_grid_sampler_speed() {
+        use crate::dp::local::{MAX_GRID_INFLATION, local_sensitivity, privatize};
+        use crate::dp::{ClipNorm, NoiseMultiplier};
+        use crate::update::{ModelShape, Update};
+        let (clip, sigma) = (ClipNorm::new(0.5).unwrap(), NoiseMultiplier::new(1.0).unwrap());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for n in [30_000usize, 100_000] {
+            let shape = ModelShape::new((n / 4) as u32, 4).unwrap();
+            let u = Update::dense(shape, (0..n).map(|i| ((i % 17) as f32 - 8.0) / 100.0).collect()).unwrap();
+            let auto = grid_exponent(local_sensitivity(0.5), n, MAX_GRID_INFLATION - 1.0);
+            for k in [-20, -15, -10, auto] {
+                let s = OpenDpGaussian::with_granularity(k);
+                let inflation = s.sensitivity_inflation(1.0, local_sensitivity(0.5), n);
+                let runs = 3;
+                let started = std::time::Instant::now();
+                for _ in 0..runs {
+                    privatize(&u, clip, sigma, &s, &mut rng).unwrap();
+                }
+                let secs = started.elapsed().as_secs_f64() / f64::from(runs);
+                eprintln!(
+                    "n {n:>6}  k {k:>3}{}  {:>7.1} ms/release  {:>6.0} k values/s  sensitivity x {inflation:.5}",
+                    if k == auto { " (auto)" } else { "       " },
+                    secs * 1e3,
+                    n as f64 / secs / 1e3,
+                );
+            }
+            let started = std::time::Instant::now();
+            privatize(&u, clip, sigma, &crate::dp::FastGaussian, &mut rng).unwrap();
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!("n {n:>6}  fast (seeded)  {:>7.2} ms/release", secs * 1e3);
+        }
     }
 
     /// For full participation the accountant's ε equals opendp's: the Gaussian mechanism composed
