@@ -1,14 +1,21 @@
-//! Local differential privacy in the SDK, as the untrusted coordinator sees it: where a device's
-//! noise comes from (opendp's discrete Gaussian on a grid, from a secure source).
+//! Local differential privacy in the SDK, as the untrusted coordinator sees it: what a device
+//! sends under local DP (the noised update and nothing else that depends on its data) and where
+//! its noise comes from (opendp's discrete Gaussian on a grid, from a secure source).
 
 use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
+use starling_proto::codec::{Codec, FrameBuffer, Inbound};
 use starling_proto::dp::local::{MAX_GRID_INFLATION, local_sensitivity};
 use starling_proto::dp::opendp::grid_exponent;
 use starling_proto::encoding::EncodingKind;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
-use starling_proto::message::{NoiseSettings, TrainingPlan};
+use starling_proto::message::{ClientMessage, ClientUpdate, DeviceConditions, NoiseSettings, TrainingPlan};
+use starling_proto::round::{Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent};
+use starling_proto::strategy::Federated;
+use starling_proto::time::{Duration, Instant};
+use starling_proto::update::ModelShape;
 use starling_sdk::config::{ParticipationPolicy, PrivacyMode};
 use starling_sdk::device::{Device, OpenError};
+use starling_sdk::participant::Participant;
 use starling_sdk::{ClientConfig, Clock, Consent, ModelSpec, Storage};
 use std::sync::Arc;
 
@@ -17,6 +24,8 @@ const DIM: u32 = 4;
 const DAY_MS: i64 = 86_400_000;
 const NOW: i64 = 1_780_000_000_000;
 const ALL_IN: Consent = Consent { personalization: true, training: true };
+const GOOD: DeviceConditions =
+    DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 80 };
 const CLIP: f32 = 0.5;
 
 fn config(id: u64, storage: Storage) -> ClientConfig {
@@ -69,6 +78,109 @@ fn device(id: u64, n_events: usize) -> Device {
     d.set_consent(ALL_IN).unwrap();
     d.record_batch(&events(n_events), NOW).unwrap();
     d
+}
+
+/// One round of the real engine with these devices, each driven by the SDK's real participant;
+/// returns every update as the engine received it (decoded from the bytes the device sent).
+fn updates_sent(plan: TrainingPlan, devices: Vec<Device>) -> Vec<(ClientId, ClientUpdate)> {
+    let shape = ModelShape::new(ITEMS, DIM).unwrap();
+    let n = devices.len();
+    let round = RoundConfig {
+        target_participants: n,
+        min_reports: n,
+        selection_timeout: Duration::from_secs(5),
+        report_timeout: Duration::from_secs(30),
+        plan,
+        ..RoundConfig::default()
+    };
+    let ocfg = OrchestratorConfig { model_family: "bpr-mf".into(), shape, round, history: 2, rng_seed: 1 };
+    let mut engine = Orchestrator::new(
+        ocfg,
+        Box::new(Federated::fedavg()),
+        global().to_vec(),
+        ModelVersion(1),
+        RoundId(1),
+    )
+    .unwrap();
+    let mut clients: Vec<(Participant, Device)> = devices
+        .into_iter()
+        .map(|d| {
+            let cfg = config(d.client().0, Storage::InMemory);
+            (Participant::new(&cfg, d.client().0), d)
+        })
+        .collect();
+    let mut now = Instant::from_millis(0);
+    engine.start_round(now).unwrap();
+    for (p, d) in clients.iter_mut() {
+        p.start(now, NOW, d, GOOD).unwrap();
+    }
+    let codec = Codec::default();
+    let mut buffers: Vec<FrameBuffer> = clients.iter().map(|_| FrameBuffer::new(codec)).collect();
+    let mut sent = Vec::new();
+    loop {
+        let mut moved = false;
+        for (k, (p, d)) in clients.iter_mut().enumerate() {
+            while let Some(frame) = p.poll_transmit() {
+                moved = true;
+                buffers[k].push(&frame);
+                while let Ok(Some(Inbound::Message { message, .. })) = buffers[k].next_client() {
+                    if let ClientMessage::Update(u) = &message {
+                        sent.push((d.client(), u.clone()));
+                    }
+                    engine.handle_message(now, d.client(), message);
+                }
+            }
+        }
+        while let Some(t) = engine.poll_transmit() {
+            moved = true;
+            let (p, d) = clients.iter_mut().find(|(_, d)| d.client() == t.to).unwrap();
+            p.handle_bytes(now, &codec.encode_coordinator(&t.message).unwrap(), d);
+        }
+        if !moved {
+            match engine.poll_timeout() {
+                Some(t) if t <= Instant::from_millis(120_000) => {
+                    now = t;
+                    engine.handle_timeout(now);
+                }
+                _ => break,
+            }
+        }
+    }
+    let committed = std::iter::from_fn(|| engine.poll_event()).any(|e| matches!(e, RoundEvent::Committed(_)));
+    assert!(committed, "the round committed");
+    sent
+}
+
+/// What the coordinator receives from two devices with very different data (3 and 300 events):
+/// under local DP the weight and the metrics are the same (weight 1, loss NaN, no hit rate, no
+/// training time); only the noised update differs. With central DP (the control) the weight
+/// gives the data away. (Written first: on the code before, the two devices sent weights 4 and
+/// 90 and their losses.)
+#[test]
+fn under_local_dp_a_device_sends_no_data_dependent_metadata() {
+    let sent = updates_sent(local_plan(), vec![device(1, 3), device(2, 300)]);
+    assert_eq!(sent.len(), 2);
+    let (a, b) = (&sent[0].1, &sent[1].1);
+    let meta = |u: &ClientUpdate| format!("{:?}", (u.weight, u.metrics));
+    assert_eq!(meta(a), meta(b), "weight and metrics do not depend on the data");
+    assert_eq!(a.weight, 1.0);
+    assert!(a.metrics.loss.is_nan() && a.metrics.hit_rate_at_10.is_none() && a.metrics.train_ms == 0);
+    assert_eq!((a.update.kind(), a.update.value_count()), (b.update.kind(), b.update.value_count()));
+    assert_eq!(a.update.value_count(), (ITEMS * DIM) as usize, "dense: the same size whatever the data");
+
+    let central = TrainingPlan { noise: NoiseSettings::Central { multiplier: 1.0 }, ..local_plan() };
+    let devices = |mode| {
+        [(1, 3), (2, 300)].map(|(id, n)| {
+            let mut cfg = config(id, Storage::InMemory);
+            cfg.privacy.mode = mode;
+            let mut d = Device::open(&cfg).unwrap();
+            d.set_consent(ALL_IN).unwrap();
+            d.record_batch(&events(n), NOW).unwrap();
+            d
+        })
+    };
+    let sent = updates_sent(central, devices(PrivacyMode::Central).into());
+    assert_ne!(sent[0].1.weight, sent[1].1.weight, "the control: a measured weight tells the data apart");
 }
 
 /// Two devices with the same configuration (seed included) and the same data send different

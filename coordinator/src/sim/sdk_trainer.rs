@@ -16,7 +16,7 @@ use starling_proto::codec::Codec;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
-use starling_proto::message::{ClientMessage, ClientUpdate, LocalMetrics};
+use starling_proto::message::{ClientMessage, ClientUpdate};
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
 use starling_proto::update::ModelShape;
@@ -187,7 +187,8 @@ fn train_on_device(codec: &Codec, device: &mut Device, job: &TrainJob) -> Option
     let stream = job.client.0 ^ req.round.0.rotate_left(32);
     let mut rng = ChaCha8Rng::seed_from_u64(stream);
     let encoded = EncodedUpdate::encode(&trained.update, req.plan.encoding, &mut rng);
-    let metrics = LocalMetrics { loss: trained.loss, hit_rate_at_10: None, train_ms: 0 };
+    // What the SDK's participant sends (training time 0: simulations are reproducible).
+    let metrics = trained.metrics(0);
     let msg = ClientMessage::Update(ClientUpdate {
         round: req.round,
         base_version: req.model_version,

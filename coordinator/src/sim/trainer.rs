@@ -14,7 +14,7 @@ use starling_models::data::synthetic::Population;
 use starling_models::data::{Interaction, LeaveOneOut};
 use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
 use starling_proto::dp::Delta;
-use starling_proto::dp::local::{DeviceLedger, LocalNoise, LocalRelease, protect};
+use starling_proto::dp::local::{DeviceLedger, LocalNoise, LocalRelease, protect, reported_metadata};
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
 use starling_proto::message::LocalMetrics;
@@ -217,11 +217,10 @@ fn train_one(
     let noise = LocalNoise::SimulationSeeded;
     let (update, release) = protect(r.update, plan, job.request.round.0, noise, &mut rng).ok()?;
     let train_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-    let result = TrainResult {
-        update,
-        weight: r.examples as f32,
-        metrics: LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms },
-    };
+    // Under local DP, as the SDK: weight 1 and no data-dependent metrics.
+    let measured = LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms };
+    let (weight, metrics) = reported_metadata(plan, r.examples as f32, measured);
+    let result = TrainResult { update, weight, metrics };
     Some((result, release))
 }
 

@@ -18,6 +18,9 @@
 //!   randomness comes from opendp's entropy source, never from a seed.
 //!   [`LocalNoise::SimulationSeeded`] is the fast floating-point sampler on the caller's seeded RNG,
 //!   for simulations only (reproducible, and open to the floating-point attack of Mironov 2012).
+//! - **Nothing else data-dependent.** Besides the noised update a client reports a weight and
+//!   metrics; under local DP they are [`LOCAL_DP_WEIGHT`] and [`local_dp_metrics`], whatever the
+//!   data ([`reported_metadata`]).
 //! - **Accounting.** Each release is a Gaussian mechanism with multiplier σ on the device's data,
 //!   accounted with `q = 1` (a device cannot rely on the coordinator's sampling for
 //!   amplification) in the [`DeviceLedger`].
@@ -26,7 +29,7 @@ use super::accountant::{Mechanism, RdpAccountant};
 use super::ledger::BudgetError;
 use super::noise::{FastGaussian, GaussianSampler, NoiseError, check_std};
 use super::params::{Budget, ClipNorm, Delta, NoiseMultiplier, SamplingRate};
-use crate::message::{NoiseSettings, TrainingPlan};
+use crate::message::{LocalMetrics, NoiseSettings, TrainingPlan};
 use crate::strategy::norm::clip_l2;
 use crate::update::{Update, UpdateError};
 use serde::{Deserialize, Serialize};
@@ -154,6 +157,27 @@ pub fn privatize(
     check_std(std)?;
     sampler.add_noise(&mut values, std, rng)?;
     Ok(Update::dense(update.shape(), values.into_iter().map(|v| v as f32).collect())?)
+}
+
+/// The aggregation weight a client reports with a locally private update: 1, whatever its data
+/// (its example count would be an unnoised statistic of its data). The round engine gives every
+/// update of a DP round weight 1 anyway (`Weighting::Auto`).
+pub const LOCAL_DP_WEIGHT: f32 = 1.0;
+
+/// The metrics a client reports with a locally private update: none that depend on its data. The
+/// loss is NaN (the round engine leaves non-finite losses out of the round's mean), there is no
+/// hit rate and the training time is 0.
+pub fn local_dp_metrics() -> LocalMetrics {
+    LocalMetrics { loss: f32::NAN, hit_rate_at_10: None, train_ms: 0 }
+}
+
+/// What a client reports with its update besides the update: the measured `weight` and
+/// `metrics`, or, when `plan` asks for local noise, [`LOCAL_DP_WEIGHT`] and [`local_dp_metrics`].
+pub fn reported_metadata(plan: &TrainingPlan, weight: f32, metrics: LocalMetrics) -> (f32, LocalMetrics) {
+    match plan.noise {
+        NoiseSettings::Local { .. } => (LOCAL_DP_WEIGHT, local_dp_metrics()),
+        _ => (weight, metrics),
+    }
 }
 
 /// One local release, as the device records it.
@@ -334,6 +358,22 @@ mod tests {
             assert!((local_noise_std(clip, sigma) / (sigma * 2.0 * clip) - 1.0).abs() < 1e-6);
             assert_eq!(local_noise_std(clip, sigma), sigma * local_sensitivity(clip));
         }
+    }
+
+    #[test]
+    fn under_local_dp_the_reported_metadata_does_not_depend_on_the_data() {
+        let measured = LocalMetrics { loss: 0.7, hit_rate_at_10: Some(0.4), train_ms: 321 };
+        let central = TrainingPlan {
+            clip_norm: Some(1.0),
+            noise: NoiseSettings::Central { multiplier: 1.0 },
+            ..TrainingPlan::default()
+        };
+        assert_eq!(reported_metadata(&central, 37.0, measured), (37.0, measured));
+        let local = TrainingPlan { noise: NoiseSettings::Local { multiplier: 1.0 }, ..central };
+        let (weight, metrics) = reported_metadata(&local, 37.0, measured);
+        assert_eq!(weight, LOCAL_DP_WEIGHT);
+        assert!(metrics.loss.is_nan());
+        assert_eq!((metrics.hit_rate_at_10, metrics.train_ms), (None, 0));
     }
 
     /// The secure sampler: every value on the grid the release's sensitivity and size call for,
