@@ -24,6 +24,7 @@ use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
 use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
 use starling_models::mf;
+use starling_proto::dp::local::honest_norm_bound;
 use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
 use starling_proto::dp::{
     Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile, SamplingRate,
@@ -613,7 +614,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
     let goal = ((target as f64) * config.over_selection).ceil() as usize;
     let sampling_rate = sampling_rate(&fleet_config, n_users, goal);
     let (strategy, ledger) =
-        build_privacy(config, round_strategy(config), target, sampling_rate, &mut round)?;
+        build_privacy(config, round_strategy(config), target, sampling_rate, shape.len(), &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
     let orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
@@ -846,12 +847,14 @@ impl SimLedger {
     }
 }
 
-/// Wraps `strategy` for the configured privacy mode and sets the clients' plan accordingly.
+/// Wraps `strategy` for the configured privacy mode and sets the clients' plan accordingly
+/// (`dim`: the number of model values an update carries).
 fn build_privacy(
     config: &SimConfig,
     strategy: Box<dyn Strategy>,
     target: usize,
     sampling_rate: f64,
+    dim: usize,
     round: &mut RoundConfig,
 ) -> Result<(Box<dyn Strategy>, Option<SimLedger>), SimError> {
     let bad = |e: starling_proto::dp::params::ParamError| SimError::Config(e.to_string());
@@ -875,8 +878,11 @@ fn build_privacy(
             round.plan.noise = NoiseSettings::Local { multiplier: noise_multiplier as f32 };
             // Noise goes on every coordinate, so the update travels dense.
             round.plan.encoding = EncodingKind::Dense;
-            // The coordinator cannot check the noise, but it can bound every update's norm.
-            let bounded = NormBound::new(strategy, clip).map_err(|e| SimError::Config(e.to_string()))?;
+            // The coordinator cannot check the noise, but it can bound every update's norm: by
+            // what an honest noised update stays under (re-clipping to C would shrink an honest
+            // update, of norm about σ·2C·√d, to almost nothing).
+            let bound = honest_norm_bound(clip, noise_multiplier, dim);
+            let bounded = NormBound::new(strategy, bound).map_err(|e| SimError::Config(e.to_string()))?;
             Ok((Box::new(bounded), None))
         }
         PrivacyMode::Central { clip, noise_multiplier, epsilon, delta, adaptive_quantile, sampler } => {
@@ -1006,5 +1012,23 @@ mod tests {
         }
         .fleet_config();
         assert!(sampling_rate(&local, 30_000, 100) > 5.0 * q);
+    }
+
+    /// Under local DP the coordinator bounds updates by what an honest noised update stays
+    /// under, not by the clip norm; the devices are still told to clip to C.
+    #[test]
+    fn under_local_dp_the_server_bounds_updates_by_the_honest_noised_norm() {
+        let config = SimConfig {
+            privacy: PrivacyMode::Local { clip: 0.5, noise_multiplier: 2.0, delta: 1e-5 },
+            ..SimConfig::default()
+        };
+        let mut round = RoundConfig::default();
+        let (strategy, _) =
+            build_privacy(&config, round_strategy(&config), 10, 0.01, 6400, &mut round).unwrap();
+        let bound = honest_norm_bound(0.5, 2.0, 6400);
+        assert!(bound > 150.0, "{bound}");
+        assert!(strategy.name().starts_with(&format!("norm-bound({bound})/")), "{}", strategy.name());
+        assert_eq!(round.plan.clip_norm, Some(0.5));
+        assert_eq!(round.plan.noise, NoiseSettings::Local { multiplier: 2.0 });
     }
 }

@@ -11,7 +11,8 @@
 //! - [`ledger`]: the pure privacy ledger with its budget guard.
 //! - [`strategy`]: [`DpFedAvg`], user-level DP-FedAvg with adaptive clipping,
 //!   as a decorator over any [`Strategy`](crate::strategy::Strategy).
-//! - [`local`]: local DP on the device and the device's own ledger.
+//! - [`local`]: local DP on the device (sensitivity 2C, the secure sampler, data-independent
+//!   metadata, the coordinator's norm bound) and the device's own ledger.
 
 pub mod accountant;
 pub mod ledger;
