@@ -1,6 +1,7 @@
 //! Local differential privacy in the SDK, as the untrusted coordinator sees it: what a device
-//! sends under local DP (the noised update and nothing else that depends on its data) and where
-//! its noise comes from (opendp's discrete Gaussian on a grid, from a secure source).
+//! sends under local DP (the noised update and nothing else that depends on its data), where its
+//! noise comes from (opendp's discrete Gaussian on a grid, from a secure source), and its ledger,
+//! which `forget()` keeps.
 
 use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
 use starling_proto::codec::{Codec, FrameBuffer, Inbound};
@@ -14,7 +15,7 @@ use starling_proto::strategy::Federated;
 use starling_proto::time::{Duration, Instant};
 use starling_proto::update::ModelShape;
 use starling_sdk::config::{ParticipationPolicy, PrivacyMode};
-use starling_sdk::device::{Device, OpenError};
+use starling_sdk::device::{Device, OpenError, TrainError};
 use starling_sdk::participant::Participant;
 use starling_sdk::{ClientConfig, Clock, Consent, ModelSpec, Storage};
 use std::sync::Arc;
@@ -227,4 +228,48 @@ fn seeded_noise_is_for_in_memory_simulations_only() {
     unseeded.simulation_seeded_noise = true;
     unseeded.seed = None;
     assert!(matches!(Device::open(&unseeded), Err(OpenError::Privacy(_))), "not without a fixed seed");
+}
+
+/// Spending ε under local DP, then forgetting: the ε spent is unchanged, in memory and after
+/// reopening the store, and the device's budget still refuses. (This already held on the code
+/// before: `Store::forget` carries the ledger over and `Device::forget` keeps it in memory.)
+#[test]
+fn forget_keeps_the_local_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    for storage in [Storage::InMemory, Storage::Dir(dir.path().to_path_buf())] {
+        let mut cfg = config(3, storage.clone());
+        cfg.privacy.max_epsilon = Some(4.0);
+        let mut d = Device::open(&cfg).unwrap();
+        d.set_consent(ALL_IN).unwrap();
+        d.record_batch(&events(10), NOW).unwrap();
+        let mut round = 1;
+        loop {
+            match d.train(RoundId(round), ModelVersion(1), global(), &local_plan()) {
+                Ok(t) => d.record_contribution(RoundId(round), 100, &t, NOW).unwrap(),
+                Err(TrainError::Budget(_)) => break,
+                Err(e) => panic!("{e}"),
+            };
+            round += 1;
+            assert!(round < 100);
+        }
+        let spent = d.local_epsilon();
+        assert!(spent > 0.0 && spent <= 4.0, "{spent}");
+        d.forget().unwrap();
+        assert_eq!(d.local_epsilon(), spent, "{storage:?}: forget keeps what was spent");
+        let refuse = |d: &mut Device| {
+            d.set_consent(ALL_IN).unwrap();
+            d.record_batch(&events(10), NOW).unwrap();
+            d.train(RoundId(99), ModelVersion(1), global(), &local_plan())
+        };
+        assert!(
+            matches!(refuse(&mut d), Err(TrainError::Budget(_))),
+            "{storage:?}: the budget still refuses"
+        );
+        if matches!(storage, Storage::Dir(_)) {
+            drop(d);
+            let mut d = Device::open(&cfg).unwrap();
+            assert_eq!(d.local_epsilon(), spent, "and after reopening");
+            assert!(matches!(refuse(&mut d), Err(TrainError::Budget(_))));
+        }
+    }
 }
