@@ -1,6 +1,7 @@
 //! Differential-privacy benchmarks: clip + noise for a 1,000,000-value update on both sampler
-//! paths — the fast sampler (rand_distr on the seeded RNG: devices, simulator, coordinator default)
-//! and opendp's discrete Gaussian (the coordinator's exact option), on a 2⁻²⁰ grid and exact.
+//! paths — the fast sampler (rand_distr on the seeded RNG: simulator, coordinator default) and
+//! opendp's discrete Gaussian (the coordinator's option, on a 2⁻²⁰ grid and exact) — and a
+//! device's local-DP release of 100,000 values with its secure sampler (opendp on its grid).
 //!
 //! Run with `cargo bench -p starling-benches --bench dp`. The exact opendp sampler needs about 40 s
 //! per million values, so by default it is measured on 100,000 values; set
@@ -9,9 +10,9 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use starling_coordinator::privacy::OpenDpGaussian;
-use starling_proto::dp::local::privatize;
+use starling_proto::dp::local::{LocalNoise, local_sensitivity, privatize};
 use starling_proto::dp::noise::{FastGaussian, GaussianSampler};
+use starling_proto::dp::opendp::OpenDpGaussian;
 use starling_proto::dp::{ClipNorm, NoiseMultiplier};
 use starling_proto::strategy::norm::clip_l2;
 use starling_proto::update::{ModelShape, Update};
@@ -46,7 +47,9 @@ fn dp(c: &mut Criterion) {
     });
     g.bench_function("device_local_dp_fast", |b| {
         let (clip, sigma) = (ClipNorm::new(1.0).expect("clip"), NoiseMultiplier::new(1.1).expect("sigma"));
-        b.iter(|| black_box(privatize(black_box(&u), clip, sigma, &mut rng).expect("privatize")))
+        b.iter(|| {
+            black_box(privatize(black_box(&u), clip, sigma, &FastGaussian, &mut rng).expect("privatize"))
+        })
     });
     g.sample_size(10).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_secs(30));
     let grid = OpenDpGaussian::with_granularity(-20);
@@ -72,6 +75,15 @@ fn dp(c: &mut Criterion) {
     let exact = OpenDpGaussian::exact();
     g.bench_function("opendp_exact", |b| {
         b.iter(|| black_box(clip_and_noise(black_box(&small), &exact, &mut rng)))
+    });
+    g.bench_function("device_local_dp_secure", |b| {
+        let (clip, sigma) = (ClipNorm::new(1.0).expect("clip"), NoiseMultiplier::new(1.1).expect("sigma"));
+        let sampler = LocalNoise::Secure.sampler(local_sensitivity(1.0), 100_000);
+        b.iter(|| {
+            black_box(
+                privatize(black_box(&small), clip, sigma, sampler.as_ref(), &mut rng).expect("privatize"),
+            )
+        })
     });
     g.finish();
 }

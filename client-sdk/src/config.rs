@@ -337,9 +337,18 @@ pub struct ClientConfig {
     /// restart). Simulations of thousands of devices in one process turn it off and share one
     /// copy in memory.
     pub store_global_model: bool,
-    /// Seed of the device's randomness (training order, negatives, noise). `None`: from the OS.
-    /// Only simulations and tests should fix it.
+    /// Seed of the device's randomness (training order, negatives, stochastic quantisation).
+    /// `None`: from the OS. Only simulations and tests should fix it. Local-DP noise never comes
+    /// from it (unless `simulation_seeded_noise` is set).
     pub seed: Option<u64>,
+    /// **For simulations only; leave it `false` in an app.** Draws local-DP noise with the fast
+    /// floating-point sampler on the device's seeded RNG instead of opendp's discrete Gaussian
+    /// from a secure source: runs become reproducible from `seed` and noising takes microseconds,
+    /// but anyone who knows or guesses the seed can subtract the noise, and the floating-point
+    /// attack on textbook samplers (Mironov 2012) applies. `Device::open` refuses it unless the
+    /// storage is [`Storage::InMemory`] and `seed` is fixed. Default `false`.
+    #[doc(hidden)]
+    pub simulation_seeded_noise: bool,
 }
 
 impl ClientConfig {
@@ -364,6 +373,7 @@ impl ClientConfig {
             max_future_skew: Duration::from_secs(300),
             store_global_model: true,
             seed: None,
+            simulation_seeded_noise: false,
         }
     }
 }

@@ -33,9 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use starling_proto::codec::{Codec, FrameBuffer, Inbound};
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ModelVersion, RoundId};
-use starling_proto::message::{
-    Capabilities, ClientMessage, DeviceConditions, LocalMetrics, ModelPayload, WithdrawReason,
-};
+use starling_proto::message::{Capabilities, ClientMessage, DeviceConditions, ModelPayload, WithdrawReason};
 use starling_proto::session::{
     Session, SessionAction, SessionConfig, SessionError, SessionOutcome, TrainRequest,
 };
@@ -437,12 +435,8 @@ impl Participant {
         };
         let encoded = EncodedUpdate::encode(&trained.update, req.plan.encoding, &mut self.rng);
         let train_ms = started.map_or(0, |t| t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
-        let metrics = LocalMetrics {
-            loss: trained.loss,
-            hit_rate_at_10: None,
-            train_ms,
-            norm_within_clip: trained.norm_within_clip,
-        };
+        // Under local DP: weight 1 and no data-dependent metrics (see `Trained::metrics`).
+        let metrics = trained.metrics(train_ms);
         self.loss = Some(trained.loss);
         if let Err(e) = self.session.submit_update(now, req.round, encoded, trained.weight, metrics) {
             self.task_error = Some(e.to_string());

@@ -162,3 +162,12 @@ async fn a_delta_too_large_for_the_fleet_refuses_rounds() {
     assert!(err.contains("delta") && err.contains("3 enrolled devices"), "{err}");
     running.shutdown().await;
 }
+
+/// The claim "opendp's bits come from OpenSSL's CSPRNG" rests on a cargo feature: without
+/// `use-openssl`, opendp 0.16 draws from rand 0.7's `thread_rng`, which opendp calls non-secure.
+#[test]
+fn opendp_is_built_to_draw_from_openssl() {
+    let manifest = include_str!("../../Cargo.toml");
+    let line = manifest.lines().find(|l| l.starts_with("opendp ")).expect("opendp is a workspace dependency");
+    assert!(line.contains("\"use-openssl\""), "{line}");
+}

@@ -28,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use starling_models::data::events::Examples;
 use starling_models::mf::MfLayout;
-use starling_proto::dp::local::DeviceLedger;
+use starling_proto::dp::local::{DeviceLedger, LocalNoise};
 use starling_proto::dp::{Budget, Delta, Epsilon};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::update::ModelShape;
@@ -125,6 +125,8 @@ pub struct Device {
     layout: MfLayout,
     shape: ModelShape,
     mode: PrivacyMode,
+    /// The sampler of local-DP noise.
+    noise: LocalNoise,
     delta: Delta,
     max_epsilon: Option<f64>,
     retention: Retention,
@@ -182,6 +184,16 @@ impl Device {
                 "min_noise_multiplier {min_noise_multiplier} must be > 0"
             )));
         }
+        // The seeded noise sampler is for simulations: an app (file storage, OS-seeded RNG)
+        // cannot pick it, by accident or otherwise.
+        if config.simulation_seeded_noise && (config.storage != Storage::InMemory || config.seed.is_none()) {
+            return Err(OpenError::Privacy(
+                "simulation_seeded_noise is for simulations only: it needs in-memory storage and a fixed seed"
+                    .into(),
+            ));
+        }
+        let noise =
+            if config.simulation_seeded_noise { LocalNoise::SimulationSeeded } else { LocalNoise::Secure };
         let store = match &config.storage {
             Storage::InMemory => Store::open_in_memory()?,
             Storage::Dir(dir) => {
@@ -198,6 +210,7 @@ impl Device {
             layout,
             shape,
             mode: config.privacy.mode,
+            noise,
             delta,
             max_epsilon: config.privacy.max_epsilon,
             retention: config.retention,

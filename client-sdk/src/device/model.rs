@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use starling_models::data::events::{Context, Examples};
 use starling_models::mf::{self, LocalTraining, MfLayout};
 use starling_proto::dp::ledger::BudgetError;
-use starling_proto::dp::local::{LocalDpError, LocalRelease, protect};
+use starling_proto::dp::local::{LOCAL_DP_WEIGHT, LocalDpError, LocalRelease, local_dp_metrics, protect};
 use starling_proto::ids::{ModelVersion, RoundId};
-use starling_proto::message::{NoiseSettings, TrainingPlan};
+use starling_proto::message::{LocalMetrics, NoiseSettings, TrainingPlan};
 use starling_proto::update::{ModelShape, Update};
 use std::sync::Arc;
 
@@ -88,9 +88,11 @@ pub struct Trained {
     pub round: RoundId,
     /// The update (clipped, and noised under local DP).
     pub update: Update,
-    /// FedAvg weight (positive examples).
+    /// The weight to send: the positive examples' total weight, or under local DP
+    /// [`LOCAL_DP_WEIGHT`] (1) whatever the data.
     pub weight: f32,
-    /// Mean local loss.
+    /// Mean local loss (for the device's own report; under local DP it is not sent, see
+    /// [`metrics`](Self::metrics)).
     pub loss: f32,
     /// The local-DP release to charge when the update is sent.
     pub release: Option<LocalRelease>,
@@ -100,6 +102,23 @@ pub struct Trained {
     /// (adaptive clipping's indicator, sent with the update). `None` otherwise — in particular
     /// under local DP, where nothing data-dependent leaves the device unnoised.
     pub norm_within_clip: Option<bool>,
+}
+
+impl Trained {
+    /// The metrics to send with the update: the loss and the measured `train_ms`; under local DP
+    /// none that depend on the data ([`local_dp_metrics`]: loss NaN, no hit rate, time 0).
+    pub fn metrics(&self, train_ms: u32) -> LocalMetrics {
+        if self.release.is_some() {
+            local_dp_metrics()
+        } else {
+            LocalMetrics {
+                loss: self.loss,
+                hit_rate_at_10: None,
+                train_ms,
+                norm_within_clip: self.norm_within_clip,
+            }
+        }
+    }
 }
 
 /// The global model held by the device.
@@ -259,7 +278,7 @@ impl Device {
             return Err(TrainError::Training("local training diverged".into()));
         }
         let norm_within_clip = starling_proto::dp::clip_indicator(&result.update, plan);
-        let (update, release) = protect(result.update, plan, round.0, &mut self.rng)?;
+        let (update, release) = protect(result.update, plan, round.0, self.noise, &mut self.rng)?;
         if self.personal_epochs > 0 {
             // Fit the private vector to the global rows (item learning rate 0: rows untouched).
             let fit = LocalTraining { epochs: self.personal_epochs, item_lr: 0.0, ..cfg };
@@ -273,10 +292,12 @@ impl Device {
         self.store.put_f32s(KEY_USER, &user)?;
         self.user = Some(user);
         self.set_global(version, params)?;
+        // Under local DP the example count is not sent: it is data, and not noised.
+        let weight = if release.is_some() { LOCAL_DP_WEIGHT } else { total_weight.max(1.0) };
         Ok(Trained {
             round,
             update,
-            weight: total_weight.max(1.0),
+            weight,
             loss: result.loss,
             release,
             clip_norm: plan.clip_norm,

@@ -229,7 +229,8 @@ pub struct SimulateArgs {
     pub dp: Option<DpArg>,
     /// The L2 norm every update is clipped to, by the clients and again by the coordinator
     /// (default 5 with central DP — the initial one with --adaptive-clip —, 0.5 with local DP and
-    /// 20 without).
+    /// 20 without). Under --dp local the coordinator bounds the noised updates by what an honest
+    /// one stays under instead (about sigma·2·clip·√d).
     #[arg(long)]
     pub clip: Option<f64>,
     /// Without DP: do not re-clip updates on the coordinator (the service always does; this
@@ -256,7 +257,8 @@ pub struct SimulateArgs {
     /// OUT/baseline), then the attacked one (OUT), and report both HR@10 figures and the drop.
     #[arg(long)]
     pub attack_baseline: bool,
-    /// DP: noise multiplier sigma (noise standard deviation over the clip norm).
+    /// DP: noise multiplier sigma (noise standard deviation over the sensitivity: the clip norm
+    /// under central DP, twice the clip norm under local DP).
     #[arg(long, default_value_t = 1.0)]
     pub noise_multiplier: f64,
     /// DP (central): the epsilon budget; the run stops when the next round would exceed it.

@@ -651,7 +651,11 @@ impl ServiceConfig {
                     .map_err(|e| invalid("privacy.noise_multiplier", e.to_string()))?;
                 // The coordinator cannot check a device's noise, but it bounds every update at what
                 // an honest noised update stays within (re-clipping to C would erase the signal).
-                let bound = noisy_norm_bound(clip, sigma, self.shape()?.len());
+                let bound = starling_proto::dp::local::honest_norm_bound(
+                    clip.get(),
+                    sigma.get(),
+                    self.shape()?.len(),
+                );
                 let bounded =
                     NormBound::new(inner, bound).map_err(|e| invalid("privacy.clip_norm", e.to_string()))?;
                 Ok(Box::new(bounded))
@@ -670,14 +674,6 @@ impl ServiceConfig {
             .map_err(|e| invalid("model.init_std", e.to_string()))?;
         Ok((0..shape.len()).map(|_| normal.sample(&mut rng)).collect())
     }
-}
-
-/// An honest local-DP update's L2 norm stays below this with probability ≥ 1 − 2·10⁻⁸: the clipped
-/// update (≤ C) plus Gaussian noise of standard deviation 2σC on `len` coordinates, whose norm
-/// exceeds 2σC(√len + t) with probability at most e^(−t²/2) (t = 6).
-fn noisy_norm_bound(clip: ClipNorm, sigma: NoiseMultiplier, len: usize) -> f64 {
-    let c = clip.get();
-    c + 2.0 * sigma.get() * c * ((len as f64).sqrt() + 6.0)
 }
 
 fn encoding(name: &str) -> Result<EncodingKind, ConfigError> {

@@ -26,6 +26,7 @@ use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
 use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
 use starling_models::mf;
+use starling_proto::dp::local::honest_norm_bound;
 use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
 use starling_proto::dp::{
     AccountantKind, Budget, ClipNorm, Delta, Epsilon, LedgerEntry, Mechanism, NoiseMultiplier, Quantile,
@@ -603,7 +604,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         retry_after: Duration::ZERO,
         retry_window: Duration::ZERO,
     };
-    let (strategy, ledger) = build_privacy(config, round_strategy(config), target, &mut round)?;
+    let (strategy, ledger) = build_privacy(config, round_strategy(config), target, shape.len(), &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
     let mut orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
@@ -864,11 +865,13 @@ impl SimLedger {
     }
 }
 
-/// Wraps `strategy` for the configured privacy mode and sets the clients' plan accordingly.
+/// Wraps `strategy` for the configured privacy mode and sets the clients' plan accordingly
+/// (`dim`: the number of model values an update carries).
 fn build_privacy(
     config: &SimConfig,
     strategy: Box<dyn Strategy>,
     target: usize,
+    dim: usize,
     round: &mut RoundConfig,
 ) -> Result<(Box<dyn Strategy>, Option<SimLedger>), SimError> {
     let bad = |e: starling_proto::dp::params::ParamError| SimError::Config(e.to_string());
@@ -892,8 +895,11 @@ fn build_privacy(
             round.plan.noise = NoiseSettings::Local { multiplier: noise_multiplier as f32 };
             // Noise goes on every coordinate, so the update travels dense.
             round.plan.encoding = EncodingKind::Dense;
-            // The coordinator cannot check the noise, but it can bound every update's norm.
-            let bounded = NormBound::new(strategy, clip).map_err(|e| SimError::Config(e.to_string()))?;
+            // The coordinator cannot check the noise, but it can bound every update's norm: by
+            // what an honest noised update stays under (re-clipping to C would shrink an honest
+            // update, of norm about σ·2C·√d, to almost nothing).
+            let bound = honest_norm_bound(clip, noise_multiplier, dim);
+            let bounded = NormBound::new(strategy, bound).map_err(|e| SimError::Config(e.to_string()))?;
             Ok((Box::new(bounded), None))
         }
         PrivacyMode::Central { clip, noise_multiplier, epsilon, delta, adaptive_quantile, sampler } => {
@@ -996,4 +1002,26 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under local DP the coordinator bounds updates by what an honest noised update stays
+    /// under, not by the clip norm; the devices are still told to clip to C.
+    #[test]
+    fn under_local_dp_the_server_bounds_updates_by_the_honest_noised_norm() {
+        let config = SimConfig {
+            privacy: PrivacyMode::Local { clip: 0.5, noise_multiplier: 2.0, delta: 1e-5 },
+            ..SimConfig::default()
+        };
+        let mut round = RoundConfig::default();
+        let (strategy, _) = build_privacy(&config, round_strategy(&config), 10, 6400, &mut round).unwrap();
+        let bound = honest_norm_bound(0.5, 2.0, 6400);
+        assert!(bound > 150.0, "{bound}");
+        assert!(strategy.name().starts_with(&format!("norm-bound({bound})/")), "{}", strategy.name());
+        assert_eq!(round.plan.clip_norm, Some(0.5));
+        assert_eq!(round.plan.noise, NoiseSettings::Local { multiplier: 2.0 });
+    }
 }

@@ -16,7 +16,7 @@ use starling_proto::codec::Codec;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
-use starling_proto::message::{ClientMessage, ClientUpdate, LocalMetrics};
+use starling_proto::message::{ClientMessage, ClientUpdate};
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
 use starling_proto::update::ModelShape;
@@ -46,7 +46,8 @@ pub enum SdkFleetError {
 
 /// A simulated device's SDK configuration: in memory, on the simulated clock, consent given, any
 /// conditions allowed, no retention cap, no personal fitting, the global model kept in memory
-/// only, a seed per client; under `local_dp` (δ) the device insists on local noise.
+/// only, a seed per client, local-DP noise from the seeded fast sampler; under `local_dp` (δ) the
+/// device insists on local noise.
 pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Option<f64>) -> ClientConfig {
     let mut config =
         ClientConfig::new(ClientId(client), Vec::new(), ModelSpec::mf(items, dim), Storage::InMemory);
@@ -62,6 +63,9 @@ pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Opt
         config.privacy.mode = PrivacyMode::Local { min_noise_multiplier: 1e-6 };
         config.privacy.delta = delta;
     }
+    // Local-DP noise from the seeded fast sampler: runs stay reproducible from the seed and fast
+    // (a device in an app uses opendp's sampler; see `ClientConfig::simulation_seeded_noise`).
+    config.simulation_seeded_noise = true;
     config
 }
 
@@ -183,12 +187,8 @@ fn train_on_device(codec: &Codec, device: &mut Device, job: &TrainJob) -> Option
     let stream = job.client.0 ^ req.round.0.rotate_left(32);
     let mut rng = ChaCha8Rng::seed_from_u64(stream);
     let encoded = EncodedUpdate::encode(&trained.update, req.plan.encoding, &mut rng);
-    let metrics = LocalMetrics {
-        loss: trained.loss,
-        hit_rate_at_10: None,
-        train_ms: 0,
-        norm_within_clip: trained.norm_within_clip,
-    };
+    // What the SDK's participant sends (training time 0: simulations are reproducible).
+    let metrics = trained.metrics(0);
     let msg = ClientMessage::Update(ClientUpdate {
         round: req.round,
         base_version: req.model_version,

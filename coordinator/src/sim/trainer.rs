@@ -14,7 +14,7 @@ use starling_models::data::synthetic::Population;
 use starling_models::data::{Interaction, LeaveOneOut};
 use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
 use starling_proto::dp::Delta;
-use starling_proto::dp::local::{DeviceLedger, LocalRelease, protect};
+use starling_proto::dp::local::{DeviceLedger, LocalNoise, LocalRelease, protect, reported_metadata};
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
 use starling_proto::message::LocalMetrics;
@@ -211,15 +211,17 @@ fn train_one(
     if r.examples == 0 {
         return None;
     }
-    // Clip (and under local DP, noise) exactly as the SDK does before anything leaves the device.
-    let norm_within_clip = starling_proto::dp::clip_indicator(&r.update, &job.request.plan);
-    let (update, release) = protect(r.update, &job.request.plan, job.request.round.0, &mut rng).ok()?;
+    // Clip (and under local DP, noise) as the SDK does before anything leaves the device, with
+    // the seeded fast sampler (simulations stay reproducible; devices use opendp's).
+    let plan = &job.request.plan;
+    let norm_within_clip = starling_proto::dp::clip_indicator(&r.update, plan);
+    let noise = LocalNoise::SimulationSeeded;
+    let (update, release) = protect(r.update, plan, job.request.round.0, noise, &mut rng).ok()?;
     let train_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-    let result = TrainResult {
-        update,
-        weight: r.examples as f32,
-        metrics: LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms, norm_within_clip },
-    };
+    // Under local DP, as the SDK: weight 1 and no data-dependent metrics.
+    let measured = LocalMetrics { loss: r.loss, hit_rate_at_10: None, train_ms, norm_within_clip };
+    let (weight, metrics) = reported_metadata(plan, r.examples as f32, measured);
+    let result = TrainResult { update, weight, metrics };
     Some((result, release))
 }
 

@@ -2,8 +2,10 @@
 //!
 //! - [`params`]: validated settings (clip norm, noise multiplier, δ, ε, sampling rate, quantile).
 //! - [`clip`]: L2 clipping, the same function clients and the coordinator call.
-//! - [`noise`]: the [`GaussianSampler`] seam and the fast sampler on the caller's seeded RNG
-//!   (opendp's exact sampler lives in the coordinator; the module docs say which runs where).
+//! - [`noise`]: the [`GaussianSampler`] seam and the fast sampler on the caller's seeded RNG (the
+//!   module docs say which sampler runs where).
+//! - `opendp` (cargo feature `opendp`): opendp's discrete Gaussian as a [`GaussianSampler`],
+//!   exact or on a 2ᵏ grid, drawn from opendp's own entropy source.
 //! - [`accountant`]: RDP of the Poisson-subsampled Gaussian, composition, conversion to (ε, δ),
 //!   σ calibration.
 //! - [`pld`]: privacy-loss-distribution accounting of the same mechanism (connect-the-dots
@@ -13,13 +15,16 @@
 //! - [`ledger`]: the pure privacy ledger with its budget guard.
 //! - [`strategy`]: [`DpFedAvg`], user-level DP-FedAvg with adaptive clipping,
 //!   as a decorator over any [`Strategy`](crate::strategy::Strategy).
-//! - [`local`]: local DP on the device and the device's own ledger.
+//! - [`local`]: local DP on the device (sensitivity 2C, the secure sampler, data-independent
+//!   metadata, the coordinator's norm bound) and the device's own ledger.
 
 pub mod accountant;
 pub mod kind;
 pub mod ledger;
 pub mod local;
 pub mod noise;
+#[cfg(feature = "opendp")]
+pub mod opendp;
 pub mod params;
 pub mod pld;
 pub mod strategy;

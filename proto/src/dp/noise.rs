@@ -4,13 +4,12 @@
 //!
 //! | sampler | where it runs | speed (1 core) | why |
 //! |---|---|---|---|
-//! | [`FastGaussian`] (here) | devices (local DP), the simulator, the coordinator by default | ≈150 M values/s | rand_distr's ziggurat on the caller's **seeded** RNG: milliseconds per round for millions of coordinates, and simulations stay reproducible |
-//! | `OpenDpGaussian` (`starling-coordinator`) | the coordinator, when configured (`noise_sampler = "opendp"`) | ≈25 k values/s exact, ≈240 k/s on a 2⁻²⁰ grid | opendp's discrete Gaussian: immune to the floating-point attacks on textbook samplers (Mironov 2012), but far too slow per client update |
+//! | [`FastGaussian`] (here) | the coordinator by default (central DP, once per round); the simulator (its devices opt in with `simulation_seeded_noise`) | ≈150 M values/s | rand_distr's ziggurat on the caller's **seeded** RNG: milliseconds per round for millions of coordinates, and simulations stay reproducible |
+//! | `OpenDpGaussian` on a grid (`dp::opendp`, feature `opendp`) | **devices, for local DP** (the SDK's default, on the grid `dp::opendp::grid_exponent` picks); the coordinator on request (2⁻²⁰) | ≈100–240 k values/s (measured in `docs/privacy.md`) | opendp's discrete Gaussian from opendp's own entropy source: immune to the floating-point attacks on textbook samplers (Mironov 2012), not reproducible from a seed; the rounding to the grid is accounted ([`GaussianSampler::sensitivity_inflation`]) |
+//! | `OpenDpGaussian::exact` | the coordinator on request | ≈25 k values/s | the same without a grid; seconds per round for a 100k-parameter model |
 //!
-//! The sans-IO core cannot hold opendp's sampler (it draws from the operating system's RNG, so a
-//! run could not be replayed from a seed), which is why that one lives in the coordinator crate.
-//! Tests there check that both samplers produce the same distribution (mean, variance, tails).
-//! `docs/privacy.md` states the floating-point caveat of the fast path.
+//! Tests in `dp::opendp` check that the fast and opendp samplers produce the same distribution
+//! (mean, variance, tails). `docs/privacy.md` states the floating-point caveat of the fast path.
 
 use rand_distr::{Distribution, Normal};
 use std::fmt;
@@ -60,37 +59,21 @@ impl GaussianSampler for FastGaussian {
     }
 
     fn add_noise(&self, values: &mut [f64], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError> {
-        add_normal(values, std, rng, |v, n| *v += n)
+        check_std(std)?;
+        if std == 0.0 {
+            return Ok(());
+        }
+        let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
+        for v in values {
+            *v += normal.sample(rng);
+        }
+        Ok(())
     }
-}
-
-/// Adds `N(0, std²)` draws to every value with `add(value, draw)`.
-fn add_normal<T>(
-    values: &mut [T],
-    std: f64,
-    rng: &mut dyn rand::Rng,
-    add: impl Fn(&mut T, f64),
-) -> Result<(), NoiseError> {
-    check_std(std)?;
-    if std == 0.0 {
-        return Ok(());
-    }
-    let normal = Normal::new(0.0, std).map_err(|e| NoiseError::Sampler(e.to_string()))?;
-    for v in values {
-        add(v, normal.sample(rng));
-    }
-    Ok(())
 }
 
 /// Refuses a negative or non-finite standard deviation.
 pub fn check_std(std: f64) -> Result<(), NoiseError> {
     if std.is_finite() && std >= 0.0 { Ok(()) } else { Err(NoiseError::BadStd(std)) }
-}
-
-/// Adds independent `N(0, std²)` noise to every `f32` value with the fast sampler (the device's
-/// local-DP path).
-pub fn add_gaussian_f32(values: &mut [f32], std: f64, rng: &mut dyn rand::Rng) -> Result<(), NoiseError> {
-    add_normal(values, std, rng, |v, n| *v += n as f32)
 }
 
 #[cfg(test)]
