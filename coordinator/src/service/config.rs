@@ -286,7 +286,8 @@ pub struct PrivacySection {
     /// δ at which ε is measured. Must be well below 1/N: a round is refused when δ·N > 0.1.
     pub delta: f64,
     /// The sampler of the coordinator's noise under central DP: `opendp-grid` (opendp's discrete
-    /// Gaussian on a 2⁻²⁰ grid, drawn from OpenSSL's CSPRNG) or `opendp-exact`.
+    /// Gaussian on a 2⁻²⁰ grid, drawn from opendp's own OS-seeded ChaCha20, never from a config seed)
+    /// or `opendp-exact`.
     pub noise_sampler: String,
     /// Adaptive clipping (Andrew et al. 2021): the clip norm tracks a quantile of update norms.
     pub adaptive_clipping: bool,
@@ -826,7 +827,7 @@ noise_multiplier = 1.0       # sigma: noise standard deviation over the clip nor
 # With fewer enrolled devices than the target, q = 1: each round costs about 5.6.
 epsilon_budget = 8.0         # rounds that would exceed it are not started
 delta = 1e-7                 # must be well below 1/N: rounds are refused when delta * N > 0.1
-noise_sampler = "opendp-grid" # opendp-grid | opendp-exact (both discrete Gaussians from OpenSSL's CSPRNG)
+noise_sampler = "opendp-grid" # opendp-grid | opendp-exact: discrete Gaussians, OS-seeded
 adaptive_clipping = false    # true: clip_norm follows the target_quantile of update norms
 target_quantile = 0.5
 clip_learning_rate = 0.2
