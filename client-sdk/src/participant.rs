@@ -150,8 +150,9 @@ impl Participant {
         }
     }
 
-    /// Whether to report real training time in the update's metrics (default on). Simulations
-    /// turn it off so that identical seeds give byte-identical runs.
+    /// Whether to report real training time in the update's metrics (default on; never under
+    /// local DP, where the metrics carry nothing data-dependent). Simulations turn it off so that
+    /// identical seeds give byte-identical runs.
     pub fn measure_train_time(&mut self, on: bool) {
         self.measure_train_time = on;
     }

@@ -9,7 +9,8 @@
 //!   clock — and its reports (`results.json`, `report.html`).
 //! - [`service`]: the coordinator service (`starling serve`): driver, QUIC, tokens, admin HTTP, recovery.
 //! - [`store`]: the embedded SQLite store (privacy ledger, checkpoints, rounds, clients, tokens).
-//! - [`privacy`]: the durable ledger over the store and opendp's exact Gaussian sampler.
+//! - [`privacy`]: the durable ledger over the store (and opendp's Gaussian sampler, re-exported
+//!   from `starling_proto::dp::opendp`).
 
 pub mod cli;
 pub mod privacy;
