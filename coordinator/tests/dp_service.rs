@@ -162,3 +162,62 @@ async fn a_delta_too_large_for_the_fleet_refuses_rounds() {
     assert!(err.contains("delta") && err.contains("3 enrolled devices"), "{err}");
     running.shutdown().await;
 }
+
+/// `privacy.mode = "local"` in the service: tasks ask devices to noise locally and send dense
+/// updates, the coordinator adds nothing and keeps no ledger, and it bounds each update at what an
+/// honest noised one stays within (re-clipping a noised update to C would erase its signal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_dp_mode_plans_local_noise_and_bounds_noised_updates_by_the_honest_norm() {
+    use starling_proto::encoding::EncodingKind;
+    use starling_proto::message::NoiseSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let text = CONFIG
+        .replace("mode = \"central\"", "mode = \"local\"")
+        .replace("noise_multiplier = 1.0", "noise_multiplier = 0.5");
+    let path = service_dir(dir.path(), &text);
+    let config = load(&path);
+    let tokens: Vec<Vec<u8>> = (1..=3).map(|id| issue(&config, id, 3600).1).collect();
+    let running = server::start(&config).await.unwrap();
+    let transport = QuicTransport::with_endpoint(
+        client_endpoint(),
+        &endpoint_for(running.quic_addr, &ca_pem(dir.path()), "localhost"),
+    )
+    .unwrap();
+    let mut clients = Vec::new();
+    for (i, token) in tokens.into_iter().enumerate() {
+        let mut raw = Raw::connect(&transport).await;
+        raw.send(&check_in(i as u64 + 1, token)).await;
+        clients.push(raw);
+    }
+    // A dense "noised" update of norm 4 (C = 1, σ = 0.5, d = 80: honest norms are about 9).
+    let values: Vec<f32> = (0..80).map(|i| if i % 2 == 0 { 0.447_213_6 } else { -0.447_213_6 }).collect();
+    for c in &mut clients {
+        let CoordinatorMessage::Task(task) = c.message().await else { panic!("expected a task") };
+        assert_eq!(task.plan.noise, NoiseSettings::Local { multiplier: 0.5 });
+        assert_eq!(task.plan.encoding, EncodingKind::Dense);
+        assert_eq!(task.plan.clip_norm, Some(1.0));
+        c.send(&ClientMessage::Update(ClientUpdate {
+            round: task.round,
+            base_version: task.model_version,
+            update: EncodedUpdate::Dense { shape: shape(), values: values.clone() },
+            weight: 1.0,
+            metrics: LocalMetrics { loss: f32::NAN, ..LocalMetrics::default() },
+        }))
+        .await;
+        assert!(matches!(c.message().await, CoordinatorMessage::Receipt { .. }));
+    }
+    let mut handle = running.handle.clone();
+    while handle.status().rounds_committed < 1 || handle.status().model_version < ModelVersion(1) {
+        handle.status_changed().await.unwrap();
+    }
+    let status = running.telemetry.status();
+    assert_eq!((status.privacy_mode.as_str(), status.epsilon_spent), ("local", 0.0));
+    running.shutdown().await;
+    let store = Store::open(&config.storage.path).unwrap();
+    assert!(store.ledger_entries().unwrap().is_empty(), "the coordinator releases nothing it must account");
+    let model = store.latest_checkpoint().unwrap().unwrap().model;
+    let initial = config.initial_model().unwrap();
+    // The mean of three identical updates, not re-clipped to C = 1: it moved by their full norm 4.
+    let moved = model.iter().zip(&initial).map(|(m, x)| f64::from(m - x).powi(2)).sum::<f64>().sqrt();
+    assert!((moved - 4.0).abs() < 1e-3, "moved {moved}");
+}
