@@ -5,16 +5,16 @@
 //!
 //! 1. **One round, both directions.** The exact privacy profile δ(ε) of one round is known in
 //!    closed form (Gaussian tails) for each direction of add/remove adjacency
-//!    ([`discretise`]: remove = `(M, N₀)`, add = `(N₀, M)`, `M` the sampled mixture). The two
+//!    (`discretise`: remove = `(M, N₀)`, add = `(N₀, M)`, `M` the sampled mixture). The two
 //!    differ for `q < 1`; both are composed, and the larger ε is reported.
 //! 2. **Discretisation ("connect the dots").** On the grid `ε_i = i·h` the exact profile is
 //!    evaluated and interpolated linearly in `e^ε`; the discrete PLD with that profile puts mass
 //!    on the grid points, with the profile's value at the top point as mass at +∞, and a chord to
 //!    `(e^ε = 0, δ = 1)` below the bottom point. δ(ε) is convex in `e^ε`, so the chords lie above
 //!    it: the discrete pair dominates the real one for every ε, and domination survives
-//!    composition (Zhu, Dong & Wang 2022). The grid spans ±[`Z_TAIL`](discretise::Z_TAIL) noise
+//!    composition (Zhu, Dong & Wang 2022). The grid spans ±`Z_TAIL` noise
 //!    standard deviations; the tail above is the mass at +∞ (counted in δ in full).
-//! 3. **Composition by FFT** ([`compose`]): each distinct `(q, σ)` is transformed once, raised
+//! 3. **Composition by FFT** (`compose`): each distinct `(q, σ)` is transformed once, raised
 //!    to its number of rounds and multiplied; a window from Chernoff bounds holds all but
 //!    5·10⁻¹⁶ of the mass on either side, and that mass is added to δ.
 //! 4. **Conversion**: `δ(ε) = m_∞ + Σ_K p_K·(1 − e^{ε − K·h})⁺`, solved exactly for ε on each
