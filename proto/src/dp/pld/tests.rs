@@ -355,7 +355,7 @@ fn the_accountant_caches_rounds_and_answers_like_a_fresh_one() {
 /// Timings for the docs (not asserted): `cargo test --release --workspace --lib -- --ignored
 /// pld_timings --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "timings for the docs, not a check"]
 fn pld_timings() {
     let time = |label: &str, f: &dyn Fn() -> f64| {
         let start = std::time::Instant::now();
