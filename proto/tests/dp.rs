@@ -210,6 +210,10 @@ fn dp_fleet(dp: DpFedAvg<Federated>) -> Fleet<Trainer> {
             selection_timeout: Duration::from_secs(5),
             report_timeout: Duration::from_secs(30),
             eligibility: Eligibility::default(),
+            // Devices not sampled come straight back for the next round (as in the simulator), so
+            // every round draws its Poisson sample from the whole fleet.
+            retry_after: Duration::ZERO,
+            retry_window: Duration::ZERO,
             ..RoundConfig::default()
         },
         history: 0,
