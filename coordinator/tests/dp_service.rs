@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use starling_coordinator::service::config::ServiceConfig;
 use starling_coordinator::service::server;
 use starling_coordinator::store::Store;
 use starling_proto::dp::{Delta, NoiseMultiplier, SamplingRate, epsilon};
@@ -48,11 +49,9 @@ fn shape() -> ModelShape {
     ModelShape::new(20, 4).unwrap()
 }
 
-/// Starts a service in `dir` with `config`, enrolls three devices, runs one round in which each
-/// sends the same fixed update, and returns the committed model (version 1).
-async fn one_round(dir: &Path, config: &str) -> Vec<f32> {
-    let path = service_dir(dir, config);
-    let config = load(&path);
+/// Starts a service in `dir` with `config`, enrolls three devices and checks each in over QUIC.
+async fn start_with_three_devices(dir: &Path, config: &str) -> (ServiceConfig, server::Running, Vec<Raw>) {
+    let config = load(&service_dir(dir, config));
     let tokens: Vec<Vec<u8>> = (1..=3).map(|id| issue(&config, id, 3600).1).collect();
     let running = server::start(&config).await.unwrap();
     let transport = QuicTransport::with_endpoint(
@@ -66,6 +65,13 @@ async fn one_round(dir: &Path, config: &str) -> Vec<f32> {
         raw.send(&check_in(i as u64 + 1, token)).await;
         clients.push(raw);
     }
+    (config, running, clients)
+}
+
+/// Starts a service in `dir` with `config`, enrolls three devices, runs one round in which each
+/// sends the same fixed update, and returns the committed model (version 1).
+async fn one_round(dir: &Path, config: &str) -> Vec<f32> {
+    let (config, running, mut clients) = start_with_three_devices(dir, config).await;
     for c in &mut clients {
         let CoordinatorMessage::Task(task) = c.message().await else { panic!("expected a task") };
         c.send(&ClientMessage::Update(ClientUpdate {
@@ -174,21 +180,7 @@ async fn local_dp_mode_plans_local_noise_and_bounds_noised_updates_by_the_honest
     let text = CONFIG
         .replace("mode = \"central\"", "mode = \"local\"")
         .replace("noise_multiplier = 1.0", "noise_multiplier = 0.5");
-    let path = service_dir(dir.path(), &text);
-    let config = load(&path);
-    let tokens: Vec<Vec<u8>> = (1..=3).map(|id| issue(&config, id, 3600).1).collect();
-    let running = server::start(&config).await.unwrap();
-    let transport = QuicTransport::with_endpoint(
-        client_endpoint(),
-        &endpoint_for(running.quic_addr, &ca_pem(dir.path()), "localhost"),
-    )
-    .unwrap();
-    let mut clients = Vec::new();
-    for (i, token) in tokens.into_iter().enumerate() {
-        let mut raw = Raw::connect(&transport).await;
-        raw.send(&check_in(i as u64 + 1, token)).await;
-        clients.push(raw);
-    }
+    let (config, running, mut clients) = start_with_three_devices(dir.path(), &text).await;
     // A dense "noised" update of norm 4 (C = 1, σ = 0.5, d = 80: honest norms are about 9).
     let values: Vec<f32> = (0..80).map(|i| if i % 2 == 0 { 0.447_213_6 } else { -0.447_213_6 }).collect();
     for c in &mut clients {
