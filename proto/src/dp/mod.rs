@@ -15,10 +15,14 @@
 //! - [`ledger`]: the pure privacy ledger with its budget guard.
 //! - [`strategy`]: [`DpFedAvg`], user-level DP-FedAvg with adaptive clipping,
 //!   as a decorator over any [`Strategy`](crate::strategy::Strategy).
+//! - [`distributed`]: distributed DP under secure aggregation (Kairouz, Liu & Steinke 2021): the
+//!   device-side encoding (clip, rotate, scale, round, discrete Gaussian share, mod 2^bits), the
+//!   coordinator's decoding of the modular sum, and the accounted noise multiplier.
 //! - [`local`]: local DP on the device (sensitivity 2C, the secure sampler, data-independent
 //!   metadata, the coordinator's norm bound) and the device's own ledger.
 
 pub mod accountant;
+pub mod distributed;
 pub mod kind;
 pub mod ledger;
 pub mod local;
