@@ -580,6 +580,7 @@ fn distributed_timing_encode_decode() {
             plan.accounted_multiplier(),
             f64::from(plan.padded_dim).sqrt() / (plan.scale * plan.clip)
         );
+        #[cfg_attr(not(feature = "opendp"), allow(unused_mut))]
         let mut samplers: Vec<(Box<dyn DiscreteGaussian>, u32)> = vec![(Box::new(FastDiscreteGaussian), 20)];
         #[cfg(feature = "opendp")]
         samplers.push((Box::new(OpenDpDiscreteGaussian), 1));
