@@ -169,19 +169,17 @@ const CHUNK_WORDS: usize = 256;
 pub fn expand_mask(seed: &[u8; 32], out: &mut [u32], bits: u32, sign: i8) {
     let mask = super::params::bits_mask(bits);
     let mut cipher = ChaCha20::new(&(*seed).into(), &[0u8; 12].into());
-    let mut buf = Zeroizing::new([0u8; CHUNK_WORDS * 4]);
+    let mut buf = Zeroizing::new([0u32; CHUNK_WORDS]);
     for chunk in out.chunks_mut(CHUNK_WORDS) {
-        let bytes = &mut buf[..chunk.len() * 4];
-        bytes.fill(0);
-        cipher.apply_keystream(bytes);
-        let words = bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        let words = &mut buf[..chunk.len()];
+        cipher.write_keystream(bytemuck::cast_slice_mut(words));
         if sign >= 0 {
-            for (o, w) in chunk.iter_mut().zip(words) {
-                *o = o.wrapping_add(w) & mask;
+            for (o, w) in chunk.iter_mut().zip(words.iter()) {
+                *o = o.wrapping_add(u32::from_le(*w)) & mask;
             }
         } else {
-            for (o, w) in chunk.iter_mut().zip(words) {
-                *o = o.wrapping_sub(w) & mask;
+            for (o, w) in chunk.iter_mut().zip(words.iter()) {
+                *o = o.wrapping_sub(u32::from_le(*w)) & mask;
             }
         }
     }

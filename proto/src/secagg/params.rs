@@ -29,7 +29,7 @@ impl SecAggParams {
         if !(1..=32).contains(&self.bits) {
             return Err(SecAggConfigError::Bits(self.bits));
         }
-        if self.neighbours < 2 || self.neighbours > MAX_NEIGHBOURS || self.neighbours % 2 != 0 {
+        if self.neighbours < 2 || self.neighbours > MAX_NEIGHBOURS || !self.neighbours.is_multiple_of(2) {
             return Err(SecAggConfigError::Neighbours(self.neighbours));
         }
         if self.threshold <= self.neighbours / 2 || self.threshold > self.neighbours {
