@@ -53,21 +53,21 @@
 mod client;
 mod crypto;
 mod graph;
+mod outcome;
 mod params;
 mod server;
 mod shamir;
 #[cfg(test)]
 mod tests;
 
-pub use client::{SecAggClient, SecAggError};
+pub use client::{SHARE_CIPHERTEXT_LEN, SecAggClient, SecAggError};
 pub use crypto::{CryptoError, KeyPair, agree, derive, expand_mask, mask_seed, open, seal, share_key};
 pub use graph::neighbourhood_graph;
+pub use outcome::{SecAggAbort, SecAggOutput, SecAggPhase, SecAggPhaseStats, SecAggReject, SecAggStats};
 pub use params::{
     EncryptedShare, KeyAdvert, MAX_NEIGHBOURS, MaskedInput, NeighbourKeys, Neighbourhood, RevealedShare,
     RoutedShare, RoutedShares, SecAggClientMessage, SecAggConfigError, SecAggParams, SecAggPolicy,
     SecAggServerMessage, ShareBundle, UnmaskRequest, UnmaskResponse,
 };
-pub use server::{
-    SecAggAbort, SecAggOutput, SecAggPhase, SecAggPhaseStats, SecAggReject, SecAggServer, SecAggStats,
-};
+pub use server::SecAggServer;
 pub use shamir::{ShamirError, Share, combine, consistent, split};

@@ -178,6 +178,7 @@ fn check_exact(n: usize, p: SecAggParams, drops: &Dropouts, seed: u64) -> Run {
 }
 
 mod adversarial;
+mod timing;
 
 #[test]
 fn sum_is_exact_under_dropouts_n30() {
