@@ -10,6 +10,8 @@
 //! - [`codec`]: versioned, length-prefixed frames (the only module that knows the byte format).
 //! - [`strategy`]: aggregation strategies and server optimizers behind one trait.
 //! - [`dp`]: differential privacy — clipping, noise, the RDP accountant, the ledger, DP-FedAvg.
+//! - [`secagg`]: secure aggregation (SecAgg+): the client and server state machines of the
+//!   masking protocol, Shamir sharing, and its cryptography.
 //!
 //! ## Contract
 //! Nothing in this crate performs I/O, reads a clock, spawns a thread or depends on an async
@@ -22,6 +24,7 @@ pub mod harness;
 pub mod ids;
 pub mod message;
 pub mod round;
+pub mod secagg;
 pub mod session;
 pub mod strategy;
 pub mod time;
