@@ -34,8 +34,10 @@ use starling_proto::codec::{Codec, FrameBuffer, Inbound};
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ModelVersion, RoundId};
 use starling_proto::message::{Capabilities, ClientMessage, DeviceConditions, ModelPayload, WithdrawReason};
+use starling_proto::secagg::SecAggClientMessage;
 use starling_proto::session::{
-    Session, SessionAction, SessionConfig, SessionError, SessionOutcome, TrainRequest,
+    Entropy, SecAggClientConfig, Session, SessionAction, SessionConfig, SessionError, SessionOutcome,
+    TrainRequest,
 };
 use starling_proto::time::Instant;
 use std::collections::VecDeque;
@@ -124,6 +126,11 @@ impl Participant {
             capabilities: Capabilities::default(),
             response_timeout: config.response_timeout,
             rng_seed: seed,
+            secagg: SecAggClientConfig {
+                policy: config.secure_aggregation.clone(),
+                entropy: Entropy(secret_entropy(config, seed)),
+                exact_noise: config.exact_distributed_noise,
+            },
         });
         Self {
             session,
@@ -446,7 +453,11 @@ impl Participant {
         // Encode the update frame now so that its exact size goes on the ledger, and charge the
         // ledger durably before the frame can leave.
         while let Some(msg) = self.session.poll_transmit() {
-            let is_update = matches!(msg, ClientMessage::Update(_));
+            // Under secure aggregation the masked vector is what carries the update.
+            let is_update = matches!(
+                msg,
+                ClientMessage::Update(_) | ClientMessage::SecAgg(SecAggClientMessage::Masked(_))
+            );
             let frame = match self.codec.encode_client(&msg) {
                 Ok(f) => f,
                 Err(e) => {
@@ -484,6 +495,24 @@ impl Participant {
 }
 
 /// The full parameters of a task: the shipped model, or a patch over the version the device holds.
+/// The secret entropy of secure aggregation (keys, self-mask seeds, rounding, distributed noise):
+/// from the operating system, unless a simulation asked for seeded noise (then from the seed, so
+/// runs repeat).
+fn secret_entropy(config: &ClientConfig, seed: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    if config.simulation_seeded_noise {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EC_A66_5EED);
+        rand::Rng::fill_bytes(&mut rng, &mut out);
+        return out;
+    }
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out).is_err() {
+        // No OS entropy: the session refuses secure tasks on an all-zero seed (fails closed)
+        // rather than using predictable keys.
+        out = [0u8; 32];
+    }
+    out
+}
+
 fn resolve(payload: &ModelPayload, version: ModelVersion, device: &Device) -> Result<Arc<[f32]>, String> {
     if let Some(g) = device.global()
         && g.version == version

@@ -44,6 +44,7 @@ fn task() -> Task {
         model: ModelPayload::Full { shape: ModelShape::new(ITEMS, DIM).unwrap(), values },
         plan: TrainingPlan { clip_norm: Some(1.0), learning_rate: 0.5, ..TrainingPlan::default() },
         report_within_ms: 600_000,
+        secure: None,
     }
 }
 

@@ -43,7 +43,7 @@ use crate::update::Update;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 /// What a trainer returns for one task.
 #[derive(Clone, Debug, PartialEq)]
@@ -379,6 +379,16 @@ pub struct FleetRound {
     pub bytes_up: u64,
     /// Bytes sent by the coordinator.
     pub bytes_down: u64,
+    /// Bytes by message kind ([`ClientMessage::kind`](crate::message::ClientMessage::kind) for
+    /// uploads, [`CoordinatorMessage::kind`] for downloads), frames included: `(kind, up, down)`.
+    pub traffic: BTreeMap<&'static str, (u64, u64)>,
+    /// Host CPU time by step, when the host gave the fleet a clock ([`Fleet::set_cpu_clock`]):
+    /// `"device: <inbound kind>"` (the session handling a coordinator message),
+    /// `"device: encode + mask"` (submitting a trained update, which under secure aggregation
+    /// encodes, noises and masks it), `"coordinator: <inbound kind>"` (the round engine handling a
+    /// client message, including any phase it closes) and `"coordinator: deadlines"`. Training
+    /// itself is not included. Totals over all clients, with the number of calls.
+    pub cpu: BTreeMap<&'static str, (Duration, u64)>,
     /// Virtual time the round took.
     pub duration: Duration,
 }
@@ -424,6 +434,7 @@ struct TaskFrame {
     values: Arc<[f32]>,
     plan: TrainingPlan,
     report_within_ms: u64,
+    secure: Option<crate::message::SecureTask>,
     bytes: Arc<[u8]>,
     decoded: Option<Inbound<CoordinatorMessage>>,
 }
@@ -450,6 +461,9 @@ pub struct Fleet<T> {
     queued: Vec<TrainJob>,
     last_round_start: Option<Instant>,
     task_frame: Option<TaskFrame>,
+    traffic_pending: BTreeMap<&'static str, (u64, u64)>,
+    cpu_pending: BTreeMap<&'static str, (Duration, u64)>,
+    cpu_clock: Option<fn() -> Duration>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -485,6 +499,27 @@ impl<T: Trainer> Fleet<T> {
             queued: Vec::new(),
             last_round_start: None,
             task_frame: None,
+            traffic_pending: BTreeMap::new(),
+            cpu_pending: BTreeMap::new(),
+            cpu_clock: None,
+        }
+    }
+
+    /// Gives the fleet a clock to measure the host CPU time of each protocol step with (e.g. the
+    /// process's CPU time). The fleet never reads a clock otherwise; see [`FleetRound::cpu`].
+    pub fn set_cpu_clock(&mut self, clock: fn() -> Duration) {
+        self.cpu_clock = Some(clock);
+    }
+
+    fn cpu_start(&self) -> Option<Duration> {
+        self.cpu_clock.map(|c| c())
+    }
+
+    fn cpu_stop(&mut self, started: Option<Duration>, step: &'static str) {
+        if let (Some(t0), Some(clock)) = (started, self.cpu_clock) {
+            let e = self.cpu_pending.entry(step).or_default();
+            e.0 += clock().saturating_sub(t0);
+            e.1 += 1;
         }
     }
 
@@ -556,6 +591,10 @@ impl<T: Trainer> Fleet<T> {
             capabilities: Capabilities::default(),
             response_timeout: self.config.response_timeout,
             rng_seed: self.config.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            secagg: crate::session::SecAggClientConfig {
+                entropy: crate::session::Entropy(seeded_entropy(self.config.seed, i)),
+                ..Default::default()
+            },
         }
     }
 
@@ -588,6 +627,8 @@ impl<T: Trainer> Fleet<T> {
             window_closed: 0,
             bytes_up: 0,
             bytes_down: 0,
+            traffic: BTreeMap::new(),
+            cpu: BTreeMap::new(),
             duration: Duration::ZERO,
         };
         let spread = self.config.check_in_spread.as_micros() as u64;
@@ -675,7 +716,9 @@ impl<T: Trainer> Fleet<T> {
             }
             (_, Some(t)) => {
                 self.now = self.now.max(t);
+                let t0 = self.cpu_start();
                 self.orchestrator.handle_timeout(self.now);
+                self.cpu_stop(t0, "coordinator: deadlines (phase closes, unmasking, aggregation)");
                 true
             }
             // Unreachable: the first arm takes `(Some, None)`.
@@ -709,15 +752,22 @@ impl<T: Trainer> Fleet<T> {
             }
             Delivery::ToCoordinator(c, bytes) => match self.codec.decode_client(&bytes) {
                 Ok((Inbound::Message { message, .. }, _)) => {
-                    self.orchestrator.handle_message(now, c, message)
+                    let (t0, step) = (self.cpu_start(), coordinator_step(message.kind()));
+                    self.orchestrator.handle_message(now, c, message);
+                    self.cpu_stop(t0, step);
                 }
                 _ => self.orchestrator.handle_disconnect(now, c),
             },
             Delivery::ToClient(c, bytes) => {
                 let inbound = self.decode_for_client(&bytes);
+                let t0 = self.cpu_start();
                 let session = &mut self.client(c.0 as usize).session;
                 match inbound {
-                    Some(Inbound::Message { message, .. }) => session.handle_message(now, message),
+                    Some(Inbound::Message { message, .. }) => {
+                        let step = device_step(message.kind());
+                        session.handle_message(now, message);
+                        self.cpu_stop(t0, step);
+                    }
                     Some(Inbound::VersionNegotiation { min, max }) => {
                         session.handle_version_negotiation(now, min, max)
                     }
@@ -738,8 +788,10 @@ impl<T: Trainer> Fleet<T> {
                     Some(result) => {
                         let kind = self.orchestrator.config().round.plan.encoding;
                         let update = EncodedUpdate::encode(&result.update, kind, &mut self.rng);
+                        let t0 = self.cpu_start();
                         let session = &mut self.client(c.0 as usize).session;
                         let _ = session.submit_update(now, round, update, result.weight, result.metrics);
+                        self.cpu_stop(t0, "device: encode + mask");
                     }
                     None => self.client(c.0 as usize).session.withdraw(now, WithdrawReason::TrainingFailed),
                 }
@@ -766,6 +818,7 @@ impl<T: Trainer> Fleet<T> {
         while let Some(msg) = self.client(idx).session.poll_transmit() {
             let Ok(bytes) = self.codec.encode_client(&msg) else { continue };
             self.bytes_up_pending += bytes.len() as u64;
+            self.traffic_pending.entry(msg.kind()).or_default().0 += bytes.len() as u64;
             self.record(b'U', c, &bytes);
             let at = self.now + self.delay(c, bytes.len(), true);
             self.schedule(at, Delivery::ToCoordinator(c, bytes));
@@ -860,6 +913,7 @@ impl<T: Trainer> Fleet<T> {
             && Arc::ptr_eq(&f.values, values)
             && f.plan == t.plan
             && f.report_within_ms == t.report_within_ms
+            && f.secure == t.secure
         {
             return Some(f.bytes.clone());
         }
@@ -871,6 +925,7 @@ impl<T: Trainer> Fleet<T> {
                 values: values.clone(),
                 plan: t.plan.clone(),
                 report_within_ms: t.report_within_ms,
+                secure: t.secure.clone(),
                 bytes: bytes.clone(),
                 decoded: None,
             });
@@ -882,6 +937,7 @@ impl<T: Trainer> Fleet<T> {
         while let Some(t) = self.orchestrator.poll_transmit() {
             let Some(bytes) = self.encode_for_client(&t.message) else { continue };
             out.bytes_down += bytes.len() as u64;
+            out.traffic.entry(t.message.kind()).or_default().1 += bytes.len() as u64;
             self.record(b'D', t.to, &bytes);
             let at = self.now + self.delay(t.to, bytes.len(), false);
             self.schedule(at, Delivery::ToClient(t.to, bytes));
@@ -891,7 +947,47 @@ impl<T: Trainer> Fleet<T> {
         }
         out.outcomes.append(&mut self.outcomes);
         out.bytes_up += std::mem::take(&mut self.bytes_up_pending);
+        for (k, (up, down)) in std::mem::take(&mut self.traffic_pending) {
+            let e = out.traffic.entry(k).or_default();
+            e.0 += up;
+            e.1 += down;
+        }
+        for (k, (t, n)) in std::mem::take(&mut self.cpu_pending) {
+            let e = out.cpu.entry(k).or_default();
+            e.0 += t;
+            e.1 += n;
+        }
         out.window_closed += std::mem::take(&mut self.window_closed_pending);
+    }
+}
+
+/// A client's secret entropy in a simulation: a pure function of the fleet's seed and the id.
+fn seeded_entropy(seed: u64, client: u64) -> [u8; 32] {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EC_A66 ^ client.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let mut out = [0u8; 32];
+    rand::Rng::fill_bytes(&mut rng, &mut out);
+    out
+}
+
+fn device_step(kind: &'static str) -> &'static str {
+    match kind {
+        "task" => "device: task",
+        "secagg: neighbourhood keys" => "device: secagg: neighbourhood keys (agree, share, encrypt)",
+        "secagg: routed shares" => "device: secagg: routed shares (decrypt)",
+        "secagg: unmask request" => "device: secagg: unmask request",
+        _ => "device: other messages",
+    }
+}
+
+fn coordinator_step(kind: &'static str) -> &'static str {
+    match kind {
+        "check-in" => "coordinator: check-in",
+        "update" => "coordinator: update (decode, validate, accumulate)",
+        "secagg: key advertisement" => "coordinator: secagg: key advertisement",
+        "secagg: encrypted shares" => "coordinator: secagg: encrypted shares",
+        "secagg: masked input" => "coordinator: secagg: masked input",
+        "secagg: unmasking shares" => "coordinator: secagg: unmasking shares (+ unmask)",
+        _ => "coordinator: other messages",
     }
 }
 

@@ -5,8 +5,10 @@
 //! (secure aggregation's key exchange and unmasking) adds variants without changing the encoding
 //! of the existing ones. See `docs/protocol.md` for the message flow.
 
+use crate::dp::distributed::QuantPlan;
 use crate::encoding::{EncodedUpdate, EncodingKind};
 use crate::ids::{ClientId, ModelVersion, RoundId};
+use crate::secagg::{SecAggClientMessage, SecAggParams, SecAggServerMessage};
 use crate::update::ModelShape;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -26,6 +28,9 @@ pub enum ClientMessage {
         /// Why.
         reason: WithdrawReason,
     },
+    /// A message of a secure-aggregation round (key advertisement, shares, masked input,
+    /// unmasking shares); see [`secagg`](crate::secagg).
+    SecAgg(SecAggClientMessage),
 }
 
 /// A message from the coordinator to a client.
@@ -57,6 +62,9 @@ pub enum CoordinatorMessage {
         /// Why.
         reason: AbortReason,
     },
+    /// A message of a secure-aggregation round (neighbourhood keys, routed shares, unmask
+    /// request); see [`secagg`](crate::secagg).
+    SecAgg(SecAggServerMessage),
 }
 
 /// Device conditions reported by the host app at check-in.
@@ -128,6 +136,14 @@ pub enum NoiseSettings {
     /// every coordinate it sends.
     Local {
         /// Noise multiplier σ.
+        multiplier: f32,
+    },
+    /// Distributed DP under secure aggregation: every device adds its share of discrete Gaussian
+    /// noise so that the **sum** carries noise of multiplier σ even when the tolerated fraction of
+    /// the cohort drops out; the exact per-device noise is in the task's
+    /// [`QuantPlan`](crate::dp::distributed::QuantPlan).
+    Distributed {
+        /// Noise multiplier σ of the sum.
         multiplier: f32,
     },
 }
@@ -270,6 +286,19 @@ pub struct Task {
     pub plan: TrainingPlan,
     /// Milliseconds from receipt within which the update must arrive.
     pub report_within_ms: u64,
+    /// Secure aggregation: when set, the client does not send its update but takes part in the
+    /// SecAgg+ protocol with the update encoded as the plan says (see [`SecureTask`]).
+    pub secure: Option<SecureTask>,
+}
+
+/// The secure-aggregation part of a task: the protocol's parameters and how to encode the update
+/// into integers mod 2^bits (clip, rotate, scale, round, distributed noise).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecureTask {
+    /// SecAgg+ parameters (neighbourhood size, threshold, modulus, vector length).
+    pub params: SecAggParams,
+    /// The encoding of the update, with the device's share of the noise.
+    pub quant: QuantPlan,
 }
 
 /// "Come back later": pace steering, so that check-ins spread out.
@@ -337,6 +366,9 @@ pub enum RejectReason {
     InvalidWeight,
     /// The update was well-formed but the strategy refused it.
     Refused(String),
+    /// A secure-aggregation message was refused (wrong phase, malformed, not a neighbour, …); the
+    /// client is out of the round's remaining phases.
+    SecAgg(String),
 }
 
 /// Why a round was aborted for a client.
@@ -349,6 +381,9 @@ pub enum AbortReason {
     RoundFailed,
     /// The coordinator is shutting down.
     ShuttingDown,
+    /// Secure aggregation could not finish (too few survivors, missing or inconsistent shares):
+    /// nothing was unmasked.
+    SecureAggregationFailed,
 }
 
 /// Why a client withdrew from a task.
@@ -398,4 +433,40 @@ pub struct ClientUpdate {
     pub weight: f32,
     /// Local metrics.
     pub metrics: LocalMetrics,
+}
+
+impl ClientMessage {
+    /// A short, stable name of the message's kind, for per-phase traffic and CPU figures.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessage::CheckIn(_) => "check-in",
+            ClientMessage::Update(_) => "update",
+            ClientMessage::Withdraw { .. } => "withdraw",
+            ClientMessage::SecAgg(m) => match m {
+                SecAggClientMessage::KeyAdvert(_) => "secagg: key advertisement",
+                SecAggClientMessage::Shares(_) => "secagg: encrypted shares",
+                SecAggClientMessage::Masked(_) => "secagg: masked input",
+                SecAggClientMessage::Unmask(_) => "secagg: unmasking shares",
+            },
+        }
+    }
+}
+
+impl CoordinatorMessage {
+    /// A short, stable name of the message's kind, for per-phase traffic and CPU figures.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CoordinatorMessage::Task(_) => "task",
+            CoordinatorMessage::ComeBackAt(_) => "come back at",
+            CoordinatorMessage::Refusal(_) => "refusal",
+            CoordinatorMessage::Receipt { .. } => "receipt",
+            CoordinatorMessage::Rejection { .. } => "rejection",
+            CoordinatorMessage::Abort { .. } => "abort",
+            CoordinatorMessage::SecAgg(m) => match m {
+                SecAggServerMessage::Neighbourhood(_) => "secagg: neighbourhood keys",
+                SecAggServerMessage::RoutedShares(_) => "secagg: routed shares",
+                SecAggServerMessage::UnmaskRequest(_) => "secagg: unmask request",
+            },
+        }
+    }
 }

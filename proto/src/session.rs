@@ -23,12 +23,62 @@ use crate::encoding::EncodedUpdate;
 use crate::ids::{ClientId, ModelVersion, RoundId};
 use crate::message::{
     AbortReason, Capabilities, CheckIn, ClientMessage, ClientUpdate, CoordinatorMessage, DeviceConditions,
-    LocalMetrics, ModelPayload, Refusal, RejectReason, TrainingPlan, WithdrawReason,
+    LocalMetrics, ModelPayload, Refusal, RejectReason, SecureTask, TrainingPlan, WithdrawReason,
 };
+use crate::secagg::{SecAggClient, SecAggClientMessage, SecAggPolicy, SecAggServerMessage};
 use crate::time::{Duration, Instant};
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 use std::collections::VecDeque;
+
+/// 32 bytes of secret entropy (redacted from `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entropy(pub [u8; 32]);
+
+impl std::fmt::Debug for Entropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Entropy(..)")
+    }
+}
+
+/// How the device takes part in secure aggregation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecAggClientConfig {
+    /// The device's own floor under the coordinator's protocol parameters (the threshold it
+    /// accepts, the neighbourhoods it accepts).
+    pub policy: SecAggPolicy,
+    /// Secret entropy for the protocol's keys and self-mask seeds, the stochastic rounding and the
+    /// distributed-DP noise: a ChaCha20 generator keyed with it feeds them all. The SDK draws it
+    /// from the operating system; tests and simulations seed it. All zeros (the default) means
+    /// "none": the session then refuses secure tasks.
+    pub entropy: Entropy,
+    /// Draw the distributed-DP noise with opendp's exact discrete Gaussian (needs the `opendp`
+    /// feature; without it the fast sampler is used) instead of the fast floating-point sampler.
+    pub exact_noise: bool,
+}
+
+impl Default for SecAggClientConfig {
+    fn default() -> Self {
+        Self { policy: SecAggPolicy::default(), entropy: Entropy([0; 32]), exact_noise: false }
+    }
+}
+
+/// A secure-aggregation round in progress on the device.
+struct SecureRun {
+    client: SecAggClient,
+    task: SecureTask,
+    shape: crate::update::ModelShape,
+    /// The encoded input, submitted before the neighbours' shares arrived.
+    pending: Option<Vec<u32>>,
+    /// The task's deadline for the (masked) input.
+    deadline: Instant,
+}
+
+impl std::fmt::Debug for SecureRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureRun").field("task", &self.task).finish_non_exhaustive()
+    }
+}
 
 /// Settings of a client's sessions.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +97,8 @@ pub struct SessionConfig {
     pub response_timeout: Duration,
     /// Seed for the machine's RNG (spreading "come back" times).
     pub rng_seed: u64,
+    /// Secure aggregation: the device's policy and secret entropy.
+    pub secagg: SecAggClientConfig,
 }
 
 /// A task the host should train on.
@@ -62,6 +114,9 @@ pub struct TrainRequest {
     pub plan: TrainingPlan,
     /// When the update must be submitted by.
     pub deadline: Instant,
+    /// Set when the round runs secure aggregation: the session encodes the submitted update as
+    /// this says (dense, clipped, noised, mod 2^bits) and only the masked vector leaves the device.
+    pub secure: Option<SecureTask>,
 }
 
 /// What the host should do.
@@ -151,14 +206,37 @@ pub enum SessionError {
     /// `submit_update` after the deadline.
     #[error("the deadline for round {0} has passed")]
     DeadlineMissed(RoundId),
+    /// Under secure aggregation the update could not be encoded (wrong shape, non-finite values).
+    #[error("the update cannot be encoded for secure aggregation: {0}")]
+    Encoding(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
 enum State {
     Idle,
-    CheckingIn { until: Instant },
-    Training { round: RoundId, version: ModelVersion, deadline: Instant },
-    Uploading { round: RoundId, until: Instant },
+    CheckingIn {
+        until: Instant,
+    },
+    Training {
+        round: RoundId,
+        version: ModelVersion,
+        deadline: Instant,
+    },
+    /// Secure round: the input is encoded, the neighbours' shares have not arrived yet.
+    AwaitingShares {
+        round: RoundId,
+        version: ModelVersion,
+        until: Instant,
+    },
+    /// Secure round: the masked input is sent, the unmask request has not arrived yet.
+    Unmasking {
+        round: RoundId,
+        until: Instant,
+    },
+    Uploading {
+        round: RoundId,
+        until: Instant,
+    },
 }
 
 /// The client-side session machine. See the module docs.
@@ -166,6 +244,9 @@ enum State {
 pub struct Session {
     config: SessionConfig,
     rng: ChaCha8Rng,
+    /// Keys, self-mask seeds, rounding and distributed noise (secret; see [`SecAggClientConfig`]).
+    secret_rng: ChaCha20Rng,
+    secure: Option<SecureRun>,
     state: State,
     not_before: Option<Instant>,
     transmits: VecDeque<ClientMessage>,
@@ -177,6 +258,8 @@ impl Session {
     pub fn new(config: SessionConfig) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.rng_seed),
+            secret_rng: ChaCha20Rng::from_seed(config.secagg.entropy.0),
+            secure: None,
             config,
             state: State::Idle,
             not_before: None,
@@ -201,6 +284,11 @@ impl Session {
             State::Training { round, .. } => Some(round),
             _ => None,
         }
+    }
+
+    /// Whether the current task runs secure aggregation.
+    pub fn is_secure(&self) -> bool {
+        self.secure.is_some()
     }
 
     /// The earliest time the coordinator allows the next check-in, if it asked for one.
@@ -242,6 +330,15 @@ impl Session {
         match (self.state.clone(), message) {
             (State::CheckingIn { .. }, CoordinatorMessage::Task(task)) => {
                 let deadline = now + Duration::from_millis(task.report_within_ms);
+                if let Some(secure) = &task.secure
+                    && let Err(e) = self.start_secure(task.round, secure, task.model.shape(), deadline)
+                {
+                    self.transmits.push_back(ClientMessage::Withdraw {
+                        round: task.round,
+                        reason: WithdrawReason::PrivacyRefused,
+                    });
+                    return self.finish(SessionOutcome::ProtocolViolation(e));
+                }
                 self.state = State::Training { round: task.round, version: task.model_version, deadline };
                 self.actions.push_back(SessionAction::Train(Box::new(TrainRequest {
                     round: task.round,
@@ -249,7 +346,26 @@ impl Session {
                     model: task.model,
                     plan: task.plan,
                     deadline,
+                    secure: task.secure,
                 })));
+            }
+            (
+                State::Training { round, .. }
+                | State::AwaitingShares { round, .. }
+                | State::Unmasking { round, .. },
+                CoordinatorMessage::SecAgg(m),
+            ) if m.round() == round => self.handle_secagg(now, round, m),
+            (
+                State::AwaitingShares { round, .. } | State::Unmasking { round, .. },
+                CoordinatorMessage::Abort { round: r, reason },
+            ) if r == round => {
+                self.finish(SessionOutcome::Aborted { round, reason });
+            }
+            (
+                State::AwaitingShares { round, .. } | State::Unmasking { round, .. },
+                CoordinatorMessage::Rejection { round: r, reason },
+            ) if r == round => {
+                self.finish(SessionOutcome::Rejected { round, reason });
             }
             (State::CheckingIn { .. }, CoordinatorMessage::ComeBackAt(c)) => {
                 let spread = if c.window_ms == 0 { 0 } else { self.rng.random_range(0..=c.window_ms) };
@@ -322,6 +438,9 @@ impl Session {
             self.finish(SessionOutcome::DeadlineMissed { round });
             return Err(SessionError::DeadlineMissed(round));
         }
+        if self.secure.is_some() {
+            return self.submit_secure(now, round, version, deadline, update);
+        }
         self.transmits.push_back(ClientMessage::Update(ClientUpdate {
             round,
             base_version: version,
@@ -342,6 +461,9 @@ impl Session {
                 self.transmits.push_back(ClientMessage::Withdraw { round, reason });
                 self.actions.push_back(SessionAction::Cancel { round });
             }
+            State::AwaitingShares { round, .. } | State::Unmasking { round, .. } => {
+                self.transmits.push_back(ClientMessage::Withdraw { round, reason });
+            }
             State::CheckingIn { .. } | State::Uploading { .. } => {}
         }
         self.finish(SessionOutcome::Withdrawn { reason });
@@ -360,7 +482,12 @@ impl Session {
     /// Advances deadlines.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
-            State::CheckingIn { until } | State::Uploading { until, .. } if now >= until => {
+            State::CheckingIn { until }
+            | State::Uploading { until, .. }
+            | State::AwaitingShares { until, .. }
+            | State::Unmasking { until, .. }
+                if now >= until =>
+            {
                 self.finish(SessionOutcome::TimedOut);
             }
             State::Training { round, deadline, .. } if now >= deadline => {
@@ -385,15 +512,147 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Idle => None,
-            State::CheckingIn { until } | State::Uploading { until, .. } => Some(until),
+            State::CheckingIn { until }
+            | State::Uploading { until, .. }
+            | State::AwaitingShares { until, .. }
+            | State::Unmasking { until, .. } => Some(until),
             State::Training { deadline, .. } => Some(deadline),
         }
     }
 
     fn finish(&mut self, outcome: SessionOutcome) {
         self.state = State::Idle;
+        self.secure = None;
         self.actions.push_back(SessionAction::Finished(outcome));
     }
+
+    /// A secure task arrived: start the protocol (key advertisement).
+    fn start_secure(
+        &mut self,
+        round: RoundId,
+        task: &SecureTask,
+        shape: crate::update::ModelShape,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        if self.config.secagg.entropy.0 == [0; 32] {
+            return Err("no secret entropy for secure aggregation (all-zero seed): refused".into());
+        }
+        task.quant.validate().map_err(|e| format!("secure aggregation encoding refused: {e}"))?;
+        if task.quant.dim as usize != shape.len() || task.params.len != task.quant.padded_dim {
+            return Err("secure aggregation task does not match the model's shape".into());
+        }
+        let mut entropy = [0u8; 32];
+        self.secret_rng.fill_bytes(&mut entropy);
+        let policy = self.config.secagg.policy.clone();
+        let (client, advert) = SecAggClient::new(round, self.config.client, task.params, policy, entropy)
+            .map_err(|e| e.to_string())?;
+        self.transmits.push_back(ClientMessage::SecAgg(SecAggClientMessage::KeyAdvert(advert)));
+        self.secure = Some(SecureRun { client, task: task.clone(), shape, pending: None, deadline });
+        Ok(())
+    }
+
+    /// A secure-aggregation message of the current round.
+    fn handle_secagg(&mut self, now: Instant, round: RoundId, m: SecAggServerMessage) {
+        let Some(run) = &mut self.secure else {
+            return self.violation(round, "secure-aggregation message in a plain round".into());
+        };
+        let result = match m {
+            SecAggServerMessage::Neighbourhood(n) => run
+                .client
+                .handle_neighbourhood(n)
+                .map(|b| self.transmits.push_back(ClientMessage::SecAgg(SecAggClientMessage::Shares(b)))),
+            SecAggServerMessage::RoutedShares(r) => run.client.handle_routed_shares(r),
+            SecAggServerMessage::UnmaskRequest(u) => match self.state {
+                State::Unmasking { .. } => run.client.handle_unmask(u).map(|resp| {
+                    self.transmits.push_back(ClientMessage::SecAgg(SecAggClientMessage::Unmask(resp)));
+                    let until = now + self.config.response_timeout;
+                    self.state = State::Uploading { round, until };
+                }),
+                _ => return self.violation(round, "unmask request before the masked input was sent".into()),
+            },
+        };
+        if let Err(e) = result {
+            return self.violation(round, e.to_string());
+        }
+        // The shares may have been the last thing a submitted input waited for.
+        if let State::AwaitingShares { version, .. } = self.state
+            && let Some(run) = &mut self.secure
+            && run.client.ready_to_mask()
+            && let Some(input) = run.pending.take()
+        {
+            self.send_masked(now, round, version, input);
+        }
+    }
+
+    /// The coordinator broke the protocol (or asked for something the device's policy refuses):
+    /// withdraw and end the session.
+    fn violation(&mut self, round: RoundId, text: String) {
+        if let State::Training { .. } = self.state {
+            self.actions.push_back(SessionAction::Cancel { round });
+        }
+        self.transmits.push_back(ClientMessage::Withdraw { round, reason: WithdrawReason::PrivacyRefused });
+        self.finish(SessionOutcome::ProtocolViolation(format!("secure aggregation: {text}")));
+    }
+
+    /// Encodes the trained update for secure aggregation and masks it (now, or once the shares
+    /// arrive).
+    fn submit_secure(
+        &mut self,
+        now: Instant,
+        round: RoundId,
+        version: ModelVersion,
+        deadline: Instant,
+        update: EncodedUpdate,
+    ) -> Result<(), SessionError> {
+        let Some(run) = &mut self.secure else { return Err(SessionError::NoTask) };
+        let encoded = update.decode(run.shape, run.shape.len()).map_err(|e| e.to_string()).and_then(|u| {
+            let dense = u.to_dense();
+            let sampler = secure_sampler(self.config.secagg.exact_noise);
+            crate::dp::distributed::encode(&dense, &run.task.quant, sampler.as_ref(), &mut self.secret_rng)
+                .map_err(|e| e.to_string())
+        });
+        let input = match encoded {
+            Ok(e) => e.values,
+            Err(e) => {
+                self.transmits
+                    .push_back(ClientMessage::Withdraw { round, reason: WithdrawReason::TrainingFailed });
+                self.finish(SessionOutcome::ProtocolViolation(format!("cannot encode the update: {e}")));
+                return Err(SessionError::Encoding(e));
+            }
+        };
+        if run.client.ready_to_mask() {
+            self.send_masked(now, round, version, input);
+        } else {
+            run.pending = Some(input);
+            let until = deadline.max(now) + self.config.response_timeout * 2;
+            self.state = State::AwaitingShares { round, version, until };
+        }
+        Ok(())
+    }
+
+    fn send_masked(&mut self, now: Instant, round: RoundId, version: ModelVersion, input: Vec<u32>) {
+        let Some(run) = &mut self.secure else { return };
+        match run.client.mask(version, input) {
+            Ok(masked) => {
+                self.transmits.push_back(ClientMessage::SecAgg(SecAggClientMessage::Masked(masked)));
+                // The unmask request comes once the coordinator closes the masked-input phase,
+                // at the latest around the task's deadline.
+                let until = run.deadline.max(now) + self.config.response_timeout * 2;
+                self.state = State::Unmasking { round, until };
+            }
+            Err(e) => self.violation(round, e.to_string()),
+        }
+    }
+}
+
+/// The discrete Gaussian sampler for distributed-DP noise on the device.
+fn secure_sampler(exact: bool) -> Box<dyn crate::dp::distributed::DiscreteGaussian> {
+    #[cfg(feature = "opendp")]
+    if exact {
+        return Box::new(crate::dp::distributed::OpenDpDiscreteGaussian);
+    }
+    let _ = exact;
+    Box::new(crate::dp::distributed::FastDiscreteGaussian)
 }
 
 fn message_name(m: &CoordinatorMessage) -> &'static str {
@@ -404,6 +663,7 @@ fn message_name(m: &CoordinatorMessage) -> &'static str {
         CoordinatorMessage::Receipt { .. } => "Receipt",
         CoordinatorMessage::Rejection { .. } => "Rejection",
         CoordinatorMessage::Abort { .. } => "Abort",
+        CoordinatorMessage::SecAgg(_) => "SecAgg",
     }
 }
 
@@ -413,5 +673,7 @@ fn state_name(s: &State) -> &'static str {
         State::CheckingIn { .. } => "checking in",
         State::Training { .. } => "training",
         State::Uploading { .. } => "uploading",
+        State::AwaitingShares { .. } => "waiting for secure-aggregation shares",
+        State::Unmasking { .. } => "waiting for the unmask request",
     }
 }

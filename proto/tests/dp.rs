@@ -48,6 +48,8 @@ fn ctx(shape: ModelShape, round: u64) -> RoundContext {
         target_participants: 10,
         selected: 10,
         population: Some(POPULATION),
+        secure: false,
+        quant: None,
     }
 }
 

@@ -108,6 +108,7 @@ fn session() -> Session {
         capabilities: Capabilities::default(),
         response_timeout: Duration::from_secs(5),
         rng_seed: 1,
+        secagg: Default::default(),
     })
 }
 
@@ -496,6 +497,7 @@ fn session_cancels_training_on_abort_and_refuses_late_submission() {
         model: ModelPayload::Full { shape: shape(), values: vec![0.0; 16].into() },
         plan: TrainingPlan::default(),
         report_within_ms: 1000,
+        secure: None,
     };
     s.handle_message(Instant::from_millis(5), CoordinatorMessage::Task(task));
     assert!(matches!(s.poll_action(), Some(SessionAction::Train(_))));

@@ -208,6 +208,7 @@ fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
                 model,
                 plan,
                 report_within_ms: ms,
+                secure: None,
             })
         });
     prop_oneof![

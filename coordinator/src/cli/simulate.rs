@@ -274,6 +274,28 @@ pub struct SimulateArgs {
     /// DP (central): adapt the clip norm towards this quantile of update norms (e.g. 0.5).
     #[arg(long)]
     pub adaptive_clip: Option<f64>,
+    /// Secure aggregation (SecAgg+): the coordinator learns only each round's sum; with --dp
+    /// central the devices add the noise (distributed discrete Gaussian) at the same sigma.
+    #[arg(long)]
+    pub secagg: bool,
+    /// Secure aggregation: neighbours per device (k, even).
+    #[arg(long, default_value_t = 32)]
+    pub secagg_neighbours: u32,
+    /// Secure aggregation: shares needed to reconstruct (t of k); 0 = k/2 + 1.
+    #[arg(long, default_value_t = 0)]
+    pub secagg_threshold: u32,
+    /// Secure aggregation: sums mod 2^bits.
+    #[arg(long, default_value_t = 32)]
+    pub secagg_bits: u32,
+    /// Secure aggregation: fraction of a round's cohort that may drop out with the full noise kept.
+    #[arg(long, default_value_t = 0.3)]
+    pub secagg_dropout_tolerance: f64,
+    /// Secure aggregation: largest cohort (sizes the modulus); 0 = twice the expected cohort.
+    #[arg(long, default_value_t = 0)]
+    pub secagg_max_cohort: usize,
+    /// Secure aggregation: randomised Hadamard rotation before quantisation.
+    #[arg(long)]
+    pub secagg_rotation: bool,
     /// DP (central): the sampler of the coordinator's noise.
     #[arg(long, value_enum, default_value_t = SamplerArg::Fast)]
     pub noise_sampler: SamplerArg,
@@ -454,6 +476,24 @@ impl SimulateArgs {
             !(self.attack_baseline && self.compare_row_aware),
             "--attack-baseline and --compare-row-aware cannot be combined"
         );
+        if self.secagg {
+            let k = self.secagg_neighbours;
+            let expected = (c.clients_per_round as f64 * c.over_selection).ceil() as usize;
+            c.secure = Some(starling_proto::round::SecureAggregation {
+                neighbours: k,
+                threshold: if self.secagg_threshold == 0 { k / 2 + 1 } else { self.secagg_threshold },
+                bits: self.secagg_bits,
+                dropout_tolerance: self.secagg_dropout_tolerance,
+                max_cohort: if self.secagg_max_cohort == 0 {
+                    (2 * expected).max(16)
+                } else {
+                    self.secagg_max_cohort
+                },
+                rotation: self.secagg_rotation,
+                phase_timeout: Duration::from_secs(30),
+                clip_norm: clip as f32,
+            });
+        }
         c.audit = (self.audit_canaries > 0)
             .then_some(sim::audit::AuditConfig { canaries: self.audit_canaries, delta: self.delta });
         c.privacy = match dp {

@@ -43,6 +43,7 @@ use starling_proto::codec::Codec;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::{ClientMessage, CoordinatorMessage, Refusal};
 use starling_proto::round::{Orchestrator, Phase, RoundEvent, StartError};
+use starling_proto::secagg::{SecAggClientMessage, SecAggServerMessage};
 use starling_proto::time::Instant as ProtoInstant;
 use starling_sdk::transport::Connection;
 use std::collections::HashMap;
@@ -513,7 +514,10 @@ impl Driver {
                 }
                 bound
             }
-            (Some(bound), ClientMessage::Update(_)) => {
+            (
+                Some(bound),
+                ClientMessage::Update(_) | ClientMessage::SecAgg(SecAggClientMessage::Masked(_)),
+            ) => {
                 // Revocation and expiry take effect at the latest here, not only at check-in.
                 if let Err(why) = self.auth.verify(bound, &c.credential) {
                     self.unbind(conn, &format!("credential no longer valid: {why}"));
@@ -681,7 +685,14 @@ impl Driver {
     fn send_transmits(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
             let Some(&conn) = self.clients.get(&t.to) else { continue };
-            let upload = matches!(t.message, CoordinatorMessage::Task(_));
+            // Messages after which the client sends its (model-sized) update or masked input.
+            let upload = matches!(
+                t.message,
+                CoordinatorMessage::Task(_)
+                    | CoordinatorMessage::SecAgg(
+                        SecAggServerMessage::Neighbourhood(_) | SecAggServerMessage::RoutedShares(_)
+                    )
+            );
             let frame = match self.frame_for(&t.message) {
                 Ok(f) => f,
                 Err(e) => {

@@ -38,7 +38,8 @@ use starling_proto::ids::{ModelVersion, RoundId};
 use starling_proto::message::NoiseSettings;
 use starling_proto::message::{DeviceConditions, TrainingPlan};
 use starling_proto::round::{
-    Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, StartError, Weighting,
+    Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, SecureAggregation, StartError,
+    Weighting,
 };
 use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
 use starling_proto::time::Duration;
@@ -221,6 +222,9 @@ pub struct SimConfig {
     pub clients: ClientKind,
     /// In-process (simulated network and clock) or the real service over loopback QUIC.
     pub transport: TransportKind,
+    /// Secure aggregation (SecAgg+ with distributed DP under central DP): the coordinator learns
+    /// only each round's sum. The clip norm is taken from the privacy mode.
+    pub secure: Option<SecureAggregation>,
 }
 
 /// How the clients reach the coordinator.
@@ -342,6 +346,7 @@ impl Default for SimConfig {
             audit: None,
             clients: ClientKind::Sdk,
             transport: TransportKind::InProcess,
+            secure: None,
         }
     }
 }
@@ -603,7 +608,34 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         // selected may come back for the next round, so every round samples from everyone available.
         retry_after: Duration::ZERO,
         retry_window: Duration::ZERO,
+        secure: None,
     };
+    if let Some(secure) = &config.secure {
+        if matches!(config.privacy, PrivacyMode::Local { .. }) {
+            return Err(SimError::Config(
+                "secure aggregation and local DP do not combine (use central DP: the devices add the noise)"
+                    .into(),
+            ));
+        }
+        if matches!(config.privacy, PrivacyMode::Central { adaptive_quantile: Some(_), .. }) {
+            return Err(SimError::Config(
+                "adaptive clipping is not available under secure aggregation".into(),
+            ));
+        }
+        if matches!(config.strategy, StrategyKind::Median | StrategyKind::TrimmedMean) {
+            return Err(SimError::Config(
+                "a robust aggregation rule needs individual updates; secure aggregation gives only their sum"
+                    .into(),
+            ));
+        }
+        let clip = match config.privacy {
+            PrivacyMode::Central { clip, .. } => clip,
+            _ => config.clip_norm,
+        };
+        round.secure = Some(SecureAggregation { clip_norm: clip as f32, ..secure.clone() });
+        // The session encodes the update itself; what the trainer hands it must be lossless.
+        round.plan.encoding = EncodingKind::Dense;
+    }
     let (strategy, ledger) = build_privacy(config, round_strategy(config), target, shape.len(), &mut round)?;
     let orch_config =
         OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
@@ -655,7 +687,8 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         }
         None => Byzantine::honest(trainer),
     };
-    let fleet = Fleet::new(orchestrator, n_users + canaries, trainer, fleet_config);
+    let mut fleet = Fleet::new(orchestrator, n_users + canaries, trainer, fleet_config);
+    fleet.set_cpu_clock(host_clock);
 
     Ok(Built { data, fleet, ledger })
 }
@@ -726,6 +759,8 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             round_seconds,
             train_seconds,
             simulated_seconds: fr.duration.as_secs_f64(),
+            traffic: fr.traffic.iter().map(|(k, v)| ((*k).to_string(), *v)).collect(),
+            cpu: fr.cpu.iter().map(|(k, (t, n))| ((*k).to_string(), (t.as_secs_f64(), *n))).collect(),
         };
         for e in &fr.events {
             let stats = match e {
@@ -935,6 +970,14 @@ fn build_privacy(
             Ok((Box::new(dp), Some(SimLedger { store, ledger })))
         }
     }
+}
+
+/// The fleet's step clock: host time since the first call. The fleet handles one message at a
+/// time on this thread (training runs between messages, not during them), so the time a step
+/// takes on this clock is the CPU it costs.
+fn host_clock() -> Duration {
+    static START: std::sync::OnceLock<WallClock> = std::sync::OnceLock::new();
+    START.get_or_init(WallClock::now).elapsed()
 }
 
 fn config_json(c: &SimConfig) -> serde_json::Value {

@@ -325,6 +325,8 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             round_seconds,
             train_seconds: 0.0,
             simulated_seconds: round_seconds,
+            traffic: Default::default(),
+            cpu: Default::default(),
         };
         if let Some(model) = model
             && (r.is_multiple_of(config.eval_every) || r == config.rounds)

@@ -2,6 +2,7 @@
 //! self-contained `report.html` (inline SVG plots, no scripts or external files).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -61,6 +62,13 @@ pub struct RoundRecord {
     pub train_seconds: f64,
     /// Simulated (virtual) seconds the round took.
     pub simulated_seconds: f64,
+    /// Bytes by message kind this round: kind → (up, down), frames included (in-process runs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub traffic: BTreeMap<String, (u64, u64)>,
+    /// Host time by protocol step this round: step → (seconds, calls), summed over every device
+    /// and the coordinator; training excluded (in-process runs; see `docs/simulation.md`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cpu: BTreeMap<String, (f64, u64)>,
 }
 
 /// A whole run.
@@ -93,6 +101,59 @@ pub struct SimReport {
     /// The empirical privacy audit, if the run had canaries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<super::audit::AuditReport>,
+}
+
+impl SimReport {
+    /// Per-step bytes and host time over the whole run, per call (a call is one message handled:
+    /// per device for device steps): the "bytes and CPU per phase" table of secure aggregation.
+    pub fn step_totals(&self) -> (BTreeMap<String, (u64, u64)>, BTreeMap<String, (f64, u64)>) {
+        let mut traffic: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut cpu: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+        for r in &self.rounds {
+            for (k, (u, d)) in &r.traffic {
+                let e = traffic.entry(k.clone()).or_default();
+                e.0 += u;
+                e.1 += d;
+            }
+            for (k, (t, n)) in &r.cpu {
+                let e = cpu.entry(k.clone()).or_default();
+                e.0 += t;
+                e.1 += n;
+            }
+        }
+        (traffic, cpu)
+    }
+
+    fn steps_html(&self) -> String {
+        let (traffic, cpu) = self.step_totals();
+        if traffic.is_empty() && cpu.is_empty() {
+            return String::new();
+        }
+        let mut html = String::from(
+            "<h2>Protocol steps</h2>\n<table id=\"traffic\"><tr><th>message</th><th>bytes up</th><th>bytes down</th></tr>\n",
+        );
+        for (k, (u, d)) in &traffic {
+            let _ = writeln!(
+                html,
+                "<tr><td style=\"text-align:left\">{}</td><td>{u}</td><td>{d}</td></tr>",
+                escape(k)
+            );
+        }
+        html.push_str(
+            "</table>\n<table id=\"cpu\"><tr><th>step</th><th>calls</th><th>host ms total</th><th>host ms per call</th></tr>\n",
+        );
+        for (k, (t, n)) in &cpu {
+            let per = if *n > 0 { t * 1e3 / *n as f64 } else { 0.0 };
+            let _ = writeln!(
+                html,
+                "<tr><td style=\"text-align:left\">{}</td><td>{n}</td><td>{:.1}</td><td>{per:.3}</td></tr>",
+                escape(k),
+                t * 1e3
+            );
+        }
+        html.push_str("</table>\n");
+        html
+    }
 }
 
 /// The Byzantine clients of a run and what they cost (`results.json`'s `attack` object).
@@ -263,8 +324,10 @@ impl SimReport {
             ],
             "no data",
         ));
+        html.push_str("</div>\n");
+        html.push_str(&self.steps_html());
         html.push_str(
-            "</div>\n<h2>Rounds</h2>\n<table><tr><th>round</th><th>check-ins</th><th>selected</th><th>participants</th>\
+            "<h2>Rounds</h2>\n<table><tr><th>round</th><th>check-ins</th><th>selected</th><th>participants</th>\
              <th>dropouts</th><th>late</th><th>HR@10</th><th>NDCG@10</th><th>ε</th><th>bytes up</th><th>bytes down</th>\
              <th>round s</th><th>training s</th><th>simulated s</th></tr>\n",
         );
@@ -461,6 +524,8 @@ mod tests {
             round_seconds: 0.01,
             train_seconds: 0.005,
             simulated_seconds: 3.0,
+            traffic: Default::default(),
+            cpu: Default::default(),
         }
     }
 

@@ -98,6 +98,10 @@ pub enum DpConfigError {
     },
 }
 
+/// Under secure aggregation `admit` projects ε with σ times this, below the effective multiplier
+/// of any distributed round (whose discreteness term is far smaller).
+const SECURE_ADMISSION_SLACK: f64 = 0.999;
+
 #[derive(Debug, Default)]
 struct Shared {
     /// Noised fraction of unclipped updates from the last finished aggregation.
@@ -237,6 +241,8 @@ struct DpAggregator {
     charge: PrivacyCharge,
     sampler: Arc<dyn GaussianSampler>,
     shared: Arc<Mutex<Shared>>,
+    /// Under secure aggregation: individual updates are refused and the sum arrives noised.
+    secure: bool,
 }
 
 impl Aggregator for DpAggregator {
@@ -250,6 +256,9 @@ impl Aggregator for DpAggregator {
         _weight: f64,
         metrics: &LocalMetrics,
     ) -> Result<(), AggregateError> {
+        if self.secure {
+            return Err(AggregateError::Other("secure aggregation: only the sum is accepted".into()));
+        }
         if update.shape() != self.shape {
             return Err(AggregateError::ShapeMismatch { got: update.shape(), want: self.shape });
         }
@@ -260,6 +269,23 @@ impl Aggregator for DpAggregator {
         self.centred_bits += if within { 0.5 } else { -0.5 };
         update.add_to(&mut self.sum, 1.0);
         self.count += 1;
+        Ok(())
+    }
+
+    /// The decoded secure sum: every device clipped its update to `C` and added its share of the
+    /// distributed noise, so nothing is clipped or noised here (the aggregator was built with
+    /// zero central noise); the fixed denominator and the charge are as for central DP.
+    fn accept_sum(&mut self, sum: Vec<f64>, contributors: usize) -> Result<(), AggregateError> {
+        if !self.secure {
+            return Err(AggregateError::SumUnsupported);
+        }
+        if sum.len() != self.sum.len() {
+            return Err(AggregateError::ModelLength { got: sum.len(), want: self.sum.len() });
+        }
+        for (a, s) in self.sum.iter_mut().zip(&sum) {
+            *a += s;
+        }
+        self.count += contributors;
         Ok(())
     }
 
@@ -304,13 +330,29 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
     }
 
     fn admit(&mut self, ctx: &RoundContext) -> Result<(), AdmissionError> {
+        if ctx.secure && self.config.adaptive.is_some() {
+            return Err(AdmissionError::Other(
+                "adaptive clipping is not available under secure aggregation (the clipping \
+                 indicators would have to be aggregated securely too); use a fixed clip norm"
+                    .into(),
+            ));
+        }
         let q = self.sampling_rate(ctx.population).ok_or(AdmissionError::UnknownPopulation)?;
         let delta = self.config.budget.delta.get();
         let population = ctx.population.unwrap_or(0);
         if delta * population as f64 > super::MAX_DELTA_TIMES_N {
             return Err(AdmissionError::DeltaTooLarge { delta, population });
         }
-        self.ledger.check(&self.mechanism(ctx.shape.len(), q)).map_err(|e| match e {
+        let mut mechanism = self.mechanism(ctx.shape.len(), q);
+        if ctx.secure {
+            // The charge is the distributed mechanism's effective multiplier, known once the
+            // cohort is; it is at most σ and equal to it up to the negligible discreteness term
+            // (see `dp::distributed`). Project with a slightly smaller multiplier so that a round
+            // admitted here never ends above the budget.
+            mechanism.sigma = NoiseMultiplier::new(mechanism.sigma.get() * SECURE_ADMISSION_SLACK)
+                .unwrap_or(mechanism.sigma);
+        }
+        self.ledger.check(&mechanism).map_err(|e| match e {
             super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
                 AdmissionError::BudgetExhausted {
                     projected_epsilon: projected,
@@ -325,7 +367,11 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
     fn configure(&mut self, ctx: &RoundContext, plan: &mut TrainingPlan) {
         self.inner.configure(ctx, plan);
         plan.clip_norm = Some(self.clip as f32);
-        plan.noise = NoiseSettings::Central { multiplier: self.config.noise.get() as f32 };
+        plan.noise = if ctx.secure {
+            NoiseSettings::Distributed { multiplier: self.sum_multiplier as f32 }
+        } else {
+            NoiseSettings::Central { multiplier: self.config.noise.get() as f32 }
+        };
     }
 
     /// Poisson sampling: each candidate independently with probability `q` (the inner strategy's
@@ -353,22 +399,24 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         let q = self.sampling_rate(ctx.population).unwrap_or(SamplingRate::FULL);
         let population = ctx.population.unwrap_or(self.config.expected_participants as u64);
         let denominator = (q.get() * population as f64).max(1.0);
+        let noise_multiplier = match (ctx.secure, &ctx.quant) {
+            // The devices' noise, charged at what the distributed mechanism achieves.
+            (true, Some(quant)) => quant.accounted_multiplier().min(self.accounted_sigma(ctx.shape.len())),
+            _ => self.accounted_sigma(ctx.shape.len()),
+        };
         Box::new(DpAggregator {
             shape: ctx.shape,
             clip: self.clip,
             sum: vec![0.0; ctx.shape.len()],
             count: 0,
             centred_bits: 0.0,
-            noise_std: self.sum_multiplier * self.clip,
-            count_std: self.config.adaptive.map(|a| a.count_noise),
+            noise_std: if ctx.secure { 0.0 } else { self.sum_multiplier * self.clip },
+            count_std: if ctx.secure { None } else { self.config.adaptive.map(|a| a.count_noise) },
             denominator,
-            charge: PrivacyCharge {
-                sampling_rate: q.get(),
-                noise_multiplier: self.accounted_sigma(ctx.shape.len()),
-                steps: 1,
-            },
+            charge: PrivacyCharge { sampling_rate: q.get(), noise_multiplier, steps: 1 },
             sampler: self.sampler.clone(),
             shared: self.shared.clone(),
+            secure: ctx.secure,
         })
     }
 
@@ -382,7 +430,13 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         // The noised aggregate is now part of the model: it is released, at the charge it carries.
         let q = SamplingRate::new(aggregate.privacy.map_or(1.0, |c| c.sampling_rate))
             .unwrap_or(SamplingRate::FULL);
-        let mechanism = self.mechanism(ctx.shape.len(), q);
+        let mut mechanism = self.mechanism(ctx.shape.len(), q);
+        if let Some(charged) = aggregate.privacy.and_then(|c| NoiseMultiplier::new(c.noise_multiplier).ok())
+            && charged.get() < mechanism.sigma.get()
+        {
+            // Secure rounds: the distributed mechanism's effective multiplier.
+            mechanism.sigma = charged;
+        }
         self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism });
         if let Some(a) = self.config.adaptive {
             let fraction = self.shared.lock().ok().and_then(|mut s| s.unclipped_fraction.take());

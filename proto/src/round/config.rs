@@ -78,6 +78,9 @@ pub struct RoundConfig {
     pub retry_after: Duration,
     /// Width of the window over which those clients spread their return.
     pub retry_window: Duration,
+    /// Secure aggregation (SecAgg+ with distributed DP): the coordinator learns only the sum of
+    /// the devices' updates. `None`: every update is sent in the clear (over TLS).
+    pub secure: Option<super::SecureAggregation>,
 }
 
 impl Default for RoundConfig {
@@ -96,6 +99,7 @@ impl Default for RoundConfig {
             max_weight: 100.0,
             retry_after: Duration::from_secs(600),
             retry_window: Duration::from_secs(300),
+            secure: None,
         }
     }
 }
@@ -135,6 +139,9 @@ pub enum ConfigError {
     /// `selection_pool` is zero.
     #[error("selection_pool must be at least 1 when set")]
     EmptyPool,
+    /// The secure-aggregation settings are unusable (e.g. the modulus cannot hold the cohort).
+    #[error("secure aggregation: {0}")]
+    SecureAggregation(String),
 }
 
 /// Settings of the orchestrator.

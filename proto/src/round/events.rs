@@ -52,6 +52,10 @@ pub enum FailReason {
     /// The host aborted the round (e.g. it could not record the round's start durably).
     #[error("aborted by the host: {0}")]
     Aborted(String),
+    /// Secure aggregation could not produce the sum (too few survivors, missing or inconsistent
+    /// shares, a cohort the modulus cannot hold): nothing was unmasked or released.
+    #[error("secure aggregation failed: {0}")]
+    SecureAggregation(String),
 }
 
 /// Why a round could not start.
@@ -102,6 +106,8 @@ pub struct RoundStats {
     pub clip_indicators: usize,
     /// See `clip_indicators`.
     pub within_clip: usize,
+    /// Secure aggregation's per-phase figures (survivors, bytes), for secure rounds.
+    pub secagg: Option<crate::secagg::SecAggStats>,
     /// From `start_round` to the close of selection.
     pub selection_time: Duration,
     /// From `start_round` to the end.

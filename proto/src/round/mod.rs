@@ -39,9 +39,11 @@ use std::sync::Arc;
 
 mod config;
 mod events;
+mod secure;
 
 pub use config::{ConfigError, Eligibility, OrchestratorConfig, RoundConfig, Weighting};
 pub use events::{CommittedRound, FailReason, Phase, RoundEvent, RoundStats, StartError, Transmit};
+pub use secure::SecureAggregation;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Participant {
@@ -69,6 +71,7 @@ struct Round {
     loss_weight: f64,
     hit_sum: f64,
     hit_count: usize,
+    secure: Option<Box<secure::SecureRound>>,
 }
 
 /// The credential check applied to every check-in: `(claimed client, credential) -> accepted`.
@@ -124,6 +127,9 @@ impl Orchestrator {
         }
         if !(r.over_selection.is_finite() && r.over_selection >= 1.0) {
             return Err(ConfigError::OverSelection(r.over_selection));
+        }
+        if let Some(secure) = &r.secure {
+            secure.validate(config.shape).map_err(ConfigError::SecureAggregation)?;
         }
         if !(r.max_weight.is_finite() && r.max_weight > 0.0) {
             return Err(ConfigError::MaxWeight);
@@ -229,6 +235,8 @@ impl Orchestrator {
             target_participants: cfg.target_participants,
             selected: 0,
             population: self.population,
+            secure: cfg.secure.is_some(),
+            quant: None,
         };
         if let Err(e) = self.strategy.admit(&ctx) {
             if matches!(e, AdmissionError::BudgetExhausted { .. }) {
@@ -238,6 +246,10 @@ impl Orchestrator {
         }
         let mut plan = cfg.plan.clone();
         self.strategy.configure(&ctx, &mut plan);
+        if let Some(secure) = &cfg.secure {
+            // Every device's contribution to the modular sum must be bounded.
+            plan.clip_norm = Some(plan.clip_norm.unwrap_or(secure.clip_norm));
+        }
         let clip_norm = plan.clip_norm;
         // From here on the last commit's model may be shipped: it can no longer be reverted.
         self.replaced = None;
@@ -259,6 +271,7 @@ impl Orchestrator {
             loss_weight: 0.0,
             hit_sum: 0.0,
             hit_count: 0,
+            secure: None,
         });
         self.events.push_back(RoundEvent::Started { round: id, version: self.version });
         Ok(id)
@@ -270,6 +283,7 @@ impl Orchestrator {
             ClientMessage::CheckIn(c) => self.handle_check_in(now, client, c),
             ClientMessage::Update(u) => self.handle_update(now, client, u),
             ClientMessage::Withdraw { round, reason } => self.handle_withdraw(now, client, round, reason),
+            ClientMessage::SecAgg(m) => self.handle_secagg(now, client, m),
         }
     }
 
@@ -282,6 +296,7 @@ impl Orchestrator {
             r.participants.insert(client, Participant::Dropped);
             r.stats.dropped += 1;
             self.events.push_back(RoundEvent::ClientDropped { round: r.id, client });
+            self.secure_dropout(client);
             self.maybe_close(now);
         }
     }
@@ -294,6 +309,7 @@ impl Orchestrator {
         }
         match r.phase {
             Phase::Selecting => self.close_selection(now),
+            Phase::Collecting if r.secure.is_some() => self.close_secure_phase(now),
             Phase::Collecting => self.finish_round(now),
             _ => {}
         }
@@ -469,7 +485,6 @@ impl Orchestrator {
         let have: HashMap<ClientId, Option<ModelVersion>> = r.candidates.iter().copied().collect();
         r.ctx.selected = chosen.len();
         r.stats.selected = chosen.len();
-        r.aggregator = Some(self.strategy.aggregator(&r.ctx));
         r.phase = Phase::Collecting;
         r.deadline = now + self.config.round.report_timeout;
         let (round, version) = (r.id, self.version);
@@ -478,6 +493,21 @@ impl Orchestrator {
             candidates: ids.len(),
             selected: chosen.len(),
         });
+        let secure = if self.config.round.secure.is_some() {
+            match self.start_secure(now, &chosen) {
+                Ok(task) => Some(task),
+                Err(reason) => {
+                    for c in ids {
+                        self.come_back(c, retry);
+                    }
+                    return self.fail(now, reason);
+                }
+            }
+        } else {
+            None
+        };
+        let Some(r) = &mut self.round else { return };
+        r.aggregator = Some(self.strategy.aggregator(&r.ctx));
         if chosen.is_empty() {
             // Only Poisson sampling can pick nobody; the round still releases (noise only).
             return self.finish_round(now);
@@ -493,6 +523,7 @@ impl Orchestrator {
                 model: payload,
                 plan: r.plan.clone(),
                 report_within_ms,
+                secure: secure.clone(),
             };
             self.send(*c, CoordinatorMessage::Task(task));
         }
@@ -552,6 +583,10 @@ impl Orchestrator {
         if round != r.id {
             let reason = if round < r.id { RejectReason::Late } else { RejectReason::WrongRound };
             return self.reject(round, client, reason);
+        }
+        if r.secure.is_some() {
+            let reason = "this round runs secure aggregation: send the masked input, not the update";
+            return self.reject(round, client, RejectReason::SecAgg(reason.into()));
         }
         match r.participants.get(&client) {
             None => return self.reject(round, client, RejectReason::NotSelected),
@@ -622,6 +657,7 @@ impl Orchestrator {
             r.participants.insert(client, Participant::Dropped);
             r.stats.dropped += 1;
             self.events.push_back(RoundEvent::ClientDropped { round, client });
+            self.secure_dropout(client);
             self.maybe_close(now);
         } else if r.phase == Phase::Selecting {
             r.checked_in.remove(&client);
@@ -640,6 +676,9 @@ impl Orchestrator {
         let Some(r) = &self.round else { return };
         if r.phase != Phase::Collecting {
             return;
+        }
+        if r.secure.is_some() {
+            return self.maybe_close_secure(now);
         }
         let training = r.participants.values().filter(|p| **p == Participant::Training).count();
         if r.stats.reported >= cap || training == 0 {

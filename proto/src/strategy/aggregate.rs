@@ -85,6 +85,23 @@ impl Aggregator for WeightedMean {
         Ok(())
     }
 
+    fn accept_sum(&mut self, sum: Vec<f64>, contributors: usize) -> Result<(), AggregateError> {
+        if sum.len() != self.acc.len() {
+            return Err(AggregateError::ModelLength { got: sum.len(), want: self.acc.len() });
+        }
+        let weight = contributors as f64;
+        for (a, s) in self.acc.iter_mut().zip(&sum) {
+            *a += s;
+        }
+        if let Some(rw) = &mut self.row_weights {
+            // A sum of dense vectors: every row had every contributor.
+            rw.iter_mut().for_each(|x| *x += weight);
+        }
+        self.total_weight += weight;
+        self.count += contributors;
+        Ok(())
+    }
+
     fn accepted(&self) -> usize {
         self.count
     }

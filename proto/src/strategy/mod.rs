@@ -34,6 +34,12 @@ pub struct RoundContext {
     /// round machine ([`Orchestrator::set_population`](crate::round::Orchestrator::set_population));
     /// `None` when the host does not know. Central DP derives its sampling rate from it.
     pub population: Option<u64>,
+    /// Whether the round runs secure aggregation: the aggregator then receives one decoded sum
+    /// ([`Aggregator::accept_sum`]) instead of individual updates.
+    pub secure: bool,
+    /// Under secure aggregation, the round's encoding (known once selection closes): the clip,
+    /// scale and each device's share of distributed-DP noise.
+    pub quant: Option<crate::dp::distributed::QuantPlan>,
 }
 
 /// How a round chooses its participants and when it stops collecting.
@@ -154,6 +160,9 @@ pub enum AggregateError {
     /// Noise could not be added (a differential-privacy layer refuses to release anything).
     #[error("noise could not be added: {0}")]
     Noise(String),
+    /// The aggregation rule needs individual updates and cannot aggregate a secure sum.
+    #[error("this aggregation rule needs individual updates; it cannot run on a securely aggregated sum")]
+    SumUnsupported,
     /// A strategy-specific failure.
     #[error("{0}")]
     Other(String),
@@ -174,6 +183,14 @@ pub trait Aggregator: Send {
     ) -> Result<(), AggregateError> {
         let _ = metrics;
         self.accept(update, weight)
+    }
+    /// Feeds the decoded sum of `contributors` updates that secure aggregation produced (each
+    /// update clipped and encoded on its device, weight 1; under distributed DP the sum already
+    /// carries the noise). The default refuses: a rule that needs the individual updates (median,
+    /// trimmed mean) cannot run on a sum.
+    fn accept_sum(&mut self, sum: Vec<f64>, contributors: usize) -> Result<(), AggregateError> {
+        let _ = (sum, contributors);
+        Err(AggregateError::SumUnsupported)
     }
     /// How many updates were accepted so far.
     fn accepted(&self) -> usize;

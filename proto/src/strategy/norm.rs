@@ -78,6 +78,11 @@ impl Aggregator for Clipping {
         clip_l2(&mut update, self.bound);
         self.inner.accept_report(update, weight, metrics)
     }
+    /// A secure sum cannot be clipped here: the devices clipped each update to the plan's clip
+    /// norm, which [`NormBound`] lowered to its bound.
+    fn accept_sum(&mut self, sum: Vec<f64>, contributors: usize) -> Result<(), AggregateError> {
+        self.inner.accept_sum(sum, contributors)
+    }
     fn accepted(&self) -> usize {
         self.inner.accepted()
     }

@@ -11,6 +11,8 @@ fn shape(rows: u32, row_len: u32) -> ModelShape {
 fn ctx(s: ModelShape) -> RoundContext {
     RoundContext {
         population: None,
+        secure: false,
+        quant: None,
         round: RoundId(1),
         model_version: ModelVersion(0),
         shape: s,
