@@ -74,8 +74,14 @@ fn config(target: usize, min: usize, secure: SecureAggregation) -> OrchestratorC
     }
 }
 
-fn fleet(cfg: OrchestratorConfig, strategy: Box<dyn Strategy>, clients: usize, fc: FleetConfig) -> Fleet<FakeTrainer> {
-    let orch = Orchestrator::new(cfg, strategy, vec![0.0; shape().len()], ModelVersion(0), RoundId(1)).unwrap();
+fn fleet(
+    cfg: OrchestratorConfig,
+    strategy: Box<dyn Strategy>,
+    clients: usize,
+    fc: FleetConfig,
+) -> Fleet<FakeTrainer> {
+    let orch =
+        Orchestrator::new(cfg, strategy, vec![0.0; shape().len()], ModelVersion(0), RoundId(1)).unwrap();
     let mut f = Fleet::new(orch, clients, FnTrainer::new(fake as _), fc);
     f.record_transcript(true);
     f
@@ -140,10 +146,16 @@ fn a_secure_round_commits_the_mean_and_the_coordinator_sees_only_masked_vectors(
     // No update left any device in the clear; every device sent one masked vector.
     let ups = uploads(f.transcript());
     assert!(!ups.iter().any(|m| matches!(m, ClientMessage::Update(_))), "no plain update was sent");
-    let masked = ups.iter().filter(|m| matches!(m, ClientMessage::SecAgg(SecAggClientMessage::Masked(_)))).count();
+    let masked =
+        ups.iter().filter(|m| matches!(m, ClientMessage::SecAgg(SecAggClientMessage::Masked(_)))).count();
     assert_eq!(masked, 20);
     // Per-phase traffic is reported.
-    for kind in ["secagg: key advertisement", "secagg: encrypted shares", "secagg: masked input", "secagg: unmasking shares"] {
+    for kind in [
+        "secagg: key advertisement",
+        "secagg: encrypted shares",
+        "secagg: masked input",
+        "secagg: unmasking shares",
+    ] {
         assert!(r.traffic.get(kind).is_some_and(|(up, _)| *up > 0), "{kind} bytes: {:?}", r.traffic);
     }
     let stats = c.stats.secagg.as_ref().expect("secure stats");

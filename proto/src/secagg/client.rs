@@ -217,7 +217,13 @@ impl SecAggClient {
         entropy.zeroize();
         let cipher = KeyPair::from_seed(take32(&okm[0..]));
         let mask = KeyPair::from_seed(take32(&okm[32..]));
-        let advert = KeyAdvert { round, cipher_pk: cipher.public(), mask_pk: mask.public() };
+        let self_seed = Zeroizing::new(take32(&okm[64..]));
+        let advert = KeyAdvert {
+            round,
+            cipher_pk: cipher.public(),
+            mask_pk: mask.public(),
+            self_mask_commitment: crypto::self_mask_commitment(round, me, &self_seed),
+        };
         let client = Self {
             round,
             me,
@@ -225,7 +231,7 @@ impl SecAggClient {
             policy,
             phase: Phase::AwaitNeighbourhood,
             keys: Some((cipher, mask)),
-            self_seed: Zeroizing::new(take32(&okm[64..])),
+            self_seed,
             split_seeds: Zeroizing::new([take32(&okm[96..]), take32(&okm[128..])]),
             threshold: 0,
             peers: BTreeMap::new(),

@@ -81,6 +81,20 @@ pub fn agree(mine: &KeyPair, their_pk: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>,
     Ok(Zeroizing::new(shared.to_bytes()))
 }
 
+/// The commitment a client advertises to its self-mask seed `b`:
+/// `SHA-256("starling secagg self-mask v1" ‖ round ‖ client ‖ b)`. `b` is 256 random bits, so the
+/// commitment hides it; it binds the shares the coordinator later reconstructs `b` from, so a
+/// tampered share cannot turn into a wrong sum (the coordinator aborts instead).
+pub fn self_mask_commitment(round: RoundId, client: ClientId, seed: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(b"starling secagg self-mask v1");
+    h.update(round.0.to_le_bytes());
+    h.update(client.0.to_le_bytes());
+    h.update(seed);
+    h.finalize().into()
+}
+
 /// HKDF-SHA256 of `shared` with `info = label ‖ round ‖ min(a, b) ‖ max(a, b)`.
 pub fn derive(
     shared: &[u8; 32],

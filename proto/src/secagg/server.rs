@@ -485,6 +485,12 @@ impl SecAggServer {
             return Err(inconsistent);
         }
         let secret = Zeroizing::new(shamir::combine(&shares, needed).map_err(|_| inconsistent.clone())?);
+        if self_mask {
+            let committed = self.members[&of].keys.as_ref().map(|k| k.self_mask_commitment);
+            if committed != Some(crypto::self_mask_commitment(self.round, of, &secret)) {
+                return Err(inconsistent);
+            }
+        }
         Ok(secret)
     }
 

@@ -433,3 +433,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn consistently_corrupted_shares_abort_thanks_to_the_commitment() {
+    // Every responder shifts its share of client 11's self-mask seed by the same amount (colluding
+    // devices, or a bug): the shares still lie on one polynomial, so no consistency check can see
+    // it, and the reconstructed seed is wrong. The commitment to the seed in the key advertisement
+    // catches it: the round aborts instead of committing a wrong sum.
+    let p = p12();
+    let mut shift = |_: ClientId, m: &mut SecAggClientMessage| {
+        if let SecAggClientMessage::Unmask(r) = m {
+            for s in r.self_mask_shares.iter_mut().filter(|s| s.of == ClientId(11)) {
+                s.share.y[7] ^= 0x40;
+            }
+        }
+    };
+    let mut r = run(12, p, 6, &Dropouts::default(), 41, &mut shift);
+    assert_eq!(r.result, Err(SecAggAbort::InconsistentShares { client: ClientId(11) }), "never a wrong sum");
+    assert!(r.server.take_result().is_none());
+}
