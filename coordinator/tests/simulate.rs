@@ -23,7 +23,10 @@ fn run(c: &SimConfig) -> SimReport {
 
 /// Every figure that does not depend on the wall clock.
 fn deterministic_part(r: &SimReport) -> Vec<RoundRecord> {
-    r.rounds.iter().map(|x| RoundRecord { round_seconds: 0.0, train_seconds: 0.0, ..x.clone() }).collect()
+    r.rounds
+        .iter()
+        .map(|x| RoundRecord { round_seconds: 0.0, train_seconds: 0.0, cpu: Default::default(), ..x.clone() })
+        .collect()
 }
 
 #[test]

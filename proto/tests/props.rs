@@ -7,6 +7,10 @@ use starling_proto::codec::{Codec, FrameBuffer, Inbound, PROTOCOL_VERSION};
 use starling_proto::encoding::{EncodedUpdate, EncodingKind};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::*;
+use starling_proto::secagg::{
+    EncryptedShare, KeyAdvert, MaskedInput, RevealedShare, SecAggClientMessage, SecAggServerMessage, Share,
+    ShareBundle, UnmaskRequest, UnmaskResponse,
+};
 use starling_proto::strategy::AggregationRule;
 use starling_proto::update::{ModelShape, Update};
 
@@ -196,7 +200,49 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             _ => WithdrawReason::TrainingFailed,
         },
     });
-    prop_oneof![check_in, update, withdraw]
+    let keys =
+        (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(r, c, m, b)| {
+            ClientMessage::SecAgg(SecAggClientMessage::KeyAdvert(KeyAdvert {
+                round: RoundId(r),
+                cipher_pk: c,
+                mask_pk: m,
+                self_mask_commitment: b,
+            }))
+        });
+    let shares = (
+        any::<u64>(),
+        prop::collection::vec((any::<u64>(), prop::collection::vec(any::<u8>(), 0..120)), 0..6),
+    )
+        .prop_map(|(r, v)| {
+            ClientMessage::SecAgg(SecAggClientMessage::Shares(ShareBundle {
+                round: RoundId(r),
+                shares: v
+                    .into_iter()
+                    .map(|(to, ciphertext)| EncryptedShare { to: ClientId(to), ciphertext })
+                    .collect(),
+            }))
+        });
+    let masked =
+        (any::<u64>(), any::<u64>(), prop::collection::vec(any::<u32>(), 0..300)).prop_map(|(r, b, v)| {
+            ClientMessage::SecAgg(SecAggClientMessage::Masked(MaskedInput {
+                round: RoundId(r),
+                base_version: ModelVersion(b),
+                masked: v,
+            }))
+        });
+    let unmask = (any::<u64>(), prop::collection::vec((any::<u64>(), any::<u8>(), any::<[u8; 32]>()), 0..5))
+        .prop_map(|(r, v)| {
+            let shares: Vec<RevealedShare> = v
+                .into_iter()
+                .map(|(of, x, y)| RevealedShare { of: ClientId(of), share: Share { x, y } })
+                .collect();
+            ClientMessage::SecAgg(SecAggClientMessage::Unmask(UnmaskResponse {
+                round: RoundId(r),
+                self_mask_shares: shares.clone(),
+                mask_key_shares: shares,
+            }))
+        });
+    prop_oneof![check_in, update, withdraw, keys, shares, masked, unmask]
 }
 
 fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
@@ -219,6 +265,14 @@ fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
         any::<u64>().prop_map(|r| CoordinatorMessage::Receipt { round: RoundId(r) }),
         (any::<u64>(), reject_reason())
             .prop_map(|(r, reason)| CoordinatorMessage::Rejection { round: RoundId(r), reason }),
+        (any::<u64>(), prop::collection::vec(any::<u64>(), 0..8), prop::collection::vec(any::<u64>(), 0..8))
+            .prop_map(|(r, s, d)| CoordinatorMessage::SecAgg(SecAggServerMessage::UnmaskRequest(
+                UnmaskRequest {
+                    round: RoundId(r),
+                    survivors: s.into_iter().map(ClientId).collect(),
+                    dropped: d.into_iter().map(ClientId).collect(),
+                }
+            ))),
         (any::<u64>(), 0u8..3).prop_map(|(r, k)| CoordinatorMessage::Abort {
             round: RoundId(r),
             reason: match k {

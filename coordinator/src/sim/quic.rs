@@ -147,6 +147,17 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             return Err(SimError::Config("--transport quic supports --dp off and --dp central".into()));
         }
     }
+    if let Some(secure) = &config.secure {
+        let s = &mut svc.secure_aggregation;
+        s.enabled = true;
+        s.neighbours = secure.neighbours;
+        s.threshold = secure.threshold;
+        s.bits = secure.bits;
+        s.dropout_tolerance = secure.dropout_tolerance;
+        s.max_cohort = secure.max_cohort;
+        s.rotation = secure.rotation;
+        s.phase_timeout_ms = secure.phase_timeout.as_millis() as u64;
+    }
     svc.validate().map_err(|e| err("service config")(&e))?;
 
     // Enrollment: one signed token per client, recorded in the service's store.

@@ -219,7 +219,10 @@ pub struct MaskedInput {
     pub round: RoundId,
     /// The model version the input was computed against.
     pub base_version: ModelVersion,
-    /// `x + PRG(b) + Σ ±PRG(s_ij) mod 2^bits`, `len` words each below `2^bits`.
+    /// `x + PRG(b) + Σ ±PRG(s_ij) mod 2^bits`, `len` words each below `2^bits`. Packed as
+    /// little-endian words on the wire (4 bytes each; a masked word is uniform, so a varint would
+    /// take 5).
+    #[serde(with = "crate::codec::packed::vec")]
     pub masked: Vec<u32>,
 }
 
