@@ -563,6 +563,10 @@ pub(crate) mod packed {
                     T::SIZE
                 )));
             }
+            if cfg!(target_endian = "little") {
+                // The wire format is the memory layout: one copy at memory speed.
+                return Ok(bytemuck::pod_collect_to_vec::<u8, T>(v));
+            }
             Ok(v.chunks_exact(T::SIZE).map(T::get).collect())
         }
         fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {

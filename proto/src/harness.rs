@@ -592,7 +592,8 @@ impl<T: Trainer> Fleet<T> {
             response_timeout: self.config.response_timeout,
             rng_seed: self.config.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             secagg: crate::session::SecAggClientConfig {
-                entropy: crate::session::Entropy(seeded_entropy(self.config.seed, i)),
+                // The virtual time makes a re-created client's entropy differ from its last one.
+                entropy: crate::session::Entropy(seeded_entropy(self.config.seed, i, self.now.as_micros())),
                 ..Default::default()
             },
         }
@@ -961,9 +962,14 @@ impl<T: Trainer> Fleet<T> {
     }
 }
 
-/// A client's secret entropy in a simulation: a pure function of the fleet's seed and the id.
-fn seeded_entropy(seed: u64, client: u64) -> [u8; 32] {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EC_A66 ^ client.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+/// A client's secret entropy in a simulation: a pure function of the fleet's seed, the id and the
+/// virtual time the client's session is created at.
+fn seeded_entropy(seed: u64, client: u64, now_micros: u64) -> [u8; 32] {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ 0x5EC_A66
+            ^ client.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+            ^ now_micros.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let mut out = [0u8; 32];
     rand::Rng::fill_bytes(&mut rng, &mut out);
     out

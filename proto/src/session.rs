@@ -72,6 +72,10 @@ struct SecureRun {
     pending: Option<Vec<u32>>,
     /// The task's deadline for the (masked) input.
     deadline: Instant,
+    /// This round's secret stream (keys, rounding, noise): keyed from the session's secret stream
+    /// *and* the round, so that a session re-created from the same entropy (a restarted app with
+    /// seeded entropy, a simulated client) never repeats keys or noise across rounds.
+    rng: ChaCha20Rng,
 }
 
 impl std::fmt::Debug for SecureRun {
@@ -541,13 +545,17 @@ impl Session {
         if task.quant.dim as usize != shape.len() || task.params.len != task.quant.padded_dim {
             return Err("secure aggregation task does not match the model's shape".into());
         }
+        let mut draw = [0u8; 32];
+        self.secret_rng.fill_bytes(&mut draw);
+        let mut rng = ChaCha20Rng::from_seed(round_seed(&draw, round, self.config.client));
+        draw.fill(0);
         let mut entropy = [0u8; 32];
-        self.secret_rng.fill_bytes(&mut entropy);
+        rng.fill_bytes(&mut entropy);
         let policy = self.config.secagg.policy.clone();
         let (client, advert) = SecAggClient::new(round, self.config.client, task.params, policy, entropy)
             .map_err(|e| e.to_string())?;
         self.transmits.push_back(ClientMessage::SecAgg(SecAggClientMessage::KeyAdvert(advert)));
-        self.secure = Some(SecureRun { client, task: task.clone(), shape, pending: None, deadline });
+        self.secure = Some(SecureRun { client, task: task.clone(), shape, pending: None, deadline, rng });
         Ok(())
     }
 
@@ -608,7 +616,7 @@ impl Session {
         let encoded = update.decode(run.shape, run.shape.len()).map_err(|e| e.to_string()).and_then(|u| {
             let dense = u.to_dense();
             let sampler = secure_sampler(self.config.secagg.exact_noise);
-            crate::dp::distributed::encode(&dense, &run.task.quant, sampler.as_ref(), &mut self.secret_rng)
+            crate::dp::distributed::encode(&dense, &run.task.quant, sampler.as_ref(), &mut run.rng)
                 .map_err(|e| e.to_string())
         });
         let input = match encoded {
@@ -645,6 +653,18 @@ impl Session {
     }
 }
 
+/// The seed of one round's secret stream: SHA-256 of a label, a draw from the session's secret
+/// stream, the round and the client.
+fn round_seed(draw: &[u8; 32], round: RoundId, client: ClientId) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"starling session secagg round v1");
+    h.update(draw);
+    h.update(round.0.to_le_bytes());
+    h.update(client.0.to_le_bytes());
+    h.finalize().into()
+}
+
 /// The discrete Gaussian sampler for distributed-DP noise on the device.
 fn secure_sampler(exact: bool) -> Box<dyn crate::dp::distributed::DiscreteGaussian> {
     #[cfg(feature = "opendp")]
@@ -675,5 +695,70 @@ fn state_name(s: &State) -> &'static str {
         State::Uploading { .. } => "uploading",
         State::AwaitingShares { .. } => "waiting for secure-aggregation shares",
         State::Unmasking { .. } => "waiting for the unmask request",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dp::distributed::DistributedDpConfig;
+    use crate::secagg::SecAggParams;
+    use crate::update::ModelShape;
+
+    fn session(entropy: [u8; 32]) -> Session {
+        Session::new(SessionConfig {
+            client: ClientId(3),
+            credential: vec![],
+            sdk_version: "t".into(),
+            model_family: "t".into(),
+            capabilities: Capabilities::default(),
+            response_timeout: Duration::from_secs(5),
+            rng_seed: 1,
+            secagg: SecAggClientConfig { entropy: Entropy(entropy), ..Default::default() },
+        })
+    }
+
+    fn task() -> (SecureTask, ModelShape) {
+        let shape = ModelShape::new(8, 4).unwrap();
+        let cfg = DistributedDpConfig {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            dim: shape.len(),
+            bits: 32,
+            max_cohort: 16,
+            dropout_tolerance: 0.2,
+            rotation: false,
+            scale: None,
+        };
+        let quant = cfg.plan(8, 5).unwrap();
+        let params = SecAggParams { neighbours: 8, threshold: 5, bits: 32, len: quant.padded_dim };
+        (SecureTask { params, quant }, shape)
+    }
+
+    /// A session re-created from the same entropy (a simulated client, an app restarted with
+    /// seeded entropy) must not repeat its secret stream in a later round: the same noise in two
+    /// releases adds up instead of averaging out, and repeated keys would reuse masks.
+    #[test]
+    fn a_recreated_session_never_repeats_its_round_secrets() {
+        let (t, shape) = task();
+        let first_draw = |round: u64| {
+            let mut s = session([7; 32]);
+            s.start_secure(RoundId(round), &t, shape, Instant::ZERO).unwrap();
+            let run = s.secure.as_mut().unwrap();
+            (run.rng.next_u64(), s.poll_transmit())
+        };
+        let (a1, advert1) = first_draw(1);
+        let (a1_again, advert1_again) = first_draw(1);
+        let (a2, advert2) = first_draw(2);
+        assert_eq!((a1, &advert1), (a1_again, &advert1_again), "deterministic for one round");
+        assert_ne!(a1, a2, "the round's secret stream depends on the round");
+        assert_ne!(advert1, advert2);
+    }
+
+    #[test]
+    fn a_session_without_entropy_refuses_secure_tasks() {
+        let (t, shape) = task();
+        let mut s = session([0; 32]);
+        assert!(s.start_secure(RoundId(1), &t, shape, Instant::ZERO).is_err());
     }
 }
