@@ -67,6 +67,9 @@ pub struct StatusSnapshot {
     pub delta: Option<f64>,
     /// `privacy.mode`: `central`, `local` or `off`.
     pub privacy_mode: String,
+    /// Whether rounds run secure aggregation (`[secure_aggregation] enabled`): the coordinator
+    /// sees only sums; under `central` the devices add the noise.
+    pub secure_aggregation: bool,
     /// N, the enrolled devices (unrevoked, unexpired token) central DP samples from.
     pub population: Option<u64>,
     /// Open client streams.

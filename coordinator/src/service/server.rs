@@ -204,6 +204,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         s.epsilon_budget = central.then(|| budget.epsilon.get());
         s.delta = (central || !ledger.entries().is_empty()).then(|| budget.delta.get());
         s.privacy_mode = config.privacy.mode.clone();
+        s.secure_aggregation = config.secure_aggregation.enabled;
         s.population = Some(population);
     });
     telemetry.model_version.set(version.0 as i64);
