@@ -78,16 +78,16 @@ fn round(n: usize, drop_after_masked: usize, timed: Option<usize>, seed: u64) ->
     });
     let mut server = server.unwrap();
     let mut clients = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, &id) in ids.iter().enumerate() {
         let mut entropy = [0u8; 32];
         entropy[..8].copy_from_slice(&(seed ^ (i as u64 + 1)).to_le_bytes());
         let mut out = None;
         time(Some(i), &mut || {
-            out = Some(SecAggClient::new(r, ids[i], params, SecAggPolicy::default(), entropy).unwrap())
+            out = Some(SecAggClient::new(r, id, params, SecAggPolicy::default(), entropy).unwrap())
         });
         let (c, advert) = out.unwrap();
         time(None, &mut || {
-            server.handle_message(ids[i], SecAggClientMessage::KeyAdvert(advert.clone())).unwrap()
+            server.handle_message(id, SecAggClientMessage::KeyAdvert(advert.clone())).unwrap()
         });
         clients.push(c);
     }

@@ -127,7 +127,7 @@ impl Participant {
             response_timeout: config.response_timeout,
             rng_seed: seed,
             secagg: SecAggClientConfig {
-                policy: config.secure_aggregation.clone(),
+                policy: config.secure_aggregation,
                 entropy: Entropy(secret_entropy(config, seed)),
                 exact_noise: config.exact_distributed_noise,
             },
@@ -501,7 +501,7 @@ impl Participant {
 fn secret_entropy(config: &ClientConfig, seed: u64) -> [u8; 32] {
     let mut out = [0u8; 32];
     if config.simulation_seeded_noise {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EC_A66_5EED);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x005E_CA66_5EED);
         rand::Rng::fill_bytes(&mut rng, &mut out);
         return out;
     }

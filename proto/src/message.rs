@@ -141,7 +141,7 @@ pub enum NoiseSettings {
     /// Distributed DP under secure aggregation: every device adds its share of discrete Gaussian
     /// noise so that the **sum** carries noise of multiplier σ even when the tolerated fraction of
     /// the cohort drops out; the exact per-device noise is in the task's
-    /// [`QuantPlan`](crate::dp::distributed::QuantPlan).
+    /// [`QuantPlan`].
     Distributed {
         /// Noise multiplier σ of the sum.
         multiplier: f32,

@@ -551,7 +551,7 @@ impl Session {
         draw.fill(0);
         let mut entropy = [0u8; 32];
         rng.fill_bytes(&mut entropy);
-        let policy = self.config.secagg.policy.clone();
+        let policy = self.config.secagg.policy;
         let (client, advert) = SecAggClient::new(round, self.config.client, task.params, policy, entropy)
             .map_err(|e| e.to_string())?;
         self.transmits.push_back(ClientMessage::SecAgg(SecAggClientMessage::KeyAdvert(advert)));

@@ -64,11 +64,11 @@ pub struct RoundRecord {
     pub simulated_seconds: f64,
     /// Bytes by message kind this round: kind → (up, down), frames included (in-process runs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub traffic: BTreeMap<String, (u64, u64)>,
+    pub traffic: Traffic,
     /// Host time by protocol step this round: step → (seconds, calls), summed over every device
     /// and the coordinator; training excluded (in-process runs; see `docs/simulation.md`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub cpu: BTreeMap<String, (f64, u64)>,
+    pub cpu: StepTimes,
 }
 
 /// A whole run.
@@ -103,12 +103,17 @@ pub struct SimReport {
     pub audit: Option<super::audit::AuditReport>,
 }
 
+/// Bytes by message kind: kind → (up, down).
+pub type Traffic = BTreeMap<String, (u64, u64)>;
+/// Host time by protocol step: step → (seconds, calls).
+pub type StepTimes = BTreeMap<String, (f64, u64)>;
+
 impl SimReport {
     /// Per-step bytes and host time over the whole run, per call (a call is one message handled:
     /// per device for device steps): the "bytes and CPU per phase" table of secure aggregation.
-    pub fn step_totals(&self) -> (BTreeMap<String, (u64, u64)>, BTreeMap<String, (f64, u64)>) {
-        let mut traffic: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        let mut cpu: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    pub fn step_totals(&self) -> (Traffic, StepTimes) {
+        let mut traffic = Traffic::new();
+        let mut cpu = StepTimes::new();
         for r in &self.rounds {
             for (k, (u, d)) in &r.traffic {
                 let e = traffic.entry(k.clone()).or_default();

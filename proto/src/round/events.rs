@@ -107,7 +107,7 @@ pub struct RoundStats {
     /// See `clip_indicators`.
     pub within_clip: usize,
     /// Secure aggregation's per-phase figures (survivors, bytes), for secure rounds.
-    pub secagg: Option<crate::secagg::SecAggStats>,
+    pub secagg: Option<Box<crate::secagg::SecAggStats>>,
     /// From `start_round` to the close of selection.
     pub selection_time: Duration,
     /// From `start_round` to the end.

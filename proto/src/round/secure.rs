@@ -217,7 +217,7 @@ impl Orchestrator {
         let round = r.id;
         let Some(s) = &mut r.secure else { return };
         if let Err(abort) = s.server.close_phase() {
-            r.stats.secagg = Some(s.server.stats());
+            r.stats.secagg = Some(Box::new(s.server.stats()));
             let mut live: Vec<ClientId> = r
                 .participants
                 .iter()
@@ -256,7 +256,7 @@ impl Orchestrator {
     fn finish_secure(&mut self, now: Instant) {
         let Some(r) = &mut self.round else { return };
         let Some(s) = &mut r.secure else { return };
-        r.stats.secagg = Some(s.server.stats());
+        r.stats.secagg = Some(Box::new(s.server.stats()));
         let Some(output) = s.server.take_result() else {
             return self.fail(now, FailReason::SecureAggregation("no result".into()));
         };

@@ -61,7 +61,9 @@ mod shamir;
 mod tests;
 
 pub use client::{SHARE_CIPHERTEXT_LEN, SecAggClient, SecAggError};
-pub use crypto::{CryptoError, KeyPair, agree, derive, expand_mask, mask_seed, open, seal, share_key};
+pub use crypto::{
+    CryptoError, KeyPair, agree, derive, expand_mask, mask_seed, open, seal, self_mask_commitment, share_key,
+};
 pub use graph::neighbourhood_graph;
 pub use outcome::{SecAggAbort, SecAggOutput, SecAggPhase, SecAggPhaseStats, SecAggReject, SecAggStats};
 pub use params::{

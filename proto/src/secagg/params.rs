@@ -148,7 +148,7 @@ pub struct KeyAdvert {
     pub cipher_pk: [u8; 32],
     /// Public key for pairwise masks.
     pub mask_pk: [u8; 32],
-    /// Commitment to the self-mask seed `b` ([`self_mask_commitment`](super::crypto::self_mask_commitment)):
+    /// Commitment to the self-mask seed `b` (`crypto::self_mask_commitment`):
     /// the coordinator checks the `b` it reconstructs against it, so corrupted shares abort the
     /// round instead of producing a wrong sum.
     pub self_mask_commitment: [u8; 32],
