@@ -38,6 +38,9 @@ pub struct SecAggServer {
     phase: SecAggPhase,
     members: BTreeMap<ClientId, Member>,
     participants: BTreeSet<ClientId>,
+    /// Live participants that have not sent the current phase's message (kept up to date on every
+    /// input, so that `waiting_for` is O(1): the host asks after every message).
+    owed: usize,
     u2: BTreeSet<ClientId>,
     u3: BTreeSet<ClientId>,
     keys_seen: BTreeSet<[u8; 32]>,
@@ -100,6 +103,7 @@ impl SecAggServer {
             graph_seed,
             phase: SecAggPhase::AdvertiseKeys,
             participants: members.keys().copied().collect(),
+            owed: members.len(),
             members,
             u2: BTreeSet::new(),
             u3: BTreeSet::new(),
@@ -145,7 +149,9 @@ impl SecAggServer {
             Ok(bytes) => {
                 let bytes = *bytes;
                 if let Some(m) = self.members.get_mut(&from) {
+                    // Accepted only from a live participant that had not sent yet.
                     m.sent = true;
+                    self.owed = self.owed.saturating_sub(1);
                 }
                 if let Some(s) = self.phase_stats() {
                     s.responded += 1;
@@ -163,7 +169,11 @@ impl SecAggServer {
                         | SecAggReject::WrongBaseVersion { .. }
                         | SecAggReject::WrongLength { .. }
                 );
+                let owing = self.participants.contains(&from);
                 if excluding && let Some(m) = self.members.get_mut(&from) {
+                    if owing && !m.gone && !m.sent {
+                        self.owed = self.owed.saturating_sub(1);
+                    }
                     m.gone = true;
                 }
             }
@@ -295,9 +305,13 @@ impl SecAggServer {
     /// Reports that `client` disconnected: it is no longer waited for and takes no part in later
     /// phases. A message it already delivered in the current phase still counts.
     pub fn handle_dropout(&mut self, client: ClientId) {
+        let owing = self.participants.contains(&client);
         if let Some(m) = self.members.get_mut(&client)
             && !m.gone
         {
+            if owing && !m.sent {
+                self.owed = self.owed.saturating_sub(1);
+            }
             m.gone = true;
             self.stats.dropouts += 1;
         }
@@ -308,7 +322,11 @@ impl SecAggServer {
         if matches!(self.phase, SecAggPhase::Done | SecAggPhase::Aborted) {
             return 0;
         }
-        self.participants.iter().filter(|c| !self.members[*c].gone && !self.members[*c].sent).count()
+        debug_assert_eq!(
+            self.owed,
+            self.participants.iter().filter(|c| !self.members[*c].gone && !self.members[*c].sent).count()
+        );
+        self.owed
     }
 
     /// Ends the current phase and queues the next phase's messages; closing the unmask phase
@@ -349,6 +367,7 @@ impl SecAggServer {
             m.sent = false;
         }
         self.participants = participants;
+        self.owed = self.participants.iter().filter(|c| !self.members[*c].gone).count();
         let n = self.participants.len();
         if let Some(s) = self.phase_stats() {
             s.participants = n;
