@@ -359,6 +359,11 @@ impl Session {
                 | State::Unmasking { round, .. },
                 CoordinatorMessage::SecAgg(m),
             ) if m.round() == round => self.handle_secagg(now, round, m),
+            (State::Unmasking { round, .. }, CoordinatorMessage::Receipt { round: r }) if r == round => {
+                // The sum was computed without this device's unmasking shares (its request or its
+                // answer was lost; its neighbours' shares sufficed): its input is in the sum.
+                self.finish(SessionOutcome::Accepted { round });
+            }
             (
                 State::AwaitingShares { round, .. } | State::Unmasking { round, .. },
                 CoordinatorMessage::Abort { round: r, reason },

@@ -256,3 +256,64 @@ fn distributed_dp_round_is_noised_by_the_devices_and_charged_at_sigma() {
 fn contributors_len(events: &[RoundEvent]) -> usize {
     accepted(events).len()
 }
+
+#[test]
+fn a_plain_update_in_a_secure_round_is_refused() {
+    use starling_proto::encoding::EncodedUpdate;
+    use starling_proto::message::{
+        CheckIn, ClientUpdate, CoordinatorMessage, DeviceConditions, RejectReason,
+    };
+    use starling_proto::time::Instant;
+    let cfg = config(3, 2, secure(8));
+    let mut o = Orchestrator::new(
+        cfg,
+        Box::new(Federated::fedavg()),
+        vec![0.0; shape().len()],
+        ModelVersion(0),
+        RoundId(1),
+    )
+    .unwrap();
+    let t0 = Instant::ZERO;
+    o.start_round(t0).unwrap();
+    for c in 0..3u64 {
+        o.handle_message(
+            t0,
+            ClientId(c),
+            ClientMessage::CheckIn(CheckIn {
+                client: ClientId(c),
+                credential: vec![],
+                sdk_version: "t".into(),
+                model_family: "test".into(),
+                have_version: None,
+                conditions: DeviceConditions {
+                    charging: true,
+                    unmetered: true,
+                    idle: true,
+                    battery_percent: 90,
+                },
+                capabilities: Default::default(),
+            }),
+        );
+    }
+    o.handle_timeout(t0 + Duration::from_secs(5));
+    let tasks = std::iter::from_fn(|| o.poll_transmit())
+        .filter(|t| matches!(&t.message, CoordinatorMessage::Task(task) if task.secure.is_some()))
+        .count();
+    assert_eq!(tasks, 3, "secure tasks went out");
+    o.handle_message(
+        t0,
+        ClientId(1),
+        ClientMessage::Update(ClientUpdate {
+            round: RoundId(1),
+            base_version: ModelVersion(0),
+            update: EncodedUpdate::Dense { shape: shape(), values: update_of(1) },
+            weight: 1.0,
+            metrics: LocalMetrics::default(),
+        }),
+    );
+    let reply = std::iter::from_fn(|| o.poll_transmit()).find(|t| t.to == ClientId(1)).expect("a reply");
+    assert!(
+        matches!(reply.message, CoordinatorMessage::Rejection { reason: RejectReason::SecAgg(_), .. }),
+        "{reply:?}"
+    );
+}
