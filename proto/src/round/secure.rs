@@ -272,9 +272,14 @@ impl Orchestrator {
         }
         let round = r.id;
         for c in &output.contributors {
-            if r.participants.insert(*c, Participant::Reported).is_some() {
+            let before = r.participants.insert(*c, Participant::Reported);
+            if before.is_some() {
                 r.stats.reported += 1;
                 r.stats.total_weight += 1.0;
+            }
+            if before == Some(Participant::Dropped) {
+                // It disconnected after its masked input: its update is in the sum all the same.
+                r.stats.dropped = r.stats.dropped.saturating_sub(1);
             }
         }
         let contributors = output.contributors;
