@@ -31,6 +31,7 @@ use crate::device::{Device, TrainError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use starling_proto::codec::{Codec, FrameBuffer, Inbound};
+use starling_proto::dp::local::LocalRelease;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ModelVersion, RoundId};
 use starling_proto::message::{Capabilities, ClientMessage, DeviceConditions, ModelPayload, WithdrawReason};
@@ -111,6 +112,9 @@ pub struct Participant {
     pushed: u64,
     popped: u64,
     update_seq: Option<u64>,
+    /// Under secure aggregation: the trained update's clip norm and local release, until the
+    /// masked input that carries it leaves (after the neighbours' shares arrive).
+    pending_contribution: Option<(RoundId, Option<f32>, Option<LocalRelease>)>,
 }
 
 impl Participant {
@@ -154,6 +158,7 @@ impl Participant {
             pushed: 0,
             popped: 0,
             update_seq: None,
+            pending_contribution: None,
         }
     }
 
@@ -207,7 +212,8 @@ impl Participant {
         self.bytes_received = 0;
         self.report = None;
         self.inbound = FrameBuffer::new(self.codec);
-        self.flush(now, device);
+        self.pending_contribution = None;
+        self.flush_plain(now, device);
         Ok(())
     }
 
@@ -254,6 +260,7 @@ impl Participant {
     }
 
     fn cancel(&mut self, now: Instant, device: &Device) {
+        self.pending_contribution = None;
         let update_unsent = self.update_seq.is_some_and(|seq| seq >= self.popped);
         self.drop_queued();
         self.epoch = device.session_epoch().current();
@@ -479,9 +486,13 @@ impl Participant {
             }
             self.push(frame);
         }
+        if self.session.is_secure() && !self.sent_update {
+            // Secure round, shares not in yet: the masked input leaves later (`flush`).
+            self.pending_contribution = Some((req.round, trained.clip_norm, trained.release));
+        }
     }
 
-    fn flush(&mut self, now: Instant, _device: &Device) {
+    fn flush_plain(&mut self, now: Instant, _device: &Device) {
         while let Some(msg) = self.session.poll_transmit() {
             match self.codec.encode_client(&msg) {
                 Ok(frame) => self.push(frame),
@@ -490,6 +501,34 @@ impl Participant {
                     self.session.handle_disconnect(now);
                 }
             }
+        }
+    }
+
+    /// Sends what the session queued; a masked input that leaves after training (the secure
+    /// round's shares arrived later) goes on the device's contribution record first, as a plain
+    /// update does in [`Self::train`].
+    fn flush(&mut self, now: Instant, device: &mut Device) {
+        while let Some(msg) = self.session.poll_transmit() {
+            let masked = matches!(msg, ClientMessage::SecAgg(SecAggClientMessage::Masked(_)));
+            let frame = match self.codec.encode_client(&msg) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.task_error = Some(format!("could not encode a message: {e}"));
+                    self.session.handle_disconnect(now);
+                    continue;
+                }
+            };
+            if masked && let Some((round, clip, release)) = self.pending_contribution.take() {
+                let wall = self.wall_ms(now);
+                if let Err(e) = device.record_sent(round, frame.len() as u64, clip, release, wall) {
+                    self.task_error = Some(format!("could not record the contribution: {e}"));
+                    self.session.handle_disconnect(now);
+                    continue;
+                }
+                self.sent_update = true;
+                self.update_seq = Some(self.pushed);
+            }
+            self.push(frame);
         }
     }
 }

@@ -443,3 +443,75 @@ fn a_round_driven_sans_io_against_the_real_engine() {
         }
     }
 }
+
+/// The same sans-IO round under secure aggregation: the real `Participant`s take part in SecAgg+,
+/// only masked vectors leave them, the round commits the mean of their clipped updates, and each
+/// device's own record shows the contribution it made (the masked frame).
+#[test]
+fn a_secure_round_driven_sans_io_against_the_real_engine() {
+    use starling_proto::round::SecureAggregation;
+    let shape = ModelSpec::mf(ITEMS, DIM);
+    let round = RoundConfig {
+        target_participants: 4,
+        min_reports: 3,
+        selection_timeout: Duration::from_secs(5),
+        report_timeout: Duration::from_secs(30),
+        plan: TrainingPlan { encoding: starling_proto::encoding::EncodingKind::Dense, ..plan() },
+        secure: Some(SecureAggregation {
+            neighbours: 4,
+            threshold: 3,
+            max_cohort: 16,
+            phase_timeout: Duration::from_secs(10),
+            ..SecureAggregation::default()
+        }),
+        ..RoundConfig::default()
+    };
+    let ocfg = OrchestratorConfig {
+        model_family: shape.family.clone(),
+        shape: starling_proto::update::ModelShape::new(ITEMS, DIM).unwrap(),
+        round,
+        history: 2,
+        rng_seed: 1,
+    };
+    let mut engine = Orchestrator::new(
+        ocfg,
+        Box::new(Federated::fedavg()),
+        global(5).to_vec(),
+        ModelVersion(1),
+        RoundId(1),
+    )
+    .unwrap();
+    let mut clients: Vec<(Participant, Device)> = (1..=4)
+        .map(|id| {
+            let cfg = config(id, Storage::InMemory);
+            let mut d = Device::open(&cfg).unwrap();
+            d.set_consent(ALL_IN).unwrap();
+            d.record_batch(&purchases(&[id as u32, id as u32 + 10, id as u32 + 20]), NOW).unwrap();
+            (Participant::new(&cfg, id), d)
+        })
+        .collect();
+    let t0 = Instant::from_millis(0);
+    engine.start_round(t0).unwrap();
+    for (p, d) in clients.iter_mut() {
+        p.start(t0, NOW, d, GOOD).unwrap();
+    }
+    pump(&mut engine, &mut clients, t0, Instant::from_millis(120_000));
+    let mut committed = None;
+    while let Some(e) = engine.poll_event() {
+        if let RoundEvent::Committed(c) = e {
+            committed = Some(c);
+        }
+    }
+    let committed = committed.expect("the secure round committed");
+    assert_eq!(committed.stats.reported, 4);
+    assert!(committed.stats.secagg.is_some());
+    assert_ne!(&committed.model[..], &global(5)[..], "the global model changed");
+    for (p, d) in clients.iter_mut() {
+        let report = p.poll_report().expect("every session ends with a report");
+        assert_eq!(report.outcome, SessionOutcome::Accepted { round: RoundId(1) });
+        assert!(report.sent_update, "{report:?}");
+        let r = d.privacy_report().unwrap();
+        assert_eq!((r.updates_sent, r.rounds_accepted), (1, 1), "the masked input is on the record");
+        assert!(r.bytes_sent >= u64::from(ITEMS * DIM) * 4, "a dense masked vector left: {} B", r.bytes_sent);
+    }
+}

@@ -343,12 +343,25 @@ impl Device {
         trained: &Trained,
         now_ms: i64,
     ) -> Result<f64, StoreError> {
+        self.record_sent(round, bytes, trained.clip_norm, trained.release, now_ms)
+    }
+
+    /// [`Self::record_contribution`] from the parts it records (under secure aggregation the
+    /// masked input leaves after training, once the neighbours' shares arrived).
+    pub fn record_sent(
+        &mut self,
+        round: RoundId,
+        bytes: u64,
+        clip_norm: Option<f32>,
+        release: Option<LocalRelease>,
+        now_ms: i64,
+    ) -> Result<f64, StoreError> {
         let c = Contribution {
             round: round.0,
             at_ms: now_ms,
             bytes_sent: bytes,
-            clip_norm: trained.clip_norm.map(f64::from),
-            release: trained.release,
+            clip_norm: clip_norm.map(f64::from),
+            release,
         };
         privacy::record(&self.store, &mut self.ledger, c)
     }
