@@ -401,7 +401,7 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         let denominator = (q.get() * population as f64).max(1.0);
         let noise_multiplier = match (ctx.secure, &ctx.quant) {
             // The devices' noise, charged at what the distributed mechanism achieves.
-            (true, Some(quant)) => quant.accounted_multiplier().min(self.accounted_sigma(ctx.shape.len())),
+            (true, Some(quant)) => quant.accounted_multiplier(),
             _ => self.accounted_sigma(ctx.shape.len()),
         };
         Box::new(DpAggregator {
@@ -431,10 +431,12 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         let q = SamplingRate::new(aggregate.privacy.map_or(1.0, |c| c.sampling_rate))
             .unwrap_or(SamplingRate::FULL);
         let mut mechanism = self.mechanism(ctx.shape.len(), q);
-        if let Some(charged) = aggregate.privacy.and_then(|c| NoiseMultiplier::new(c.noise_multiplier).ok())
-            && charged.get() < mechanism.sigma.get()
+        if ctx.secure
+            && let Some(charged) =
+                aggregate.privacy.and_then(|c| NoiseMultiplier::new(c.noise_multiplier).ok())
         {
-            // Secure rounds: the distributed mechanism's effective multiplier.
+            // Secure rounds: the distributed mechanism's effective multiplier (the devices' noise;
+            // the coordinator's sampler played no part).
             mechanism.sigma = charged;
         }
         self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism });

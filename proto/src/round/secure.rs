@@ -173,7 +173,7 @@ impl Orchestrator {
             return self.reject(
                 round,
                 client,
-                RejectReason::SecAgg("this round does not run secure aggregation".into()),
+                RejectReason::SecAgg("no secure-aggregation phase of this round is running".into()),
             );
         };
         match r.participants.get(&client) {
