@@ -564,8 +564,11 @@ pub(crate) mod packed {
                 )));
             }
             if cfg!(target_endian = "little") {
-                // The wire format is the memory layout: one copy at memory speed.
-                return Ok(bytemuck::pod_collect_to_vec::<u8, T>(v));
+                // The wire format is the memory layout: one pass of unaligned loads into a fresh
+                // vector (no zeroing first).
+                let mut out = Vec::with_capacity(v.len() / T::SIZE);
+                out.extend(v.chunks_exact(T::SIZE).map(bytemuck::pod_read_unaligned::<T>));
+                return Ok(out);
             }
             Ok(v.chunks_exact(T::SIZE).map(T::get).collect())
         }
