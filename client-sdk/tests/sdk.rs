@@ -362,6 +362,19 @@ fn pump(
     }
 }
 
+/// The real round engine over the test model (FedAvg, global model `global(5)` as version 1).
+fn engine(shape: &ModelSpec, round: RoundConfig) -> Orchestrator {
+    let ocfg = OrchestratorConfig {
+        model_family: shape.family.clone(),
+        shape: starling_proto::update::ModelShape::new(ITEMS, DIM).unwrap(),
+        round,
+        history: 2,
+        rng_seed: 1,
+    };
+    Orchestrator::new(ocfg, Box::new(Federated::fedavg()), global(5).to_vec(), ModelVersion(1), RoundId(1))
+        .unwrap()
+}
+
 #[test]
 fn a_round_driven_sans_io_against_the_real_engine() {
     let shape = ModelSpec::mf(ITEMS, DIM);
@@ -373,21 +386,7 @@ fn a_round_driven_sans_io_against_the_real_engine() {
         plan: plan(),
         ..RoundConfig::default()
     };
-    let ocfg = OrchestratorConfig {
-        model_family: shape.family.clone(),
-        shape: starling_proto::update::ModelShape::new(ITEMS, DIM).unwrap(),
-        round,
-        history: 2,
-        rng_seed: 1,
-    };
-    let mut engine = Orchestrator::new(
-        ocfg,
-        Box::new(Federated::fedavg()),
-        global(5).to_vec(),
-        ModelVersion(1),
-        RoundId(1),
-    )
-    .unwrap();
+    let mut engine = engine(&shape, round);
     let mut clients: Vec<(Participant, Device)> = (1..=5)
         .map(|id| {
             let cfg = config(id, Storage::InMemory);
@@ -466,21 +465,7 @@ fn a_secure_round_driven_sans_io_against_the_real_engine() {
         }),
         ..RoundConfig::default()
     };
-    let ocfg = OrchestratorConfig {
-        model_family: shape.family.clone(),
-        shape: starling_proto::update::ModelShape::new(ITEMS, DIM).unwrap(),
-        round,
-        history: 2,
-        rng_seed: 1,
-    };
-    let mut engine = Orchestrator::new(
-        ocfg,
-        Box::new(Federated::fedavg()),
-        global(5).to_vec(),
-        ModelVersion(1),
-        RoundId(1),
-    )
-    .unwrap();
+    let mut engine = engine(&shape, round);
     let mut clients: Vec<(Participant, Device)> = (1..=4)
         .map(|id| {
             let cfg = config(id, Storage::InMemory);

@@ -14,6 +14,18 @@ fn run(c: &SimConfig) -> SimReport {
     sim::run(c, &mut |_: &RoundRecord, _: u32| {}).expect("simulation runs")
 }
 
+/// Central DP at σ = 1, C = 5, with a budget no test reaches.
+fn central_dp() -> PrivacyMode {
+    PrivacyMode::Central {
+        clip: 5.0,
+        noise_multiplier: 1.0,
+        epsilon: 1e6,
+        delta: 1e-6,
+        adaptive_quantile: None,
+        sampler: NoiseSampler::Fast,
+    }
+}
+
 fn config(transport: TransportKind) -> SimConfig {
     SimConfig {
         dataset: Dataset::Synthetic { users: 60, items: 200, seed: 4 },
@@ -24,14 +36,7 @@ fn config(transport: TransportKind) -> SimConfig {
         eval_every: 4,
         availability: None,
         dropout: 0.0,
-        privacy: PrivacyMode::Central {
-            clip: 5.0,
-            noise_multiplier: 1.0,
-            epsilon: 1e6,
-            delta: 1e-6,
-            adaptive_quantile: None,
-            sampler: NoiseSampler::Fast,
-        },
+        privacy: central_dp(),
         secure: Some(SecureAggregation {
             neighbours: 8,
             threshold: 5,
@@ -97,14 +102,7 @@ fn reference(secure: bool, seed: u64) -> SimConfig {
         clients: ClientKind::Kernel,
         eval_every: 100,
         seed,
-        privacy: PrivacyMode::Central {
-            clip: 5.0,
-            noise_multiplier: 1.0,
-            epsilon: 1e6,
-            delta: 1e-6,
-            adaptive_quantile: None,
-            sampler: NoiseSampler::Fast,
-        },
+        privacy: central_dp(),
         secure: secure.then(|| SecureAggregation {
             neighbours: 8,
             threshold: 5,
