@@ -45,6 +45,7 @@ fn task() -> Task {
         plan: TrainingPlan { clip_norm: Some(1.0), learning_rate: 0.5, ..TrainingPlan::default() },
         report_within_ms: 600_000,
         secure: None,
+        kind: starling_proto::message::TaskKind::Train,
     }
 }
 

@@ -138,6 +138,28 @@ impl EvalSet {
     }
 }
 
+/// A device's evaluation negatives (federated evaluation): [`NEGATIVES`] distinct items drawn
+/// uniformly from `0..items` leaving out `history` (sorted) and `test`, from a SplitMix64 stream
+/// seeded by [`EVAL_SEED`] and the client's id, so a device draws the same negatives in every
+/// evaluation round and the central scorer can draw them too. `None` when fewer than
+/// [`NEGATIVES`] items are left.
+pub fn device_negatives(client: u64, items: u32, history: &[u32], test: u32) -> Option<Vec<u32>> {
+    let seen = |i: u32| i == test || history.binary_search(&i).is_ok();
+    let taken = history.len() + usize::from(history.binary_search(&test).is_err() && test < items);
+    if (items as usize).saturating_sub(taken) < NEGATIVES {
+        return None;
+    }
+    let mut rng = SplitMix64::new(EVAL_SEED ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut negatives = Vec::with_capacity(NEGATIVES);
+    while negatives.len() < NEGATIVES {
+        let j = (rng.next() % u64::from(items)) as u32;
+        if !seen(j) && !negatives.contains(&j) {
+            negatives.push(j);
+        }
+    }
+    Some(negatives)
+}
+
 /// Rank of `scores[0]` among `scores[1..]` (how many score strictly higher); `None` if it is NaN.
 pub fn rank_of_first(scores: &[f32]) -> Option<usize> {
     let (&target, rest) = scores.split_first()?;

@@ -3,6 +3,8 @@
 //! Starling's recommendation models, behaviour data and evaluation protocol.
 //!
 //! ## Layout
+//! - [`family`]: the model families (MF, two-tower) behind one interface on flat `f32` slices —
+//!   train, fit the private part, score with context, similar items, federated evaluation.
 //! - [`mf`]: federated matrix factorisation with BPR — the per-client training loop, scoring,
 //!   top-k and the cold-start popularity ranking.
 //! - [`data`]: interactions, the MovieLens `u.data` loader ([`data::movielens`]), the lazy
@@ -17,6 +19,7 @@
 pub mod burn_mf;
 pub mod data;
 pub mod eval;
+pub mod family;
 pub mod flat;
 pub mod mf;
 pub mod two_tower;

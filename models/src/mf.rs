@@ -138,7 +138,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `−ln σ(x)`, computed stably.
 #[inline]
-fn bpr_loss(x: f32) -> f32 {
+pub fn bpr_loss(x: f32) -> f32 {
     if x > 0.0 { (-x).exp().ln_1p() } else { -x + x.exp().ln_1p() }
 }
 

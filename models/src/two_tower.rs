@@ -266,3 +266,113 @@ pub fn local_train(
     let loss = if steps > 0 { (loss_sum / steps as f64) as f32 } else { 0.0 };
     Ok((model, crate::mf::LocalResult { update, examples: positives.len(), loss }))
 }
+
+/// The flat shape of the global part of a device's two-tower model (`items` items, dimension
+/// `dim`, `context_dim`-dimensional context embeddings, no item features).
+pub fn flat_shape(
+    items: u32,
+    dim: u32,
+    context_dim: u32,
+) -> Result<starling_proto::update::ModelShape, starling_proto::update::UpdateError> {
+    let d = dim as usize;
+    let c = context_dim as usize;
+    let d_in = d + 3 * c;
+    let n = items as usize * d
+        + (crate::data::events::TIME_BUCKETS
+            + crate::data::events::WEEKDAYS
+            + crate::data::events::DEVICE_CLASSES)
+            * c
+        + d_in * d
+        + d;
+    let rows = n.div_ceil(d.max(1));
+    starling_proto::update::ModelShape::new(u32::try_from(rows).unwrap_or(u32::MAX), dim)
+}
+
+fn config(items: u32, dim: u32, context_dim: u32) -> TwoTowerConfig {
+    TwoTowerConfig::new(1, items as usize).with_dim(dim as usize).with_context_dim(context_dim as usize)
+}
+
+/// An initial flat global part, a pure function of `seed`.
+pub fn init_flat(
+    items: u32,
+    dim: u32,
+    context_dim: u32,
+    seed: u64,
+    init_std: f32,
+) -> Result<Vec<f32>, starling_proto::update::UpdateError> {
+    let device = Device::flex();
+    device.seed(seed);
+    let model = config(items, dim, context_dim).with_init_std(f64::from(init_std)).init(&device);
+    crate::flat::to_flat(&model.global, dim).map_err(|e| match e {
+        crate::flat::FlatError::Shape(s) => s,
+        _ => starling_proto::update::UpdateError::EmptyShape,
+    })
+}
+
+fn load(
+    def: &crate::family::ModelDef,
+    context_dim: u32,
+    global: &[f32],
+    private: &[f32],
+    device: &Device,
+) -> Result<TwoTower, crate::mf::TrainError> {
+    let shape_err = |_| crate::mf::TrainError::Shape {
+        items: global.len(),
+        user: private.len(),
+        rows: def.items,
+        dim: def.dim,
+    };
+    if private.len() != def.dim as usize {
+        return Err(shape_err(()));
+    }
+    let mut model = config(def.items, def.dim, context_dim).init(device);
+    model.global = crate::flat::load_flat(model.global, def.dim, global).map_err(|_| shape_err(()))?;
+    let user = Tensor::<2>::from_data(TensorData::new(private.to_vec(), [1, def.dim as usize]), device);
+    model.user.weight = model.user.weight.map(|w| user.set_require_grad(w.is_require_grad()));
+    Ok(model)
+}
+
+/// [`crate::family::ModelDef::train`] for the two-tower model (through burn, `Autodiff<Flex>`).
+pub fn train_flat(
+    def: &crate::family::ModelDef,
+    context_dim: u32,
+    global: &[f32],
+    private: &mut [f32],
+    examples: &crate::data::events::Examples,
+    cfg: &crate::mf::LocalTraining,
+    rng: &mut impl rand::Rng,
+) -> Result<crate::mf::LocalResult, crate::mf::TrainError> {
+    let device = Device::flex().autodiff();
+    let model = load(def, context_dim, global, private, &device)?;
+    let (model, result) = local_train(model, examples, None, cfg, rng)?;
+    let user = model
+        .user
+        .weight
+        .val()
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|_| crate::mf::TrainError::Diverged)?;
+    if user.len() != private.len() || !user.iter().all(|v| v.is_finite()) {
+        return Err(crate::mf::TrainError::Diverged);
+    }
+    private.copy_from_slice(&user);
+    Ok(result)
+}
+
+/// [`crate::family::ModelDef::score_all`] for the two-tower model.
+pub fn score_flat(
+    def: &crate::family::ModelDef,
+    context_dim: u32,
+    global: &[f32],
+    private: &[f32],
+    query: &crate::family::Query<'_>,
+    out: &mut Vec<f32>,
+) {
+    let device = Device::flex();
+    let Ok(model) = load(def, context_dim, global, private, &device) else {
+        out.extend(std::iter::repeat_n(f32::NAN, def.items as usize));
+        return;
+    };
+    let context = query.context.unwrap_or(Context::at(12 * 3600, crate::data::events::DeviceClass::Phone));
+    out.extend(model.score_all(0, context, None));
+}

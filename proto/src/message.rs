@@ -31,6 +31,9 @@ pub enum ClientMessage {
     /// A message of a secure-aggregation round (key advertisement, shares, masked input,
     /// unmasking shares); see [`secagg`](crate::secagg).
     SecAgg(SecAggClientMessage),
+    /// The result of an evaluation task ([`TaskKind::Evaluate`]): the device's figures on its
+    /// own held-out data. No model update.
+    Evaluation(EvalReport),
 }
 
 /// A message from the coordinator to a client.
@@ -289,6 +292,21 @@ pub struct Task {
     /// Secure aggregation: when set, the client does not send its update but takes part in the
     /// SecAgg+ protocol with the update encoded as the plan says (see [`SecureTask`]).
     pub secure: Option<SecureTask>,
+    /// What the task asks: train and send an update, or evaluate the model and send an
+    /// [`EvalReport`]. An evaluation task is never secure.
+    pub kind: TaskKind,
+}
+
+/// What a task asks of the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TaskKind {
+    /// Train from the task's model as its plan says and send the update.
+    #[default]
+    Train,
+    /// Federated evaluation: score the task's model on the device's own held-out data and send
+    /// an [`EvalReport`]. The device does not train and changes nothing it holds.
+    Evaluate,
 }
 
 /// The secure-aggregation part of a task: the protocol's parameters and how to encode the update
@@ -435,6 +453,49 @@ pub struct ClientUpdate {
     pub metrics: LocalMetrics,
 }
 
+/// The largest per-case loss an [`EvalMetrics`] may carry: each case's loss is capped at it,
+/// so one device moves the loss sum by at most this much.
+pub const EVAL_LOSS_CAP: f32 = 10.0;
+
+/// One device's evaluation figures: **sums** over its evaluation cases (today at most one: its
+/// latest positive interaction, held out of training), so that the coordinator can add reports
+/// up (and, under DP, noise the sums).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Evaluation cases scored (0 or 1 today).
+    pub cases: u32,
+    /// Cases whose held-out item ranked in the top 10 against the sampled negatives.
+    pub hits_at_10: f32,
+    /// Sum of NDCG@10 over the cases.
+    pub ndcg_at_10: f32,
+    /// Sum over the cases of the mean BPR loss of the held-out item against its negatives, each
+    /// case capped at [`EVAL_LOSS_CAP`].
+    pub loss: f32,
+}
+
+impl EvalMetrics {
+    /// Whether the figures are possible: finite, non-negative, and bounded by the case count
+    /// (hits and NDCG at most one per case, loss at most [`EVAL_LOSS_CAP`] per case).
+    pub fn is_valid(&self) -> bool {
+        let n = self.cases as f32;
+        [self.hits_at_10, self.ndcg_at_10, self.loss].iter().all(|v| v.is_finite() && *v >= 0.0)
+            && self.hits_at_10 <= n
+            && self.ndcg_at_10 <= n
+            && self.loss <= n * EVAL_LOSS_CAP
+    }
+}
+
+/// A device's answer to an evaluation task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The round.
+    pub round: RoundId,
+    /// The model version evaluated (the task's).
+    pub base_version: ModelVersion,
+    /// The figures.
+    pub metrics: EvalMetrics,
+}
+
 impl ClientMessage {
     /// A short, stable name of the message's kind, for per-phase traffic and CPU figures.
     pub fn kind(&self) -> &'static str {
@@ -442,6 +503,7 @@ impl ClientMessage {
             ClientMessage::CheckIn(_) => "check-in",
             ClientMessage::Update(_) => "update",
             ClientMessage::Withdraw { .. } => "withdraw",
+            ClientMessage::Evaluation(_) => "evaluation",
             ClientMessage::SecAgg(m) => match m {
                 SecAggClientMessage::KeyAdvert(_) => "secagg: key advertisement",
                 SecAggClientMessage::Shares(_) => "secagg: encrypted shares",

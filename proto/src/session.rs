@@ -23,7 +23,8 @@ use crate::encoding::EncodedUpdate;
 use crate::ids::{ClientId, ModelVersion, RoundId};
 use crate::message::{
     AbortReason, Capabilities, CheckIn, ClientMessage, ClientUpdate, CoordinatorMessage, DeviceConditions,
-    LocalMetrics, ModelPayload, Refusal, RejectReason, SecureTask, TrainingPlan, WithdrawReason,
+    EvalMetrics, EvalReport, LocalMetrics, ModelPayload, Refusal, RejectReason, SecureTask, TaskKind,
+    TrainingPlan, WithdrawReason,
 };
 use crate::secagg::{SecAggClient, SecAggClientMessage, SecAggPolicy, SecAggServerMessage};
 use crate::time::{Duration, Instant};
@@ -121,13 +122,17 @@ pub struct TrainRequest {
     /// Set when the round runs secure aggregation: the session encodes the submitted update as
     /// this says (dense, clipped, noised, mod 2^bits) and only the masked vector leaves the device.
     pub secure: Option<SecureTask>,
+    /// Train (answer with [`Session::submit_update`]) or evaluate (answer with
+    /// [`Session::submit_evaluation`]; do not train).
+    pub kind: TaskKind,
 }
 
 /// What the host should do.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum SessionAction {
-    /// Train on this task, then call [`Session::submit_update`].
+    /// Train on this task, then call [`Session::submit_update`]; or, when the request's `kind` is
+    /// [`TaskKind::Evaluate`], evaluate and call [`Session::submit_evaluation`].
     Train(Box<TrainRequest>),
     /// Stop training for this round; the result is no longer wanted.
     Cancel {
@@ -213,6 +218,15 @@ pub enum SessionError {
     /// Under secure aggregation the update could not be encoded (wrong shape, non-finite values).
     #[error("the update cannot be encoded for secure aggregation: {0}")]
     Encoding(String),
+    /// An update for an evaluation task, or an evaluation for a training task.
+    #[error("the task asks for {expected:?}, not this")]
+    WrongTaskKind {
+        /// What the task asks.
+        expected: TaskKind,
+    },
+    /// Evaluation figures that cannot be (non-finite, negative, or beyond the case count).
+    #[error("invalid evaluation figures")]
+    InvalidEvaluation,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -225,6 +239,7 @@ enum State {
         round: RoundId,
         version: ModelVersion,
         deadline: Instant,
+        kind: TaskKind,
     },
     /// Secure round: the input is encoded, the neighbours' shares have not arrived yet.
     AwaitingShares {
@@ -334,6 +349,14 @@ impl Session {
         match (self.state.clone(), message) {
             (State::CheckingIn { .. }, CoordinatorMessage::Task(task)) => {
                 let deadline = now + Duration::from_millis(task.report_within_ms);
+                if task.kind == TaskKind::Evaluate && task.secure.is_some() {
+                    self.transmits.push_back(ClientMessage::Withdraw {
+                        round: task.round,
+                        reason: WithdrawReason::PrivacyRefused,
+                    });
+                    let text = "an evaluation task cannot be secure".to_string();
+                    return self.finish(SessionOutcome::ProtocolViolation(text));
+                }
                 if let Some(secure) = &task.secure
                     && let Err(e) = self.start_secure(task.round, secure, task.model.shape(), deadline)
                 {
@@ -343,7 +366,12 @@ impl Session {
                     });
                     return self.finish(SessionOutcome::ProtocolViolation(e));
                 }
-                self.state = State::Training { round: task.round, version: task.model_version, deadline };
+                self.state = State::Training {
+                    round: task.round,
+                    version: task.model_version,
+                    deadline,
+                    kind: task.kind,
+                };
                 self.actions.push_back(SessionAction::Train(Box::new(TrainRequest {
                     round: task.round,
                     model_version: task.model_version,
@@ -351,6 +379,7 @@ impl Session {
                     plan: task.plan,
                     deadline,
                     secure: task.secure,
+                    kind: task.kind,
                 })));
             }
             (
@@ -437,11 +466,14 @@ impl Session {
         weight: f32,
         metrics: LocalMetrics,
     ) -> Result<(), SessionError> {
-        let State::Training { round: current, version, deadline } = self.state else {
+        let State::Training { round: current, version, deadline, kind } = self.state else {
             return Err(SessionError::NoTask);
         };
         if current != round {
             return Err(SessionError::NoTask);
+        }
+        if kind != TaskKind::Train {
+            return Err(SessionError::WrongTaskKind { expected: kind });
         }
         if now > deadline {
             self.finish(SessionOutcome::DeadlineMissed { round });
@@ -455,6 +487,38 @@ impl Session {
             base_version: version,
             update,
             weight,
+            metrics,
+        }));
+        self.state = State::Uploading { round, until: now + self.config.response_timeout };
+        Ok(())
+    }
+
+    /// Submits the figures of the current evaluation task ([`TaskKind::Evaluate`]).
+    pub fn submit_evaluation(
+        &mut self,
+        now: Instant,
+        round: RoundId,
+        metrics: EvalMetrics,
+    ) -> Result<(), SessionError> {
+        let State::Training { round: current, version, deadline, kind } = self.state else {
+            return Err(SessionError::NoTask);
+        };
+        if current != round {
+            return Err(SessionError::NoTask);
+        }
+        if kind != TaskKind::Evaluate {
+            return Err(SessionError::WrongTaskKind { expected: kind });
+        }
+        if !metrics.is_valid() {
+            return Err(SessionError::InvalidEvaluation);
+        }
+        if now > deadline {
+            self.finish(SessionOutcome::DeadlineMissed { round });
+            return Err(SessionError::DeadlineMissed(round));
+        }
+        self.transmits.push_back(ClientMessage::Evaluation(EvalReport {
+            round,
+            base_version: version,
             metrics,
         }));
         self.state = State::Uploading { round, until: now + self.config.response_timeout };

@@ -498,6 +498,7 @@ fn session_cancels_training_on_abort_and_refuses_late_submission() {
         plan: TrainingPlan::default(),
         report_within_ms: 1000,
         secure: None,
+        kind: starling_proto::message::TaskKind::Train,
     };
     s.handle_message(Instant::from_millis(5), CoordinatorMessage::Task(task));
     assert!(matches!(s.poll_action(), Some(SessionAction::Train(_))));

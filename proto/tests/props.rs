@@ -242,12 +242,20 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
                 mask_key_shares: shares,
             }))
         });
-    prop_oneof![check_in, update, withdraw, keys, shares, masked, unmask]
+    let evaluation = (any::<u64>(), any::<u64>(), any::<u32>(), -1e6f32..1e6, -1e6f32..1e6, -1e6f32..1e6)
+        .prop_map(|(r, v, cases, h, n, l)| {
+            ClientMessage::Evaluation(EvalReport {
+                round: RoundId(r),
+                base_version: ModelVersion(v),
+                metrics: EvalMetrics { cases, hits_at_10: h, ndcg_at_10: n, loss: l },
+            })
+        });
+    prop_oneof![check_in, update, withdraw, keys, shares, masked, unmask, evaluation]
 }
 
 fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
-    let task =
-        (any::<u64>(), any::<u64>(), payload(), plan(), any::<u64>()).prop_map(|(r, v, model, plan, ms)| {
+    let task = (any::<u64>(), any::<u64>(), payload(), plan(), any::<u64>(), any::<bool>()).prop_map(
+        |(r, v, model, plan, ms, eval)| {
             CoordinatorMessage::Task(Task {
                 round: RoundId(r),
                 model_version: ModelVersion(v),
@@ -255,8 +263,10 @@ fn coordinator_message() -> impl Strategy<Value = CoordinatorMessage> {
                 plan,
                 report_within_ms: ms,
                 secure: None,
+                kind: if eval { TaskKind::Evaluate } else { TaskKind::Train },
             })
-        });
+        },
+    );
     prop_oneof![
         task,
         (any::<u64>(), any::<u64>())

@@ -195,6 +195,8 @@ pub struct Positive {
     pub weight: f32,
     /// Context of the strongest signal.
     pub context: Context,
+    /// Time of the latest positive event for the item, ms since the Unix epoch.
+    pub last_ms: i64,
 }
 
 /// Training examples derived from a user's events.
@@ -209,23 +211,45 @@ pub struct Examples {
 impl Examples {
     /// Applies the mapping of the module docs to `events`.
     pub fn from_events(events: &[Event]) -> Self {
-        let mut best: std::collections::BTreeMap<u32, (f32, Context)> = std::collections::BTreeMap::new();
+        let mut best: std::collections::BTreeMap<u32, (f32, Context, i64)> =
+            std::collections::BTreeMap::new();
         for e in events {
             let Some(w) = e.kind.signal() else { continue };
-            let entry = best.entry(e.item).or_insert((w, e.context));
+            let entry = best.entry(e.item).or_insert((w, e.context, i64::MIN));
             if w > entry.0 {
-                *entry = (w, e.context);
+                entry.0 = w;
+                entry.1 = e.context;
+            }
+            if w > 0.0 {
+                entry.2 = entry.2.max(e.at_ms);
             }
         }
         let mut out = Examples::default();
-        for (item, (w, context)) in best {
+        for (item, (w, context, last_ms)) in best {
             if w > 0.0 {
-                out.positives.push(Positive { item, weight: w, context });
+                out.positives.push(Positive { item, weight: w, context, last_ms });
             } else {
                 out.negatives.push(item);
             }
         }
         out
+    }
+
+    /// Splits off the latest positive (the largest `last_ms`, ties to the larger item id) for
+    /// evaluation: the rest is what the device trains on. `None` with fewer than two positives
+    /// (the one positive is kept for training), as in [`crate::data::LeaveOneOut`].
+    pub fn hold_out_latest(&self) -> (Examples, Option<Positive>) {
+        if self.positives.len() < 2 {
+            return (self.clone(), None);
+        }
+        let Some(k) =
+            (0..self.positives.len()).max_by_key(|&k| (self.positives[k].last_ms, self.positives[k].item))
+        else {
+            return (self.clone(), None);
+        };
+        let mut train = self.clone();
+        let held = train.positives.remove(k);
+        (train, Some(held))
     }
 
     /// The positive items, sorted.

@@ -284,6 +284,9 @@ impl Orchestrator {
             ClientMessage::Update(u) => self.handle_update(now, client, u),
             ClientMessage::Withdraw { round, reason } => self.handle_withdraw(now, client, round, reason),
             ClientMessage::SecAgg(m) => self.handle_secagg(now, client, m),
+            // Federated evaluation is not wired into the engine yet: no evaluation task is ever
+            // sent, so a report is unsolicited.
+            ClientMessage::Evaluation(e) => self.reject(e.round, client, RejectReason::NotSelected),
         }
     }
 
@@ -524,6 +527,7 @@ impl Orchestrator {
                 plan: r.plan.clone(),
                 report_within_ms,
                 secure: secure.clone(),
+                kind: crate::message::TaskKind::Train,
             };
             self.send(*c, CoordinatorMessage::Task(task));
         }
