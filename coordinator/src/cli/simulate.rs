@@ -100,6 +100,20 @@ pub enum AttackArg {
     Random,
 }
 
+/// Model families on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    /// Matrix factorisation (BPR).
+    Mf,
+    /// The context-aware two-tower model.
+    TwoTower,
+}
+
+/// Synthetic users by default in-process.
+pub const DEFAULT_USERS: u64 = 20_000;
+/// Synthetic users by default over QUIC (one QUIC client and SDK device per user, in real time).
+pub const DEFAULT_QUIC_USERS: u64 = 2_000;
+
 /// Noise samplers on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SamplerArg {
@@ -120,9 +134,18 @@ pub struct SimulateArgs {
     /// A MovieLens `u.data`-format file; without it, the built-in synthetic population is used.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Synthetic population: users.
-    #[arg(long, default_value_t = 20_000)]
-    pub users: u64,
+    /// Synthetic population: users (default 20,000; 2,000 with `--transport quic`, which runs one
+    /// QUIC client per user).
+    #[arg(long)]
+    pub users: Option<u64>,
+    /// The model the devices train: `mf` (matrix factorisation) or `two-tower` (context-aware,
+    /// trained with burn on each device; SDK clients only).
+    #[arg(long, value_enum, default_value_t = ModelArg::Mf)]
+    pub model: ModelArg,
+    /// Synthetic population: how strongly tastes depend on the context (time of day × device
+    /// class); 0 = not at all. Try 2 with `--model two-tower`.
+    #[arg(long, default_value_t = 0.0)]
+    pub context_effect: f32,
     /// Synthetic population: items.
     #[arg(long, default_value_t = 2000)]
     pub items: u32,
@@ -324,7 +347,13 @@ impl SimulateArgs {
             Workload::Default => {
                 let dataset = match &self.data {
                     Some(p) => Dataset::File(p.clone()),
-                    None => Dataset::Synthetic { users: self.users, items: self.items, seed: self.seed },
+                    None => {
+                        let users = self.users.unwrap_or(match self.transport {
+                            TransportArg::InProcess => DEFAULT_USERS,
+                            TransportArg::Quic => DEFAULT_QUIC_USERS,
+                        });
+                        Dataset::Synthetic { users, items: self.items, seed: self.seed }
+                    }
                 };
                 let d = SimConfig::default();
                 SimConfig {
@@ -433,6 +462,15 @@ impl SimulateArgs {
             c.report_timeout = secs(v, "report-timeout-s")?;
         }
         c.eval_users = self.eval_users.max(1);
+        c.model = match self.model {
+            ModelArg::Mf => sim::ModelKind::Mf,
+            ModelArg::TwoTower => sim::ModelKind::TwoTower,
+        };
+        anyhow::ensure!(
+            self.context_effect.is_finite() && self.context_effect >= 0.0,
+            "--context-effect must be >= 0"
+        );
+        c.context_effect = self.context_effect;
         let clip = self.clip.unwrap_or(match dp {
             DpArg::Off => sim::CLIP_WITHOUT_DP,
             DpArg::Central => sim::CLIP_CENTRAL_DP,

@@ -8,6 +8,7 @@
 
 pub mod attack;
 pub mod audit;
+pub mod quality;
 pub mod quic;
 pub mod report;
 pub mod sdk_trainer;
@@ -17,14 +18,14 @@ use crate::privacy::{DurableLedger, OpenDpGaussian};
 use crate::store::Store;
 use attack::{Attack, Byzantine};
 use audit::{AuditConfig, Canaries, CanarySet};
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 use report::{AttackReport, RoundRecord, SimReport};
 use sdk_trainer::{SdkFleetTrainer, SimTrainer};
 use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
 use starling_models::eval::{EvalSet, full_ranking_hr_at_10};
+use starling_models::family::ModelDef;
 use starling_models::mf;
 use starling_proto::dp::local::honest_norm_bound;
 use starling_proto::dp::strategy::{AdaptiveClipping, DpConfig, DpFedAvg};
@@ -43,7 +44,6 @@ use starling_proto::round::{
 };
 use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
 use starling_proto::time::Duration;
-use starling_proto::update::ModelShape;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant as WallClock;
@@ -197,6 +197,11 @@ pub struct SimConfig {
     pub eval_every: u32,
     /// Synthetic data: evaluate on a seeded sample of this many users when the population is larger.
     pub eval_users: usize,
+    /// The model family the devices train.
+    pub model: ModelKind,
+    /// Synthetic data: how strongly tastes depend on the context (time of day × device class);
+    /// 0 = not at all (see `SyntheticConfig::context_effect`).
+    pub context_effect: f32,
     /// Seed of everything.
     pub seed: u64,
     /// Worker threads for local training.
@@ -327,6 +332,8 @@ impl Default for SimConfig {
             report_timeout: Duration::from_secs(120),
             eval_every: 10,
             eval_users: 10_000,
+            model: ModelKind::Mf,
+            context_effect: 0.0,
             seed: 42,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             // Privacy on by default, as `starling simulate` runs it: q = 500 / 20,000 per round.
@@ -397,9 +404,28 @@ impl SimConfig {
             round_interval: self.round_interval,
             conditions: DeviceConditions { charging: true, unmetered: true, idle: true, battery_percent: 80 },
             seed: self.seed,
-            model_family: "mf-bpr".into(),
+            model_family: starling_models::family::MF_NAME.into(),
             cache_models: false,
             ..FleetConfig::default()
+        }
+    }
+}
+
+/// The model family the simulated devices train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Matrix factorisation (BPR).
+    Mf,
+    /// The context-aware two-tower model (SDK clients only).
+    TwoTower,
+}
+
+impl ModelKind {
+    /// The model definition over `items` items of dimension `dim`.
+    pub fn def(self, items: u32, dim: u32) -> ModelDef {
+        match self {
+            ModelKind::Mf => ModelDef::mf(items, dim),
+            ModelKind::TwoTower => ModelDef::two_tower(items, dim),
         }
     }
 }
@@ -449,22 +475,37 @@ struct Prepared {
     eval_split: LeaveOneOut,
     eval_ids: Vec<u32>,
     full_ranking: bool,
+    /// SDK clients: the evaluation users' cases as their devices see them (device protocol).
+    cases: Vec<quality::DeviceCase>,
 }
 
 fn prepare(config: &SimConfig) -> Result<Prepared, SimError> {
+    let mut prepared = prepare_data(config)?;
+    if config.clients == ClientKind::Sdk {
+        prepared.cases = quality::device_cases(&prepared.data, &prepared.eval_ids, config.threads);
+    }
+    Ok(prepared)
+}
+
+fn prepare_data(config: &SimConfig) -> Result<Prepared, SimError> {
     match &config.dataset {
         Dataset::File(path) => {
             let r = movielens::load(path)?;
             let split = LeaveOneOut::split(&r.interactions, r.n_users, r.n_items);
             let eval = EvalSet::build(&split)?;
+            let mut all: Vec<Vec<(u32, i64)>> = vec![Vec::new(); r.n_users as usize];
+            for x in &r.interactions {
+                all[x.user as usize].push((x.item, x.timestamp));
+            }
             Ok(Prepared {
                 n_users: r.n_users as usize,
                 n_items: r.n_items,
-                data: ClientData::Table(Arc::new(split.train.clone())),
+                data: ClientData::Table { train: Arc::new(split.train.clone()), all: Arc::new(all) },
                 eval,
                 eval_ids: (0..r.n_users).collect(),
                 eval_split: split,
                 full_ranking: false,
+                cases: Vec::new(),
             })
         }
         Dataset::Synthetic { users, items, seed } => {
@@ -478,6 +519,7 @@ fn prepare(config: &SimConfig) -> Result<Prepared, SimError> {
                 seed: *seed,
                 max_interactions: max,
                 min_interactions: 5.min(max),
+                // MERGE(models): context_effect: config.context_effect,
                 ..SyntheticConfig::default()
             };
             let pop = Arc::new(Population::new(cfg)?);
@@ -530,8 +572,45 @@ fn prepare(config: &SimConfig) -> Result<Prepared, SimError> {
                 eval_split,
                 eval_ids,
                 full_ranking: true,
+                cases: Vec::new(),
             })
         }
+    }
+}
+
+impl Prepared {
+    /// The central scorer on `model` with each user's private vector from `private`: the device
+    /// protocol over the evaluation users' cases for SDK clients, the reference protocol for the
+    /// bare kernel; and full-ranking HR@10 for synthetic data.
+    fn central_quality(
+        &self,
+        def: &ModelDef,
+        model: &[f32],
+        private: impl Fn(u32) -> Vec<f32>,
+    ) -> (starling_models::eval::Metrics, Option<f64>) {
+        if !self.cases.is_empty() {
+            let m = quality::central(def, model, &self.cases, None, &private).metrics();
+            let full = self.full_ranking.then(|| quality::full_ranking(def, model, &self.cases, &private));
+            return (m, full);
+        }
+        let layout = mf::MfLayout::new(def.items, def.dim);
+        let m = self.eval.evaluate(|u, items, out| mf::score_items(layout, model, &private(u), items, out));
+        let full = self.full_ranking.then(|| {
+            full_ranking_hr_at_10(&self.eval_split, |k, out| {
+                mf::score_all(layout, model, &private(self.eval_ids[k as usize]), out)
+            })
+        });
+        (m, full)
+    }
+
+    /// The popularity ranking's quality (training counts), by the same protocol.
+    fn popularity(&self) -> starling_models::eval::Metrics {
+        let popularity = self.eval_split.item_counts();
+        let pop = |out: &mut Vec<f32>| out.extend(popularity.iter().map(|&c| c as f32));
+        if !self.cases.is_empty() {
+            return quality::with_scores(self.n_items, &self.cases, |_, out| pop(out));
+        }
+        self.eval.evaluate(|_, items, out| out.extend(items.iter().map(|&i| popularity[i as usize] as f32)))
     }
 }
 
@@ -574,13 +653,16 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
     let data = prepare(config)?;
     let n_users = data.n_users;
     let n_items = data.n_items;
-    let shape = ModelShape::new(n_items, config.dim).map_err(|e| SimError::Config(e.to_string()))?;
-    let fleet_config = config.fleet_config();
+    let def = config.model.def(n_items, config.dim);
+    if def.family != ModelDef::mf(n_items, config.dim).family && config.clients != ClientKind::Sdk {
+        return Err(SimError::Config(format!("--model {} runs on SDK clients only (--clients sdk)", def.name())));
+    }
+    let shape = def.shape().map_err(|e| SimError::Config(e.to_string()))?;
+    let mut fleet_config = config.fleet_config();
+    fleet_config.model_family = def.name().into();
     fleet_config.validate()?;
-
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let items: Vec<f32> =
-        (0..shape.len()).map(|_| rng.sample::<f32, _>(StandardNormal) * config.init_std).collect();
+    // For MF: N(0, init_std²) item rows from the seed, exactly as the reference workload draws them.
+    let items = def.init_global(config.seed, config.init_std).map_err(|e| SimError::Config(e.to_string()))?;
 
     let target = config.clients_per_round.min(n_users);
     let mut round = RoundConfig {
@@ -638,7 +720,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
     }
     let (strategy, ledger) = build_privacy(config, round_strategy(config), target, shape.len(), &mut round)?;
     let orch_config =
-        OrchestratorConfig { model_family: "mf-bpr".into(), shape, round, history: 0, rng_seed: config.seed };
+        OrchestratorConfig { model_family: def.name().into(), shape, round, history: 0, rng_seed: config.seed };
     let mut orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
     // Every simulated client is enrolled: N for central DP's sampling rate q = min(1, target / N).
     // Clients outside their availability window simply do not check in; they are still counted
@@ -669,7 +751,7 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
             SimTrainer::Kernel(Box::new(t))
         }
         ClientKind::Sdk => SimTrainer::Sdk(Box::new(SdkFleetTrainer::new(
-            shape,
+            def,
             config.init_std,
             data.data.clone(),
             device,
@@ -702,24 +784,14 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     let started = WallClock::now();
     let Built { data, mut fleet, mut ledger } = build(config)?;
     let initial_model = config.audit.map(|_| fleet.orchestrator().model().1.clone());
-    let (n_items, popularity) = (data.n_items, data.eval_split.item_counts());
-    let layout = mf::MfLayout::new(n_items, config.dim);
+    let def = config.model.def(data.n_items, config.dim);
     let evaluate = |fleet: &mut SimFleet| {
         let model = fleet.orchestrator().model().1.clone();
         let trainer = fleet.trainer_mut().inner();
-        let m = data
-            .eval
-            .evaluate(|u, items, out| mf::score_items(layout, &model, &trainer.user_vector(u), items, out));
-        let full = data.full_ranking.then(|| {
-            full_ranking_hr_at_10(&data.eval_split, |k, out| {
-                mf::score_all(layout, &model, &trainer.user_vector(data.eval_ids[k as usize]), out)
-            })
-        });
-        (m, full)
+        data.central_quality(&def, &model, |u| trainer.user_vector(u).into_owned())
     };
     let (initial, _) = evaluate(&mut fleet);
-    let popular =
-        data.eval.evaluate(|_, items, out| out.extend(items.iter().map(|&i| popularity[i as usize] as f32)));
+    let popular = data.popularity();
 
     let mut records = Vec::with_capacity(config.rounds as usize);
     let mut stopped = None;
@@ -748,6 +820,9 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             hr_at_10: None,
             ndcg_at_10: None,
             full_hr_at_10: None,
+            central_hr_at_10: None,
+            central_ndcg_at_10: None,
+            federated: None,
             epsilon: None,
             clip_norm: None,
             within_clip: None,
@@ -796,6 +871,8 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
         if r % config.eval_every == 0 || r == config.rounds {
             let (m, full) = evaluate(&mut fleet);
             rec.hr_at_10 = Some(m.hr_at_10);
+            rec.central_hr_at_10 = Some(m.hr_at_10);
+            rec.central_ndcg_at_10 = Some(m.ndcg_at_10);
             rec.ndcg_at_10 = Some(m.ndcg_at_10);
             rec.full_hr_at_10 = full;
         }
@@ -809,6 +886,8 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     {
         let (m, full) = evaluate(&mut fleet);
         last.hr_at_10 = Some(m.hr_at_10);
+        last.central_hr_at_10 = Some(m.hr_at_10);
+        last.central_ndcg_at_10 = Some(m.ndcg_at_10);
         last.ndcg_at_10 = Some(m.ndcg_at_10);
         last.full_hr_at_10 = full;
     }
@@ -847,6 +926,7 @@ fn finish(
         initial_hr_at_10: Some(initial.hr_at_10),
         initial_ndcg_at_10: Some(initial.ndcg_at_10),
         popularity_hr_at_10: Some(popular.hr_at_10),
+        quality_source: "central".into(),
         total_seconds: started.elapsed().as_secs_f64(),
         median_round_seconds: median(&|r| r.round_seconds),
         median_train_seconds: median(&|r| r.train_seconds),

@@ -10,7 +10,7 @@
 //! are not bit-for-bit reproducible (scheduling decides who checks in first). Every client is an
 //! SDK device with an in-memory store, its training interactions recorded as events.
 
-use super::sdk_trainer::{SIM_EPOCH_MS, click_events, device_config};
+use super::sdk_trainer::{SIM_EPOCH_MS, device_config};
 use super::trainer::initial_user_vector;
 use super::{
     ClientKind, Progress, SimConfig, SimError, StrategyKind, finish, prepare,
@@ -20,8 +20,6 @@ use crate::service::config::ServiceConfig;
 use crate::service::server;
 use crate::service::tokens::{TokenAuthority, TokenClaims, unix_now_s};
 use crate::store::Store;
-use starling_models::eval::full_ranking_hr_at_10;
-use starling_models::mf;
 use starling_proto::ids::ClientId;
 use starling_proto::message::DeviceConditions;
 use starling_proto::round::RoundEvent;
@@ -94,7 +92,8 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     svc.server.max_connections = svc.server.max_connections.max(n_users as u32 + 64);
     // Every simulated device connects from 127.0.0.1: the per-address cap must admit them all.
     svc.server.max_connections_per_ip = svc.server.max_connections;
-    svc.model.family = "bpr-mf".into();
+    let def = config.model.def(n_items, dim);
+    svc.model.family = def.name().into();
     svc.model.rows = n_items;
     svc.model.row_len = dim;
     svc.model.init_std = config.init_std;
@@ -195,7 +194,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     let mut clients = Vec::with_capacity(n_users);
     for (c, token) in tokens.into_iter().enumerate() {
         let c = c as u64;
-        let mut cc = device_config(c, n_items, dim, config.seed, None);
+        let mut cc = device_config(c, &def, config.seed, None);
         cc.credential = token;
         cc.coordinator = Some(endpoint.clone());
         cc.retry = RetryPolicy {
@@ -204,7 +203,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             max_backoff: Duration::from_secs(2),
         };
         let client = Client::open(cc, transport.clone()).map_err(|e| err("SDK client")(&e))?;
-        let evs = click_events(&data.data.positives(c));
+        let evs = data.data.events(c);
         let initial = initial_user_vector(config.seed, c, dim as usize, config.init_std);
         client
             .with_device(|d| {
@@ -217,29 +216,18 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
         clients.push(client);
     }
 
-    let layout = mf::MfLayout::new(n_items, dim);
     let evaluate = |model: &[f32]| {
         let vector = |u: u32| -> Vec<f32> {
             clients
                 .get(u as usize)
                 .and_then(|c| c.with_device(|d| d.user_vector().map(<[f32]>::to_vec)))
-                .unwrap_or_else(|| {
-                    initial_user_vector(config.seed, u64::from(u), dim as usize, config.init_std)
-                })
+                .unwrap_or_else(|| initial_user_vector(config.seed, u64::from(u), dim as usize, config.init_std))
         };
-        let m = data.eval.evaluate(|u, items, out| mf::score_items(layout, model, &vector(u), items, out));
-        let full = data.full_ranking.then(|| {
-            full_ranking_hr_at_10(&data.eval_split, |k, out| {
-                mf::score_all(layout, model, &vector(data.eval_ids[k as usize]), out)
-            })
-        });
-        (m, full)
+        data.central_quality(&def, model, vector)
     };
     let initial_model = svc.initial_model().map_err(|e| err("initial model")(&e))?;
     let (initial, _) = evaluate(&initial_model);
-    let popularity = data.eval_split.item_counts();
-    let popular =
-        data.eval.evaluate(|_, items, out| out.extend(items.iter().map(|&i| popularity[i as usize] as f32)));
+    let popular = data.popularity();
 
     // Every client loops: check in, train if selected, come back when asked.
     let stop = Arc::new(AtomicBool::new(false));
@@ -325,6 +313,9 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             hr_at_10: None,
             ndcg_at_10: None,
             full_hr_at_10: None,
+            central_hr_at_10: None,
+            central_ndcg_at_10: None,
+            federated: None,
             epsilon: svc.central_dp().then(|| running.telemetry.status().epsilon_spent),
             clip_norm: None,
             within_clip: None,
@@ -344,6 +335,8 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
         {
             let (m, full) = evaluate(&model);
             rec.hr_at_10 = Some(m.hr_at_10);
+            rec.central_hr_at_10 = Some(m.hr_at_10);
+            rec.central_ndcg_at_10 = Some(m.ndcg_at_10);
             rec.ndcg_at_10 = Some(m.ndcg_at_10);
             rec.full_hr_at_10 = full;
         }

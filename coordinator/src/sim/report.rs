@@ -33,10 +33,20 @@ pub struct RoundRecord {
     pub window_closed: usize,
     /// Weighted mean local training loss.
     pub loss: Option<f64>,
-    /// HR@10 after this round (when evaluated).
+    /// HR@10 after this round (when evaluated): the run's quality figure — the devices' own
+    /// (federated evaluation) when the run has it, else the central scorer's.
     pub hr_at_10: Option<f64>,
-    /// NDCG@10 after this round (when evaluated).
+    /// NDCG@10 after this round (when evaluated), as `hr_at_10`.
     pub ndcg_at_10: Option<f64>,
+    /// The central scorer's HR@10 over every evaluation user (when evaluated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central_hr_at_10: Option<f64>,
+    /// The central scorer's NDCG@10 over every evaluation user (when evaluated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central_ndcg_at_10: Option<f64>,
+    /// The federated evaluation round run after this round, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedRecord>,
     /// Full-ranking HR@10 after this round (synthetic data, when evaluated).
     pub full_hr_at_10: Option<f64>,
     /// ε spent so far at the configured δ (when DP is on; under central DP, the ledger's PLD
@@ -71,6 +81,37 @@ pub struct RoundRecord {
     pub cpu: StepTimes,
 }
 
+/// A federated evaluation round: what the devices reported, and the central scorer's figures
+/// for the same devices (the cross-check).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FederatedRecord {
+    /// Whether the evaluation round released figures (it may fail: too few reports, budget).
+    pub completed: bool,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Reports accepted.
+    pub reports: usize,
+    /// Evaluation cases the released figures are over (noised under DP).
+    pub cases: f64,
+    /// Client-reported HR@10.
+    pub hr_at_10: Option<f64>,
+    /// Client-reported NDCG@10.
+    pub ndcg_at_10: Option<f64>,
+    /// Client-reported mean loss of the held-out items.
+    pub loss: Option<f64>,
+    /// Standard deviation of the noise on each released sum (DP), if any.
+    pub noise_std: Option<f64>,
+    /// The central scorer's HR@10 over the devices that reported (equal with DP off).
+    pub central_hr_at_10: Option<f64>,
+    /// The central scorer's NDCG@10 over the devices that reported.
+    pub central_ndcg_at_10: Option<f64>,
+    /// Bytes sent by devices in the evaluation round.
+    pub bytes_up: u64,
+    /// Bytes sent by the coordinator in the evaluation round.
+    pub bytes_down: u64,
+}
+
 /// A whole run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SimReport {
@@ -84,6 +125,10 @@ pub struct SimReport {
     pub initial_ndcg_at_10: Option<f64>,
     /// Popularity ranking's HR@10, for reference.
     pub popularity_hr_at_10: Option<f64>,
+    /// Where the rounds' `hr_at_10` comes from: `federated` (the devices' own evaluation) or
+    /// `central` (the simulator's scorer).
+    #[serde(default)]
+    pub quality_source: String,
     /// Total wall-clock seconds.
     pub total_seconds: f64,
     /// Median wall-clock seconds per round.
@@ -249,10 +294,19 @@ impl SimReport {
         let xs = |f: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<(f64, f64)> {
             self.rounds.iter().filter_map(|r| f(r).map(|y| (r.round as f64, y))).collect()
         };
-        let mut quality = vec![
-            Series { name: "HR@10", points: xs(&|r| r.hr_at_10) },
-            Series { name: "NDCG@10", points: xs(&|r| r.ndcg_at_10) },
-        ];
+        let federated = self.rounds.iter().any(|r| r.federated.is_some());
+        let mut quality = if federated {
+            vec![
+                Series { name: "HR@10 (devices)", points: xs(&|r| r.hr_at_10) },
+                Series { name: "NDCG@10 (devices)", points: xs(&|r| r.ndcg_at_10) },
+                Series { name: "HR@10 (central, all users)", points: xs(&|r| r.central_hr_at_10) },
+            ]
+        } else {
+            vec![
+                Series { name: "HR@10", points: xs(&|r| r.hr_at_10) },
+                Series { name: "NDCG@10", points: xs(&|r| r.ndcg_at_10) },
+            ]
+        };
         if self.rounds.iter().any(|r| r.full_hr_at_10.is_some()) {
             quality.push(Series { name: "full-ranking HR@10", points: xs(&|r| r.full_hr_at_10) });
         }
@@ -290,7 +344,14 @@ impl SimReport {
             html.push_str(&a.to_html());
         }
         html.push_str("<div class=\"grid\">\n");
-        html.push_str(&svg_chart("Recommendation quality", "round", &quality, "no evaluation yet"));
+        let model = self.config.get("model").and_then(|m| m.as_str()).unwrap_or("mf");
+        let source = if federated { "reported by the devices (federated evaluation)" } else { "central scorer" };
+        html.push_str(&svg_chart(
+            &format!("Recommendation quality ({model}; {source})"),
+            "round",
+            &quality,
+            "no evaluation yet",
+        ));
         let mut privacy = vec![Series { name: "ε", points: xs(&|r| r.epsilon) }];
         let rdp = xs(&|r| r.epsilon_rdp);
         if !rdp.is_empty() {
@@ -520,6 +581,9 @@ mod tests {
             hr_at_10: Some(0.1 * round as f64),
             ndcg_at_10: Some(0.05 * round as f64),
             full_hr_at_10: None,
+            central_hr_at_10: None,
+            central_ndcg_at_10: None,
+            federated: None,
             epsilon: Some(0.3 * round as f64),
             clip_norm: None,
             within_clip: None,
@@ -542,6 +606,7 @@ mod tests {
             initial_hr_at_10: Some(0.1),
             initial_ndcg_at_10: Some(0.05),
             popularity_hr_at_10: Some(0.2),
+            quality_source: "central".into(),
             total_seconds: 1.0,
             median_round_seconds: 0.01,
             median_train_seconds: 0.005,
@@ -595,6 +660,7 @@ mod tests {
             initial_hr_at_10: Some(0.1),
             initial_ndcg_at_10: Some(0.05),
             popularity_hr_at_10: Some(0.2),
+            quality_source: "central".into(),
             total_seconds: 1.0,
             median_round_seconds: 0.01,
             median_train_seconds: 0.005,

@@ -4,14 +4,15 @@
 //! `Device::train` / `Device::record_contribution` — the code an app runs. The harness supplies the
 //! session machine, the network and the clock.
 //!
-//! A client's training data becomes app events (one `Click` per training interaction, dated within
-//! the last day of the simulated clock) recorded through `Device::record_batch`, so validation,
-//! retention and the event→example mapping are exercised as on a phone.
+//! A client's data becomes app events recorded through `Device::record_batch` (a synthetic user's
+//! views, clicks, carts, purchases and skips in their context; a file's interactions as clicks at
+//! their timestamps), so validation and the event→example mapping are exercised as on a phone;
+//! the device holds out its own latest positive for federated evaluation, as an app's does.
 
 use super::trainer::{ClientData, DeviceModel, MfFleetTrainer, initial_user_vector};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
+use starling_models::family::ModelDef;
 use starling_proto::codec::Codec;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
@@ -19,7 +20,6 @@ use starling_proto::ids::ClientId;
 use starling_proto::message::{ClientMessage, ClientUpdate};
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
-use starling_proto::update::ModelShape;
 use starling_sdk::config::{ParticipationPolicy, PrivacyMode};
 use starling_sdk::{ClientConfig, Consent, Device, ModelSpec, Storage};
 use std::borrow::Cow;
@@ -44,16 +44,21 @@ pub enum SdkFleetError {
     },
 }
 
+/// The SDK's model settings for `def`.
+pub fn model_spec(def: &ModelDef) -> ModelSpec {
+    ModelSpec { family: def.name().into(), items: def.items, dim: def.dim, item_bias: false }
+}
+
 /// A simulated device's SDK configuration: in memory, on the simulated clock, consent given, any
-/// conditions allowed, no retention cap, no personal fitting, the global model kept in memory
-/// only, a seed per client, local-DP noise from the seeded fast sampler; under `local_dp` (δ) the
-/// device insists on local noise.
-pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Option<f64>) -> ClientConfig {
-    let mut config =
-        ClientConfig::new(ClientId(client), Vec::new(), ModelSpec::mf(items, dim), Storage::InMemory);
+/// conditions allowed, no retention limits (the data's timestamps are old), no personal fitting,
+/// the global model kept in memory only, a seed per client, local-DP noise from the seeded fast
+/// sampler; under `local_dp` (δ) the device insists on local noise.
+pub fn device_config(client: u64, def: &ModelDef, seed: u64, local_dp: Option<f64>) -> ClientConfig {
+    let mut config = ClientConfig::new(ClientId(client), Vec::new(), model_spec(def), Storage::InMemory);
     config.participation = ParticipationPolicy::always();
     config.default_consent = Consent { personalization: true, training: true };
     config.retention.max_events = None;
+    config.retention.max_age = None;
     config.personal_epochs = 0;
     config.store_global_model = false;
     // The devices live on the simulated clock (their events are dated by it; retention uses it).
@@ -69,31 +74,11 @@ pub fn device_config(client: u64, items: u32, dim: u32, seed: u64, local_dp: Opt
     config
 }
 
-/// A client's training items as the app events a device records: one `Click` each, a second
-/// apart, ending an hour before [`SIM_EPOCH_MS`].
-pub fn click_events(items: &[u32]) -> Vec<Event> {
-    let n = items.len() as i64;
-    items
-        .iter()
-        .enumerate()
-        .map(|(k, &item)| {
-            let at_ms = SIM_EPOCH_MS - 3_600_000 + (k as i64 - n) * 1000;
-            Event {
-                item,
-                at_ms,
-                kind: EventKind::Click,
-                context: Context::at(at_ms / 1000, DeviceClass::Phone),
-            }
-        })
-        .collect()
-}
-
 /// Trains every simulated client's tasks on its own SDK [`Device`], created (with its events)
 /// the first time the client is given a task.
 #[derive(Debug)]
 pub struct SdkFleetTrainer {
-    items: u32,
-    dim: u32,
+    def: ModelDef,
     init_std: f32,
     data: ClientData,
     devices: HashMap<u64, Device>,
@@ -108,11 +93,11 @@ pub struct SdkFleetTrainer {
 }
 
 impl SdkFleetTrainer {
-    /// Devices for a model of `shape` (items × dim); client `i`'s events come from `data`, its initial
-    /// private vector is the simulator's `N(0, init_std²)` draw for `i`; under `local_dp` (δ) the
-    /// devices insist on local noise.
+    /// Devices training `def`; client `i`'s events come from `data` ([`ClientData::events`]), its
+    /// initial private vector is the simulator's `N(0, init_std²)` draw for `i`; under `local_dp`
+    /// (δ) the devices insist on local noise.
     pub fn new(
-        shape: ModelShape,
+        def: ModelDef,
         init_std: f32,
         data: ClientData,
         device_model: DeviceModel,
@@ -121,8 +106,7 @@ impl SdkFleetTrainer {
         local_dp: Option<f64>,
     ) -> Self {
         Self {
-            items: shape.rows,
-            dim: shape.row_len,
+            def,
             init_std,
             data,
             devices: HashMap::new(),
@@ -138,13 +122,11 @@ impl SdkFleetTrainer {
     }
 
     fn open_device(&self, client: u64) -> Result<Device, SdkFleetError> {
-        let config = device_config(client, self.items, self.dim, self.seed, self.local_dp);
+        let config = device_config(client, &self.def, self.seed, self.local_dp);
         let err = |e: &dyn std::fmt::Display| SdkFleetError::Device { client, detail: e.to_string() };
         let mut device = Device::open(&config).map_err(|e| err(&e))?;
-        device
-            .record_batch(&click_events(&self.data.positives(client)), SIM_EPOCH_MS)
-            .map_err(|e| err(&e))?;
-        let initial = initial_user_vector(self.seed, client, self.dim as usize, self.init_std);
+        device.record_batch(&self.data.events(client), SIM_EPOCH_MS).map_err(|e| err(&e))?;
+        let initial = initial_user_vector(self.seed, client, self.def.private_len(), self.init_std);
         device.seed_user_vector(initial).map_err(|e| err(&e))?;
         Ok(device)
     }
@@ -154,7 +136,7 @@ impl SdkFleetTrainer {
         match self.devices.get(&u64::from(user)).and_then(Device::user_vector) {
             Some(v) => Cow::Borrowed(v),
             None => {
-                Cow::Owned(initial_user_vector(self.seed, u64::from(user), self.dim as usize, self.init_std))
+                Cow::Owned(initial_user_vector(self.seed, u64::from(user), self.def.private_len(), self.init_std))
             }
         }
     }

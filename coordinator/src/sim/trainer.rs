@@ -10,6 +10,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
 use starling_models::data::synthetic::Population;
 use starling_models::data::{Interaction, LeaveOneOut};
 use starling_models::mf::{LocalTraining, MfLayout, local_epochs};
@@ -39,8 +40,14 @@ pub struct DeviceModel {
 /// Where each client's training items come from.
 #[derive(Clone, Debug)]
 pub enum ClientData {
-    /// Every user's training items, in memory (a loaded file), indexed by client id.
-    Table(Arc<Vec<Vec<u32>>>),
+    /// Every user's training items, in memory (a loaded file), indexed by client id, and every
+    /// user's interactions (the held-out latest one included) as `(item, timestamp s)`.
+    Table {
+        /// Training items per user (sorted, deduplicated).
+        train: Arc<Vec<Vec<u32>>>,
+        /// All interactions per user.
+        all: Arc<Vec<Vec<(u32, i64)>>>,
+    },
     /// Generated on demand from a synthetic population; each user's latest interaction is held
     /// out (the leave-one-out rule of the evaluation).
     Synthetic(Arc<Population>),
@@ -57,7 +64,7 @@ impl ClientData {
 
     pub(crate) fn count(&self, user: u64) -> usize {
         match self {
-            ClientData::Table(t) => t.get(user as usize).map_or(0, Vec::len),
+            ClientData::Table { train, .. } => train.get(user as usize).map_or(0, Vec::len),
             ClientData::Synthetic(p) if user < p.users() => {
                 let n = p.interaction_count(user);
                 if n >= 2 { n - 1 } else { n }
@@ -68,9 +75,37 @@ impl ClientData {
 
     pub(crate) fn positives(&self, user: u64) -> Cow<'_, [u32]> {
         match self {
-            ClientData::Table(t) => Cow::Borrowed(t.get(user as usize).map_or(&[][..], Vec::as_slice)),
+            ClientData::Table { train, .. } => {
+                Cow::Borrowed(train.get(user as usize).map_or(&[][..], Vec::as_slice))
+            }
             ClientData::Synthetic(p) if user < p.users() => Cow::Owned(Self::split_user(p, user).0),
             ClientData::Synthetic(_) => Cow::Borrowed(&[]),
+        }
+    }
+}
+
+impl ClientData {
+    /// Everything user `user`'s device records, its latest positive (the held-out one) included:
+    /// a synthetic user's app events (views, clicks, carts, purchases and skips, in context), or
+    /// one `Click` per interaction of a file, at its timestamp (context from the time, on a phone).
+    /// A device holding out its latest positive trains on exactly [`Self::positives`].
+    pub fn events(&self, user: u64) -> Vec<Event> {
+        match self {
+            ClientData::Table { all, .. } => all
+                .get(user as usize)
+                .map(|rows| {
+                    rows.iter()
+                        .map(|&(item, t)| Event {
+                            item,
+                            at_ms: t.saturating_mul(1000),
+                            kind: EventKind::Click,
+                            context: Context::at(t, DeviceClass::Phone),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            ClientData::Synthetic(p) if user < p.users() => p.user_events(user),
+            ClientData::Synthetic(_) => Vec::new(),
         }
     }
 }
@@ -260,7 +295,7 @@ impl Trainer for MfFleetTrainer {
                     None => Vec::new(),
                 };
                 let positives = match &self.data {
-                    ClientData::Table(_) => None,
+                    ClientData::Table { .. } => None,
                     ClientData::Synthetic(_) => self.generated.get(&i).cloned(),
                 };
                 Work { index, job, user, positives, generated: None, out: None }
