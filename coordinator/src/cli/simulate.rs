@@ -708,3 +708,37 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+
+    fn users(argv: &[&str]) -> u64 {
+        let config = Cli::parse_from(argv).args.to_config().unwrap();
+        match config.dataset {
+            Dataset::Synthetic { users, .. } => users,
+            Dataset::File(_) => panic!("synthetic by default"),
+        }
+    }
+
+    #[test]
+    fn the_default_quic_job_fits_the_quic_client_limit() {
+        assert_eq!(users(&["simulate"]), DEFAULT_USERS);
+        let quic = users(&["simulate", "--transport", "quic"]);
+        assert!(quic as usize <= sim::quic::MAX_QUIC_USERS, "{quic} users over QUIC");
+        assert_eq!(users(&["simulate", "--transport", "quic", "--users", "300"]), 300);
+        let c = Cli::parse_from(["simulate", "--model", "two-tower", "--context-effect", "2"])
+            .args
+            .to_config()
+            .unwrap();
+        assert_eq!((c.model, c.context_effect), (sim::ModelKind::TwoTower, 2.0));
+        assert!(Cli::parse_from(["simulate", "--context-effect=-1"]).args.to_config().is_err());
+    }
+}

@@ -655,7 +655,10 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
     let n_items = data.n_items;
     let def = config.model.def(n_items, config.dim);
     if def.family != ModelDef::mf(n_items, config.dim).family && config.clients != ClientKind::Sdk {
-        return Err(SimError::Config(format!("--model {} runs on SDK clients only (--clients sdk)", def.name())));
+        return Err(SimError::Config(format!(
+            "--model {} runs on SDK clients only (--clients sdk)",
+            def.name()
+        )));
     }
     let shape = def.shape().map_err(|e| SimError::Config(e.to_string()))?;
     let mut fleet_config = config.fleet_config();
@@ -719,8 +722,13 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         round.plan.encoding = EncodingKind::Dense;
     }
     let (strategy, ledger) = build_privacy(config, round_strategy(config), target, shape.len(), &mut round)?;
-    let orch_config =
-        OrchestratorConfig { model_family: def.name().into(), shape, round, history: 0, rng_seed: config.seed };
+    let orch_config = OrchestratorConfig {
+        model_family: def.name().into(),
+        shape,
+        round,
+        history: 0,
+        rng_seed: config.seed,
+    };
     let mut orchestrator = Orchestrator::new(orch_config, strategy, items, ModelVersion(0), RoundId(1))?;
     // Every simulated client is enrolled: N for central DP's sampling rate q = min(1, target / N).
     // Clients outside their availability window simply do not check in; they are still counted
@@ -1103,6 +1111,8 @@ fn config_json(c: &SimConfig) -> serde_json::Value {
         "check_in_probability": c.check_in_probability,
         "round_interval_s": c.round_interval.as_secs_f64(),
         "eval_users": c.eval_users,
+        "model": match c.model { ModelKind::Mf => "mf", ModelKind::TwoTower => "two-tower" },
+        "context_effect": c.context_effect,
         "report_timeout_s": c.report_timeout.as_secs_f64(),
         "eval_every": c.eval_every,
         "seed": c.seed,

@@ -103,7 +103,11 @@ pub fn central(
 
 /// The device protocol with any scorer (`scores(case, out)` fills one score per item): the
 /// popularity baseline.
-pub fn with_scores(n_items: u32, cases: &[DeviceCase], mut scores: impl FnMut(&DeviceCase, &mut Vec<f32>)) -> Metrics {
+pub fn with_scores(
+    n_items: u32,
+    cases: &[DeviceCase],
+    mut scores: impl FnMut(&DeviceCase, &mut Vec<f32>),
+) -> Metrics {
     let mut all = Vec::with_capacity(n_items as usize);
     let mut s = Sums::default();
     for c in cases {
@@ -146,7 +150,9 @@ pub fn full_ranking(
         let higher = scores
             .iter()
             .enumerate()
-            .filter(|&(i, &s)| s > target && i as u32 != c.held.item && c.train.binary_search(&(i as u32)).is_err())
+            .filter(|&(i, &s)| {
+                s > target && i as u32 != c.held.item && c.train.binary_search(&(i as u32)).is_err()
+            })
             .count();
         hits += usize::from(higher < 10);
     }

@@ -221,7 +221,9 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             clients
                 .get(u as usize)
                 .and_then(|c| c.with_device(|d| d.user_vector().map(<[f32]>::to_vec)))
-                .unwrap_or_else(|| initial_user_vector(config.seed, u64::from(u), dim as usize, config.init_std))
+                .unwrap_or_else(|| {
+                    initial_user_vector(config.seed, u64::from(u), dim as usize, config.init_std)
+                })
         };
         data.central_quality(&def, model, vector)
     };

@@ -345,7 +345,8 @@ impl SimReport {
         }
         html.push_str("<div class=\"grid\">\n");
         let model = self.config.get("model").and_then(|m| m.as_str()).unwrap_or("mf");
-        let source = if federated { "reported by the devices (federated evaluation)" } else { "central scorer" };
+        let source =
+            if federated { "reported by the devices (federated evaluation)" } else { "central scorer" };
         html.push_str(&svg_chart(
             &format!("Recommendation quality ({model}; {source})"),
             "round",

@@ -135,9 +135,12 @@ impl SdkFleetTrainer {
     pub fn user_vector(&self, user: u32) -> Cow<'_, [f32]> {
         match self.devices.get(&u64::from(user)).and_then(Device::user_vector) {
             Some(v) => Cow::Borrowed(v),
-            None => {
-                Cow::Owned(initial_user_vector(self.seed, u64::from(user), self.def.private_len(), self.init_std))
-            }
+            None => Cow::Owned(initial_user_vector(
+                self.seed,
+                u64::from(user),
+                self.def.private_len(),
+                self.init_std,
+            )),
         }
     }
 
