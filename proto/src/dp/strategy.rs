@@ -259,7 +259,11 @@ impl<S: Strategy> DpFedAvg<S> {
     fn check_budget(&self, mechanism: &Mechanism) -> Result<(), AdmissionError> {
         self.ledger.check(mechanism).map(|_| ()).map_err(|e| match e {
             super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
-                AdmissionError::BudgetExhausted { projected_epsilon: projected, budget_epsilon: budget, delta }
+                AdmissionError::BudgetExhausted {
+                    projected_epsilon: projected,
+                    budget_epsilon: budget,
+                    delta,
+                }
             }
         })
     }

@@ -27,11 +27,12 @@
 //! (the devices' reports carry no local noise, so the release would not be covered by the local
 //! guarantee).
 
-use super::{Orchestrator, Participant, Round, RoundEvent};
 use super::{ConfigError, EvaluatedRound, FailReason, Phase, RoundStats, StartError};
+use super::{Orchestrator, Participant, Round, RoundEvent};
 use crate::ids::{ClientId, RoundId};
 use crate::message::{
-    CoordinatorMessage, EVAL_LOSS_CAP, EvalMetrics, EvalReport, NoiseSettings, Refusal, RejectReason, TaskKind,
+    CoordinatorMessage, EVAL_LOSS_CAP, EvalMetrics, EvalReport, NoiseSettings, Refusal, RejectReason,
+    TaskKind,
 };
 use crate::strategy::{AggregateError, EvalNoise, PrivacyCharge, RoundContext};
 use crate::time::Instant;
