@@ -95,7 +95,8 @@ pub trait Trainer {
 }
 
 /// Adapts a closure that trains one job and says how long it took into a [`Trainer`]. The closure
-/// runs when the task arrives (serially); handy for tests and small examples.
+/// runs when the task arrives (serially); handy for tests and small examples. It answers no
+/// evaluation task (the default [`Trainer::evaluate`]).
 pub struct FnTrainer<F> {
     f: F,
     done: HashMap<(ClientId, RoundId), Option<TrainResult>>,
@@ -115,7 +116,12 @@ impl<F> Trainer for FnTrainer<F>
 where
     F: FnMut(ClientId, &TrainRequest, &[f32]) -> Option<(TrainResult, Duration)>,
 {
+    /// Evaluation tasks take no time and the closure is not called: an [`FnTrainer`] does not
+    /// evaluate (its clients withdraw from evaluation rounds).
     fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration {
+        if request.kind == TaskKind::Evaluate {
+            return Duration::ZERO;
+        }
         let out = (self.f)(client, request, params);
         let compute = out.as_ref().map_or(Duration::ZERO, |(_, d)| *d);
         self.done.insert((client, request.round), out.map(|(r, _)| r));

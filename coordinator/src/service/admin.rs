@@ -70,6 +70,8 @@ pub struct StatusSnapshot {
     pub rounds_committed: u64,
     /// Rounds failed since the process started.
     pub rounds_failed: u64,
+    /// Federated-evaluation rounds released since the process started.
+    pub rounds_evaluated: u64,
     /// Rounds found unfinished at start-up and recorded `abandoned`.
     pub rounds_abandoned_at_start: Vec<u64>,
     /// ε spent so far (all rounds ever committed, from the durable ledger).

@@ -281,6 +281,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
                 s.model_version = d.model_version.0;
                 s.rounds_committed = d.rounds_committed;
                 s.rounds_failed = d.rounds_failed;
+                s.rounds_evaluated = d.rounds_evaluated;
                 s.connections = d.connections;
                 s.halted = d.halted.clone();
             });
