@@ -12,6 +12,14 @@
 //! - `clients` and `tokens`: the client registry and the enrollment tokens issued, with
 //!   revocations.
 //!
+//! Schema version 3 (federated evaluation) adds:
+//! - the `evaluated` state of `rounds` (an evaluation round that released its figures; the
+//!   table is rebuilt to widen its check);
+//! - `evaluations`: one row per released evaluation round (version evaluated, reports, cases,
+//!   HR@10, NDCG@10, loss, the noise's standard deviation under DP). [`Store::record_evaluation`]
+//!   writes it with the round's ledger entry and its `evaluated` state in one transaction, before
+//!   the figures are released.
+//!
 //! [`Store::commit_round`] writes a round's ledger entry, its checkpoint and its `committed`
 //! state in **one transaction**: after a crash either all three are there or none is, and the
 //! model is only released after that transaction returned. A round is recorded `started`
@@ -31,7 +39,7 @@ use std::path::{Path, PathBuf};
 /// `application_id` of Starling coordinator databases ("STLC").
 pub const APPLICATION_ID: i32 = 0x5354_4C43;
 /// Current schema version.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +160,31 @@ pub struct RoundRecord {
     pub result_version: Option<ModelVersion>,
     /// Why it failed, if it did.
     pub detail: Option<String>,
+}
+
+/// A released federated-evaluation round as recorded (also what `/status` shows).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EvaluationRecord {
+    /// The round.
+    pub round: u64,
+    /// The model version evaluated.
+    pub version: u64,
+    /// Mean HR@10.
+    pub hr_at_10: f64,
+    /// Mean NDCG@10.
+    pub ndcg_at_10: f64,
+    /// Mean per-case loss.
+    pub loss: f64,
+    /// Reports accepted.
+    pub reports: u64,
+    /// Evaluation cases (noised under DP).
+    pub cases: f64,
+    /// Whether the figures were released with DP noise.
+    pub noised: bool,
+    /// The noise's standard deviation on the sums, under DP.
+    pub noise_std: Option<f64>,
+    /// When it was recorded (Unix ms).
+    pub at: i64,
 }
 
 /// An issued enrollment token as recorded (the token itself is not stored).
@@ -280,6 +313,38 @@ impl Store {
             )?;
             tx.commit()?;
         }
+        if from < 3 {
+            let tx = self.conn.transaction()?;
+            // SQLite cannot alter a CHECK: the rounds table is rebuilt with the wider one.
+            tx.execute_batch(
+                "CREATE TABLE rounds_v3 (
+                     round          INTEGER PRIMARY KEY,
+                     base_version   INTEGER NOT NULL,
+                     state          TEXT    NOT NULL
+                                    CHECK (state IN ('started', 'committed', 'failed', 'abandoned', 'evaluated')),
+                     started_ms     INTEGER NOT NULL,
+                     finished_ms    INTEGER,
+                     result_version INTEGER,
+                     detail         TEXT
+                 );
+                 INSERT INTO rounds_v3 SELECT round, base_version, state, started_ms, finished_ms, result_version, detail FROM rounds;
+                 DROP TABLE rounds;
+                 ALTER TABLE rounds_v3 RENAME TO rounds;
+                 CREATE TABLE evaluations (
+                     round       INTEGER PRIMARY KEY,
+                     version     INTEGER NOT NULL,
+                     reports     INTEGER NOT NULL,
+                     cases       REAL    NOT NULL,
+                     hr_at_10    REAL    NOT NULL,
+                     ndcg_at_10  REAL    NOT NULL,
+                     loss        REAL    NOT NULL,
+                     noise_std   REAL,
+                     recorded_ms INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 3;",
+            )?;
+            tx.commit()?;
+        }
         // Later schema versions add `if from < N { … }` steps here, each in its own transaction.
         Ok(())
     }
@@ -374,6 +439,75 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records a released evaluation round atomically: its ledger entry (under DP), its figures
+    /// and its `evaluated` state, in one fsynced transaction. The figures may be released once
+    /// this returns `Ok`.
+    pub fn record_evaluation(
+        &mut self,
+        record: &EvaluationRecord,
+        ledger: Option<&LedgerEntry>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let r = to_i64(record.round)?;
+        let updated = tx.execute(
+            "UPDATE rounds SET state = 'evaluated', finished_ms = ?2, result_version = ?3
+             WHERE round = ?1 AND state = 'started'",
+            params![r, record.at, to_i64(record.version)?],
+        )?;
+        if updated == 0 {
+            drop(tx);
+            return Err(StoreError::RoundState {
+                round: record.round,
+                action: "evaluated",
+                state: self.round_state(RoundId(record.round))?,
+            });
+        }
+        if let Some(entry) = ledger {
+            insert_ledger(&tx, entry, record.at)?;
+        }
+        tx.execute(
+            "INSERT INTO evaluations (round, version, reports, cases, hr_at_10, ndcg_at_10, loss, noise_std, recorded_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                r,
+                to_i64(record.version)?,
+                to_i64(record.reports)?,
+                record.cases,
+                record.hr_at_10,
+                record.ndcg_at_10,
+                record.loss,
+                record.noise_std,
+                record.at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The newest `limit` evaluation rounds, oldest first.
+    pub fn evaluations(&self, limit: usize) -> Result<Vec<EvaluationRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT round, version, reports, cases, hr_at_10, ndcg_at_10, loss, noise_std, recorded_ms
+             FROM (SELECT * FROM evaluations ORDER BY round DESC LIMIT ?1) ORDER BY round",
+        )?;
+        let rows = stmt.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            let noise_std: Option<f64> = r.get(7)?;
+            Ok(EvaluationRecord {
+                round: r.get::<_, i64>(0)? as u64,
+                version: r.get::<_, i64>(1)? as u64,
+                reports: r.get::<_, i64>(2)? as u64,
+                cases: r.get(3)?,
+                hr_at_10: r.get(4)?,
+                ndcg_at_10: r.get(5)?,
+                loss: r.get(6)?,
+                noised: noise_std.is_some(),
+                noise_std,
+                at: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records that a started round failed (model unchanged).
@@ -735,10 +869,60 @@ mod tests {
             .unwrap();
         }
         let mut s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(s.ledger_entries().unwrap(), vec![entry(1, 1.1)]);
         // The ledger's round 1 is taken: the next round id is above it.
         assert_eq!(s.recover(0).unwrap().next_round, RoundId(2));
+    }
+
+    fn evaluation(round: u64, hr: f64, noise_std: Option<f64>) -> EvaluationRecord {
+        EvaluationRecord {
+            round,
+            version: 1,
+            hr_at_10: hr,
+            ndcg_at_10: hr / 2.0,
+            loss: 0.7,
+            reports: 12,
+            cases: 11.5,
+            noised: noise_std.is_some(),
+            noise_std,
+            at: 1000 + round as i64,
+        }
+    }
+
+    #[test]
+    fn a_version_2_file_migrates_and_evaluations_are_recorded_with_their_charge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        {
+            // A version-2 store with a committed round.
+            let mut s = Store::open(&path).unwrap();
+            s.conn.execute_batch("DROP TABLE evaluations; PRAGMA user_version = 2;").unwrap();
+            s.begin_round(RoundId(1), ModelVersion(0), 0).unwrap();
+            s.fail_round(RoundId(1), "x", 1).unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 3);
+        assert_eq!(s.rounds().unwrap()[0].state, "failed", "rounds survive the rebuild");
+        s.begin_round(RoundId(2), ModelVersion(1), 2).unwrap();
+        s.record_evaluation(&evaluation(2, 0.25, Some(1.2)), Some(&entry(2, 0.6))).unwrap();
+        // Only a started round can be evaluated, once; a failed write leaves nothing behind.
+        let err = s.record_evaluation(&evaluation(2, 0.5, None), None).unwrap_err();
+        assert!(matches!(err, StoreError::RoundState { action: "evaluated", .. }), "{err}");
+        s.begin_round(RoundId(3), ModelVersion(1), 3).unwrap();
+        assert!(s.record_evaluation(&evaluation(3, 0.5, Some(1.2)), Some(&entry(2, 0.6))).is_err());
+        assert_eq!(s.rounds().unwrap()[2].state, "started", "the duplicate charge rolled everything back");
+        s.record_evaluation(&evaluation(3, 0.5, None), None).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(
+            s.evaluations(20).unwrap(),
+            vec![evaluation(2, 0.25, Some(1.2)), evaluation(3, 0.5, None)]
+        );
+        assert_eq!(s.evaluations(1).unwrap(), vec![evaluation(3, 0.5, None)]);
+        assert_eq!(s.ledger_entries().unwrap(), vec![entry(2, 0.6)]);
+        let states: Vec<String> = s.rounds().unwrap().into_iter().map(|r| r.state).collect();
+        assert_eq!(states, ["failed", "evaluated", "evaluated"]);
     }
 
     #[test]

@@ -33,10 +33,10 @@ use crate::codec::{Codec, Inbound};
 use crate::encoding::EncodedUpdate;
 use crate::ids::{ClientId, ModelVersion, RoundId};
 use crate::message::{
-    Capabilities, CoordinatorMessage, DeviceConditions, LocalMetrics, ModelPayload, TrainingPlan,
-    WithdrawReason,
+    Capabilities, CoordinatorMessage, DeviceConditions, EvalMetrics, LocalMetrics, ModelPayload, TaskKind,
+    TrainingPlan, WithdrawReason,
 };
-use crate::round::{Orchestrator, RoundEvent, StartError};
+use crate::round::{FederatedEval, Orchestrator, RoundEvent, StartError};
 use crate::session::{Session, SessionAction, SessionConfig, SessionOutcome, TrainRequest};
 use crate::time::{Duration, Instant};
 use crate::update::Update;
@@ -67,22 +67,36 @@ pub struct TrainJob {
     pub params: Arc<[f32]>,
 }
 
-/// Local training, as the fleet's clients do it.
+/// Local training (and evaluation), as the fleet's clients do it.
 ///
 /// The fleet first asks how long a task takes on the client's device (simulated time, which decides
-/// when the update is submitted and so who misses deadlines), and later trains every task that is
+/// when the result is submitted and so who misses deadlines), and later runs every task that is
 /// due in one batch, so an implementation can spread a batch over all cores.
+///
+/// Evaluation tasks ([`TaskKind::Evaluate`] in the job's `request.kind`, from
+/// [`Fleet::run_evaluation`]) go through the same two steps: [`compute_time`](Self::compute_time)
+/// (the request says which kind it is), then [`evaluate`](Self::evaluate) in a batch; the device
+/// sends the figures without training and must change nothing it holds.
 pub trait Trainer {
-    /// Simulated time `client` needs for `request` (training from `params`) on the reference
-    /// device; the fleet divides it by the client's compute speed ([`FleetConfig::compute_speed`]).
+    /// Simulated time `client` needs for `request` (training from, or evaluating, `params`) on the
+    /// reference device; the fleet divides it by the client's compute speed
+    /// ([`FleetConfig::compute_speed`]).
     fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration;
     /// Trains `jobs` (in any order, possibly in parallel) and returns one result per job, in order.
     /// `None` means that client's training failed (it withdraws).
     fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>>;
+    /// Evaluates `params` of every job on its client's held-out data and returns one result per
+    /// job, in order: the **sums** over the client's evaluation cases (at most
+    /// [`MAX_EVAL_CASES`](crate::round::MAX_EVAL_CASES)), as [`EvalMetrics`] says. `None` means
+    /// the client has nothing to report (it withdraws). The default answers `None` for every job.
+    fn evaluate(&mut self, jobs: &[TrainJob]) -> Vec<Option<EvalMetrics>> {
+        vec![None; jobs.len()]
+    }
 }
 
 /// Adapts a closure that trains one job and says how long it took into a [`Trainer`]. The closure
-/// runs when the task arrives (serially); handy for tests and small examples.
+/// runs when the task arrives (serially); handy for tests and small examples. It answers no
+/// evaluation task (the default [`Trainer::evaluate`]).
 pub struct FnTrainer<F> {
     f: F,
     done: HashMap<(ClientId, RoundId), Option<TrainResult>>,
@@ -102,7 +116,12 @@ impl<F> Trainer for FnTrainer<F>
 where
     F: FnMut(ClientId, &TrainRequest, &[f32]) -> Option<(TrainResult, Duration)>,
 {
+    /// Evaluation tasks take no time and the closure is not called: an [`FnTrainer`] does not
+    /// evaluate (its clients withdraw from evaluation rounds).
     fn compute_time(&mut self, client: ClientId, request: &TrainRequest, params: &Arc<[f32]>) -> Duration {
+        if request.kind == TaskKind::Evaluate {
+            return Duration::ZERO;
+        }
         let out = (self.f)(client, request, params);
         let compute = out.as_ref().map_or(Duration::ZERO, |(_, d)| *d);
         self.done.insert((client, request.round), out.map(|(r, _)| r));
@@ -391,12 +410,20 @@ pub struct FleetRound {
     pub cpu: BTreeMap<&'static str, (Duration, u64)>,
     /// Virtual time the round took.
     pub duration: Duration,
+    /// What an evaluation round ([`Fleet::run_evaluation`]) released, if it did; `None` for
+    /// training rounds and failed evaluation rounds.
+    pub evaluation: Option<FederatedEval>,
 }
 
 impl FleetRound {
     /// Whether the round committed.
     pub fn committed(&self) -> bool {
         self.events.iter().any(|e| matches!(e, RoundEvent::Committed(_)))
+    }
+
+    /// Whether the round was an evaluation round that released its figures.
+    pub fn evaluated(&self) -> bool {
+        self.evaluation.is_some()
     }
 }
 
@@ -435,6 +462,7 @@ struct TaskFrame {
     plan: TrainingPlan,
     report_within_ms: u64,
     secure: Option<crate::message::SecureTask>,
+    kind: TaskKind,
     bytes: Arc<[u8]>,
     decoded: Option<Inbound<CoordinatorMessage>>,
 }
@@ -469,7 +497,13 @@ pub struct Fleet<T> {
 #[derive(Debug, PartialEq)]
 enum JobState {
     Queued(RoundId),
-    Done(RoundId, Option<Box<TrainResult>>),
+    Done(RoundId, JobResult),
+}
+
+#[derive(Debug, PartialEq)]
+enum JobResult {
+    Trained(Option<Box<TrainResult>>),
+    Evaluated(Option<EvalMetrics>),
 }
 
 impl<T: Trainer> Fleet<T> {
@@ -614,11 +648,27 @@ impl<T: Trainer> Fleet<T> {
     /// Runs one round: starts it, lets every available client check in, and steps until the round
     /// commits or fails. Returns what happened.
     pub fn run_round(&mut self) -> Result<FleetRound, StartError> {
+        self.run_with(Orchestrator::start_round)
+    }
+
+    /// Runs one federated-evaluation round ([`Orchestrator::start_evaluation`]) exactly as
+    /// [`run_round`](Self::run_round) runs a training round — pacing, check-ins, the network,
+    /// dropouts and availability windows alike — with the selected clients' tasks answered by
+    /// [`Trainer::evaluate`]. The model is unchanged; the released figures are in
+    /// [`FleetRound::evaluation`] (and in the [`RoundEvent::Evaluated`] event).
+    pub fn run_evaluation(&mut self) -> Result<FleetRound, StartError> {
+        self.run_with(Orchestrator::start_evaluation)
+    }
+
+    fn run_with(
+        &mut self,
+        start: fn(&mut Orchestrator, Instant) -> Result<RoundId, StartError>,
+    ) -> Result<FleetRound, StartError> {
         if let Some(last) = self.last_round_start {
             self.now = self.now.max(last + self.config.round_interval);
         }
         let started = self.now;
-        let round = self.orchestrator.start_round(self.now)?;
+        let round = start(&mut self.orchestrator, self.now)?;
         self.last_round_start = Some(started);
         let mut out = FleetRound {
             round,
@@ -631,6 +681,7 @@ impl<T: Trainer> Fleet<T> {
             traffic: BTreeMap::new(),
             cpu: BTreeMap::new(),
             duration: Duration::ZERO,
+            evaluation: None,
         };
         let spread = self.config.check_in_spread.as_micros() as u64;
         let p = self.config.check_in_probability;
@@ -656,8 +707,9 @@ impl<T: Trainer> Fleet<T> {
         }
         loop {
             self.drain(&mut out);
-            let done =
-                out.events.iter().any(|e| matches!(e, RoundEvent::Committed(_) | RoundEvent::Failed { .. }));
+            let done = out.events.iter().any(|e| {
+                matches!(e, RoundEvent::Committed(_) | RoundEvent::Evaluated(_) | RoundEvent::Failed { .. })
+            });
             if done || !self.step(&mut out) {
                 break;
             }
@@ -674,6 +726,10 @@ impl<T: Trainer> Fleet<T> {
             }
         }
         self.task_frame = None;
+        out.evaluation = out.events.iter().find_map(|e| match e {
+            RoundEvent::Evaluated(ev) if ev.round == round => Some(ev.metrics.clone()),
+            _ => None,
+        });
         Ok(out)
     }
 
@@ -786,7 +842,16 @@ impl<T: Trainer> Fleet<T> {
                     return self.drain(out);
                 }
                 match result {
-                    Some(result) => {
+                    JobResult::Evaluated(Some(metrics)) => {
+                        let t0 = self.cpu_start();
+                        let session = &mut self.client(c.0 as usize).session;
+                        let _ = session.submit_evaluation(now, round, metrics);
+                        self.cpu_stop(t0, "device: evaluation report");
+                    }
+                    JobResult::Evaluated(None) | JobResult::Trained(None) => {
+                        self.client(c.0 as usize).session.withdraw(now, WithdrawReason::TrainingFailed)
+                    }
+                    JobResult::Trained(Some(result)) => {
                         let kind = self.orchestrator.config().round.plan.encoding;
                         let update = EncodedUpdate::encode(&result.update, kind, &mut self.rng);
                         let t0 = self.cpu_start();
@@ -794,7 +859,6 @@ impl<T: Trainer> Fleet<T> {
                         let _ = session.submit_update(now, round, update, result.weight, result.metrics);
                         self.cpu_stop(t0, "device: encode + mask");
                     }
-                    None => self.client(c.0 as usize).session.withdraw(now, WithdrawReason::TrainingFailed),
                 }
                 self.after_session(c);
             }
@@ -880,11 +944,22 @@ impl<T: Trainer> Fleet<T> {
             return;
         }
         let jobs = std::mem::take(&mut self.queued);
-        let results = self.trainer.train(&jobs);
-        for (job, result) in jobs.iter().zip(results) {
+        let (evals, trains): (Vec<TrainJob>, Vec<TrainJob>) =
+            jobs.into_iter().partition(|j| j.request.kind == TaskKind::Evaluate);
+        let mut done = Vec::with_capacity(evals.len() + trains.len());
+        if !trains.is_empty() {
+            let results = self.trainer.train(&trains);
+            let results = results.into_iter().map(|r| JobResult::Trained(r.map(Box::new)));
+            done.extend(trains.iter().zip(results));
+        }
+        if !evals.is_empty() {
+            let results = self.trainer.evaluate(&evals).into_iter().map(JobResult::Evaluated);
+            done.extend(evals.iter().zip(results));
+        }
+        for (job, result) in done {
             let client = self.client(job.client.0 as usize);
             if client.job == Some(JobState::Queued(job.request.round)) {
-                client.job = Some(JobState::Done(job.request.round, result.map(Box::new)));
+                client.job = Some(JobState::Done(job.request.round, result));
             }
         }
     }
@@ -915,6 +990,7 @@ impl<T: Trainer> Fleet<T> {
             && f.plan == t.plan
             && f.report_within_ms == t.report_within_ms
             && f.secure == t.secure
+            && f.kind == t.kind
         {
             return Some(f.bytes.clone());
         }
@@ -927,6 +1003,7 @@ impl<T: Trainer> Fleet<T> {
                 plan: t.plan.clone(),
                 report_within_ms: t.report_within_ms,
                 secure: t.secure.clone(),
+                kind: t.kind,
                 bytes: bytes.clone(),
                 decoded: None,
             });

@@ -3,8 +3,9 @@
 //! Two routes, on a separate TCP port, both requiring `Authorization: Bearer <admin token>`
 //! (compared in constant time; a missing or wrong token gets `401`):
 //! - `GET /status`: JSON — phase, current round, participants of the current round, model
-//!   version, rounds committed and failed, ε spent and budget, open connections, and the most
-//!   recent failures (bounded list);
+//!   version, rounds committed and failed, ε spent and budget, open connections, the most
+//!   recent failures (bounded list), and `evaluation`: the last federated-evaluation round's
+//!   figures and the last [`EVALUATION_HISTORY`] of them;
 //! - `GET /metrics`: Prometheus text format (prometheus-client).
 //!
 //! [`Telemetry`] is the shared sink the event hook, the authenticator and the QUIC accept loop
@@ -26,6 +27,18 @@ use std::sync::{Arc, Mutex};
 
 /// Failures kept for `/status`.
 pub const RECENT_FAILURES: usize = 32;
+
+/// Evaluation rounds kept in `/status` (`evaluation.history`).
+pub const EVALUATION_HISTORY: usize = 20;
+
+/// `/status`'s `evaluation` object.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EvaluationStatus {
+    /// The newest released evaluation round.
+    pub last: Option<crate::store::EvaluationRecord>,
+    /// The newest [`EVALUATION_HISTORY`] of them, oldest first (persisted: survives restarts).
+    pub history: Vec<crate::store::EvaluationRecord>,
+}
 
 type Label = [(&'static str, &'static str); 1];
 
@@ -57,6 +70,8 @@ pub struct StatusSnapshot {
     pub rounds_committed: u64,
     /// Rounds failed since the process started.
     pub rounds_failed: u64,
+    /// Federated-evaluation rounds released since the process started.
+    pub rounds_evaluated: u64,
     /// Rounds found unfinished at start-up and recorded `abandoned`.
     pub rounds_abandoned_at_start: Vec<u64>,
     /// ε spent so far (all rounds ever committed, from the durable ledger).
@@ -78,6 +93,8 @@ pub struct StatusSnapshot {
     pub halted: Option<String>,
     /// The most recent failures, newest last.
     pub recent_failures: Vec<FailureRecord>,
+    /// Federated evaluation: the newest figures and their history.
+    pub evaluation: EvaluationStatus,
 }
 
 /// Counters, gauges and the status the admin endpoint serves.
@@ -102,6 +119,16 @@ pub struct Telemetry {
     pub quic_accepted: Counter,
     /// Open client streams.
     pub connections: Gauge,
+    /// The newest evaluation round's mean HR@10.
+    pub eval_hr_at_10: Gauge<f64, AtomicU64>,
+    /// The newest evaluation round's mean NDCG@10.
+    pub eval_ndcg_at_10: Gauge<f64, AtomicU64>,
+    /// The newest evaluation round's mean loss.
+    pub eval_loss: Gauge<f64, AtomicU64>,
+    /// The newest evaluation round's reports.
+    pub eval_reports: Gauge,
+    /// Evaluation rounds that released their figures since the process started.
+    pub eval_rounds: Counter,
     status: Mutex<StatusSnapshot>,
     failures: Mutex<VecDeque<FailureRecord>>,
 }
@@ -126,6 +153,11 @@ impl Telemetry {
             epsilon_spent: Gauge::default(),
             quic_accepted: Counter::default(),
             connections: Gauge::default(),
+            eval_hr_at_10: Gauge::default(),
+            eval_ndcg_at_10: Gauge::default(),
+            eval_loss: Gauge::default(),
+            eval_reports: Gauge::default(),
+            eval_rounds: Counter::default(),
             status: Mutex::default(),
             failures: Mutex::default(),
             registry: Registry::default(),
@@ -147,7 +179,44 @@ impl Telemetry {
         );
         registry.register("quic_handshakes", "QUIC handshakes completed", t.quic_accepted.clone());
         registry.register("connections", "Open client streams", t.connections.clone());
+        registry.register(
+            "eval_hr_at_10",
+            "Newest federated evaluation: mean HR@10",
+            t.eval_hr_at_10.clone(),
+        );
+        registry.register(
+            "eval_ndcg_at_10",
+            "Newest federated evaluation: mean NDCG@10",
+            t.eval_ndcg_at_10.clone(),
+        );
+        registry.register(
+            "eval_loss",
+            "Newest federated evaluation: mean loss per case",
+            t.eval_loss.clone(),
+        );
+        registry.register("eval_reports", "Newest federated evaluation: reports", t.eval_reports.clone());
+        registry.register("eval_rounds", "Federated evaluation rounds released", t.eval_rounds.clone());
         Self { registry, ..t }
+    }
+
+    /// Shows a released (and recorded) evaluation round: gauges, `/status`'s `evaluation`. With
+    /// `count`, the evaluation-round counter moves too (not for history replayed at start-up).
+    pub fn evaluation(&self, record: crate::store::EvaluationRecord, count: bool) {
+        self.eval_hr_at_10.set(record.hr_at_10);
+        self.eval_ndcg_at_10.set(record.ndcg_at_10);
+        self.eval_loss.set(record.loss);
+        self.eval_reports.set(i64::try_from(record.reports).unwrap_or(i64::MAX));
+        if count {
+            self.eval_rounds.inc();
+        }
+        self.update_status(|s| {
+            let h = &mut s.evaluation.history;
+            if h.len() == EVALUATION_HISTORY {
+                h.remove(0);
+            }
+            h.push(record.clone());
+            s.evaluation.last = Some(record);
+        });
     }
 
     /// Records a failure for `/status` (the oldest are dropped beyond [`RECENT_FAILURES`]).

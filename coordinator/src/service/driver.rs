@@ -34,7 +34,13 @@
 //!   failed to record a round's start the round is aborted before any task is sent, and if it
 //!   failed to record a commit the engine reverts to the previous model, so a model that was
 //!   not recorded is never served and the status keeps showing the recorded version.
-//! - **Rounds** start on command, or automatically per [`RoundSchedule`].
+//! - **Rounds** start on command, or automatically per [`RoundSchedule`]: with
+//!   [`RoundSchedule::evaluate_every`] = N, every N committed training rounds are followed by one
+//!   federated-evaluation round ([`Orchestrator::start_evaluation`]). An evaluation the engine
+//!   refuses (unsupported, or a privacy budget that cannot afford it) is skipped with a warning
+//!   and the schedule goes on with training: only a refused *training* round halts it. An
+//!   evaluation's figures reach subscribers only once the hook recorded them (with their
+//!   privacy charge).
 
 mod connection;
 
@@ -105,8 +111,11 @@ impl Default for DriverConfig {
 pub struct RoundSchedule {
     /// Pause between the end of a round and the start of the next.
     pub gap: Duration,
-    /// Stop after this many rounds have been started by the schedule.
+    /// Stop after this many (training) rounds have been started by the schedule.
     pub max_rounds: Option<u64>,
+    /// Run a federated-evaluation round after every this many committed training rounds
+    /// (0 = never). Evaluation rounds do not count towards `max_rounds`.
+    pub evaluate_every: u64,
 }
 
 /// What the driver reports about itself.
@@ -122,8 +131,10 @@ pub struct DriverStatus {
     pub connections: usize,
     /// Rounds committed since the driver started.
     pub rounds_committed: u64,
-    /// Rounds failed since the driver started.
+    /// Rounds failed since the driver started (training and evaluation).
     pub rounds_failed: u64,
+    /// Evaluation rounds that released their figures since the driver started.
+    pub rounds_evaluated: u64,
     /// Connections dropped for bad input, idleness, rate or slowness.
     pub connections_dropped: u64,
     /// Check-ins whose credential did not verify (their connections were closed).
@@ -311,6 +322,7 @@ pub fn spawn_with_auth(
         connections: 0,
         rounds_committed: 0,
         rounds_failed: 0,
+        rounds_evaluated: 0,
         connections_dropped: 0,
         unauthenticated: 0,
         revoked: 0,
@@ -324,6 +336,7 @@ pub fn spawn_with_auth(
         codec: Codec::new(config.max_frame_bytes),
         schedule: config.schedule.clone(),
         scheduled: 0,
+        committed_since_evaluation: 0,
         next_start: config.schedule.as_ref().map(|_| Instant::now()),
         epoch: Instant::now(),
         conns: HashMap::new(),
@@ -358,6 +371,8 @@ struct Driver {
     codec: Codec,
     schedule: Option<RoundSchedule>,
     scheduled: u64,
+    /// Training rounds committed since the last evaluation round (or start).
+    committed_since_evaluation: u64,
     next_start: Option<Instant>,
     epoch: Instant,
     conns: HashMap<ConnId, Conn>,
@@ -583,6 +598,23 @@ impl Driver {
             return;
         }
         let now = self.now();
+        let every = schedule.evaluate_every;
+        if every > 0 && self.committed_since_evaluation >= every {
+            self.committed_since_evaluation = 0;
+            match self.engine.start_evaluation(now) {
+                Ok(_) => {
+                    self.next_start = None;
+                    return;
+                }
+                Err(StartError::Busy(_)) => {
+                    self.next_start = None;
+                    return;
+                }
+                // Only this evaluation is skipped: training goes on (a training round the
+                // budget cannot afford halts the schedule below, on its own admission).
+                Err(e) => tracing::warn!(error = %e, "evaluation round refused; training goes on"),
+            }
+        }
         match self.engine.start_round(now) {
             Ok(_) => {
                 self.scheduled += 1;
@@ -635,6 +667,8 @@ impl Driver {
             let Some(event) = self.engine.poll_event() else { break };
             let hooked = self.run_hook(&event).await;
             let mut committed = matches!(event, RoundEvent::Committed(_));
+            // An evaluation's figures are released only once recorded (with their charge).
+            let evaluated = matches!(event, RoundEvent::Evaluated(_)) && hooked.is_ok();
             if let Err(e) = &hooked {
                 tracing::error!(error = %e, "event hook failed; halting round scheduling");
                 // The first failure is the cause; later ones (e.g. recording the abort) follow from it.
@@ -652,13 +686,19 @@ impl Driver {
                     _ => {}
                 }
             }
-            if let RoundEvent::Committed(_) | RoundEvent::Failed { .. } = &event {
+            if let RoundEvent::Committed(_) | RoundEvent::Failed { .. } | RoundEvent::Evaluated(_) = &event {
                 let (version, _) = self.engine.model();
+                if committed {
+                    self.committed_since_evaluation += 1;
+                }
                 // One update, so a watcher never sees the count without the new version.
                 self.status.send_modify(|s| {
                     if committed {
                         s.rounds_committed += 1
+                    } else if evaluated {
+                        s.rounds_evaluated += 1
                     } else {
+                        // Failed, or a commit or evaluation the hook could not record.
                         s.rounds_failed += 1
                     }
                     s.model_version = version;
@@ -675,8 +715,10 @@ impl Driver {
                 s.round = round;
                 s.model_version = version;
             });
-            // Subscribers see the commit only if it stands.
-            if committed || !matches!(event, RoundEvent::Committed(_)) {
+            // Subscribers see the commit only if it stands, an evaluation only if recorded.
+            let unreleased = matches!(event, RoundEvent::Committed(_)) && !committed
+                || matches!(event, RoundEvent::Evaluated(_)) && !evaluated;
+            if !unreleased {
                 let _ = self.events.send(event);
             }
         }

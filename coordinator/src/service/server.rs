@@ -20,6 +20,9 @@
 //! - `Committed` → ledger entry + checkpoint + `committed`, in one fsynced transaction. The engine
 //!   ships the new model only with the *next* round's tasks, which come after this returned. If it
 //!   fails, the driver halts scheduling and the model is never released;
+//! - `Evaluated` (a federated-evaluation round) → ledger entry (under central DP) + figures +
+//!   `evaluated`, in one fsynced transaction, before the figures reach `/status`, `/metrics` or
+//!   any subscriber; if it fails, the driver halts scheduling and the figures are never shown;
 //! - `Failed` → the round is recorded `failed`.
 //!
 //! So after a `kill -9` at any point: the ledger holds every round whose model anyone could have
@@ -34,7 +37,7 @@ use super::quic::{self, QuicError, QuicLimits, QuicStats};
 use super::tls::{self, LocalPki, TlsError};
 use super::tokens::{SecretError, TokenAuthority, unix_now_s};
 use super::unix_ms;
-use crate::store::{RoundCommit, Store, StoreError};
+use crate::store::{EvaluationRecord, RoundCommit, Store, StoreError};
 use starling_proto::dp::{LedgerEntry, Mechanism, NoiseMultiplier, PrivacyLedger, SamplingRate};
 use starling_proto::ids::ModelVersion;
 use starling_proto::message::{Refusal, RejectReason};
@@ -190,6 +193,10 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     // unverified check-in through).
     let mut engine =
         Orchestrator::new(config.orchestrator_config()?, strategy, model, version, recovery.next_round)?;
+    engine.set_evaluation_target(config.evaluation_target())?;
+    for record in store.evaluations(super::admin::EVALUATION_HISTORY)? {
+        telemetry.evaluation(record, false);
+    }
     // Selection (and Poisson sampling under DP) must not be predictable from the config file.
     engine.reseed(os_seed()?);
     let population = store.enrolled_population(unix_now_s())?;
@@ -231,6 +238,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         schedule: Some(RoundSchedule {
             gap: Duration::from_millis(config.round.interval_ms),
             max_rounds: (config.round.max_rounds > 0).then_some(config.round.max_rounds),
+            evaluate_every: config.evaluation_every(),
         }),
         ..DriverConfig::default()
     };
@@ -273,6 +281,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
                 s.model_version = d.model_version.0;
                 s.rounds_committed = d.rounds_committed;
                 s.rounds_failed = d.rounds_failed;
+                s.rounds_evaluated = d.rounds_evaluated;
                 s.connections = d.connections;
                 s.halted = d.halted.clone();
             });
@@ -360,7 +369,13 @@ impl driver::Authenticator for TokenAuth {
 
 impl driver::EventHook for Persist {
     fn blocking(&self, event: &RoundEvent) -> bool {
-        matches!(event, RoundEvent::Started { .. } | RoundEvent::Committed(_) | RoundEvent::Failed { .. })
+        matches!(
+            event,
+            RoundEvent::Started { .. }
+                | RoundEvent::Committed(_)
+                | RoundEvent::Evaluated(_)
+                | RoundEvent::Failed { .. }
+        )
     }
 
     fn on_event(&mut self, event: &RoundEvent) -> Result<(), String> {
@@ -427,6 +442,47 @@ impl driver::EventHook for Persist {
                     epsilon = spent,
                     "round committed"
                 );
+            }
+            RoundEvent::Evaluated(e) => {
+                let entry = match e.privacy {
+                    Some(p) => Some(ledger_entry(e.round.0, p)?),
+                    None => None,
+                };
+                let m = &e.metrics;
+                let record = EvaluationRecord {
+                    round: e.round.0,
+                    version: e.version.0,
+                    hr_at_10: m.hr_at_10,
+                    ndcg_at_10: m.ndcg_at_10,
+                    loss: m.loss,
+                    reports: m.reports as u64,
+                    cases: m.cases,
+                    noised: m.noise_std.is_some(),
+                    noise_std: m.noise_std,
+                    at: unix_ms(),
+                };
+                self.store.record_evaluation(&record, entry.as_ref()).map_err(|err| {
+                    t.failure("storage", format!("{}: {err}; the evaluation is not released", e.round));
+                    err.to_string()
+                })?;
+                if let Some(entry) = entry {
+                    self.ledger.record(entry);
+                }
+                let spent = self.ledger.status().epsilon_spent;
+                t.rounds.get_or_create(&[("outcome", "evaluated")]).inc();
+                t.epsilon_spent.set(spent);
+                t.update_status(|s| s.epsilon_spent = spent);
+                tracing::info!(
+                    round = e.round.0,
+                    version = e.version.0,
+                    reports = m.reports,
+                    hr_at_10 = m.hr_at_10,
+                    ndcg_at_10 = m.ndcg_at_10,
+                    loss = m.loss,
+                    epsilon = spent,
+                    "evaluation round released"
+                );
+                t.evaluation(record, true);
             }
             RoundEvent::Failed { round, reason, .. } => {
                 t.rounds.get_or_create(&[("outcome", "failed")]).inc();

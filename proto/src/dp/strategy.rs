@@ -27,6 +27,15 @@
 //! [`Strategy::apply`] records the release in the in-memory [`PrivacyLedger`]. The aggregate carries
 //! the [`PrivacyCharge`]; the host must persist it before releasing the model, and replay its
 //! persisted entries into [`DpFedAvg::with_ledger`] after a restart.
+//!
+//! Federated evaluation ([`Strategy::evaluation_release`]): one device's evaluation vector
+//! `(cases, hits@10, ndcg@10, loss / EVAL_LOSS_CAP)` has L2 norm at most
+//! [`EVAL_SENSITIVITY`] = 2, so its sum is released with Gaussian noise of standard deviation
+//! `σ·2` per coordinate (the configured σ, not the raised `σ_sum` of adaptive clipping: an
+//! evaluation releases no clipping bits), from the same sampler, over the same Poisson sample
+//! (`q`). It is charged as one more round of the same mechanism — same `q`, same σ (less the
+//! sampler's rounding slack, as for training) — admitted against the same budget and recorded
+//! in the same ledger.
 
 use super::accountant::{Mechanism, effective_sigma};
 use super::ledger::{LedgerEntry, PrivacyLedger};
@@ -36,8 +45,8 @@ use crate::ids::ClientId;
 use crate::message::{LocalMetrics, NoiseSettings, TrainingPlan};
 use crate::strategy::norm::clip_l2;
 use crate::strategy::{
-    AdmissionError, Aggregate, AggregateError, AggregationRule, Aggregator, PrivacyCharge, RoundContext,
-    SelectionPolicy, Strategy,
+    AdmissionError, Aggregate, AggregateError, AggregationRule, Aggregator, EVAL_SENSITIVITY, EvalNoise,
+    PrivacyCharge, RoundContext, SelectionPolicy, Strategy,
 };
 use crate::update::{ModelShape, Update};
 use std::sync::{Arc, Mutex};
@@ -222,6 +231,43 @@ impl<S: Strategy> DpFedAvg<S> {
         }
     }
 
+    /// The mechanism one federated-evaluation round at sampling rate `q` releases: the four
+    /// summed evaluation figures with noise `σ·2` (sensitivity 2), charged at σ divided by the
+    /// sampler's rounding slack.
+    pub fn evaluation_mechanism(&self, q: SamplingRate) -> Mechanism {
+        let sigma = self.config.noise.get();
+        let slack = if sigma == 0.0 {
+            1.0
+        } else {
+            self.sampler.sensitivity_inflation(sigma * EVAL_SENSITIVITY, EVAL_SENSITIVITY, 4)
+        };
+        let sigma = NoiseMultiplier::new(sigma / slack).unwrap_or(self.config.noise);
+        Mechanism { q, sigma, steps: 1 }
+    }
+
+    /// The population checks every release shares: N known, δ·N small enough.
+    fn population_checks(&self, ctx: &RoundContext) -> Result<SamplingRate, AdmissionError> {
+        let q = self.sampling_rate(ctx.population).ok_or(AdmissionError::UnknownPopulation)?;
+        let delta = self.config.budget.delta.get();
+        let population = ctx.population.unwrap_or(0);
+        if delta * population as f64 > super::MAX_DELTA_TIMES_N {
+            return Err(AdmissionError::DeltaTooLarge { delta, population });
+        }
+        Ok(q)
+    }
+
+    fn check_budget(&self, mechanism: &Mechanism) -> Result<(), AdmissionError> {
+        self.ledger.check(mechanism).map(|_| ()).map_err(|e| match e {
+            super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
+                AdmissionError::BudgetExhausted {
+                    projected_epsilon: projected,
+                    budget_epsilon: budget,
+                    delta,
+                }
+            }
+        })
+    }
+
     /// The mechanism one round on a model of `len` parameters at sampling rate `q` releases.
     pub fn mechanism(&self, len: usize, q: SamplingRate) -> Mechanism {
         let sigma = NoiseMultiplier::new(self.accounted_sigma(len)).unwrap_or(self.config.noise);
@@ -337,12 +383,7 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
                     .into(),
             ));
         }
-        let q = self.sampling_rate(ctx.population).ok_or(AdmissionError::UnknownPopulation)?;
-        let delta = self.config.budget.delta.get();
-        let population = ctx.population.unwrap_or(0);
-        if delta * population as f64 > super::MAX_DELTA_TIMES_N {
-            return Err(AdmissionError::DeltaTooLarge { delta, population });
-        }
+        let q = self.population_checks(ctx)?;
         let mut mechanism = self.mechanism(ctx.shape.len(), q);
         if ctx.secure {
             // The charge is the distributed mechanism's effective multiplier, known once the
@@ -352,15 +393,7 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
             mechanism.sigma = NoiseMultiplier::new(mechanism.sigma.get() * SECURE_ADMISSION_SLACK)
                 .unwrap_or(mechanism.sigma);
         }
-        self.ledger.check(&mechanism).map_err(|e| match e {
-            super::ledger::BudgetError::Exceeded { projected, budget, delta } => {
-                AdmissionError::BudgetExhausted {
-                    projected_epsilon: projected,
-                    budget_epsilon: budget,
-                    delta,
-                }
-            }
-        })?;
+        self.check_budget(&mechanism)?;
         self.inner.admit(ctx)
     }
 
@@ -447,5 +480,36 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
             }
         }
         Ok(())
+    }
+    /// Admits an evaluation round against the budget, exactly as a training round is admitted
+    /// (population known, δ·N small, ε after the release within the budget); refused under
+    /// secure aggregation. The noise: `σ·2` per coordinate from the training rounds' sampler.
+    fn evaluation_release(&mut self, ctx: &RoundContext) -> Result<Option<EvalNoise>, AdmissionError> {
+        if ctx.secure {
+            return Err(AdmissionError::Other(
+                "federated evaluation is not available under secure aggregation".into(),
+            ));
+        }
+        let q = self.population_checks(ctx)?;
+        let mechanism = self.evaluation_mechanism(q);
+        self.check_budget(&mechanism)?;
+        Ok(Some(EvalNoise {
+            std: self.config.noise.get() * EVAL_SENSITIVITY,
+            charge: PrivacyCharge {
+                sampling_rate: q.get(),
+                noise_multiplier: mechanism.sigma.get(),
+                steps: 1,
+            },
+            sampler: self.sampler.clone(),
+        }))
+    }
+
+    fn record_evaluation(&mut self, ctx: &RoundContext, charge: &PrivacyCharge) {
+        let q = SamplingRate::new(charge.sampling_rate).unwrap_or(SamplingRate::FULL);
+        let mut mechanism = self.evaluation_mechanism(q);
+        if let Ok(sigma) = NoiseMultiplier::new(charge.noise_multiplier) {
+            mechanism.sigma = sigma;
+        }
+        self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism });
     }
 }

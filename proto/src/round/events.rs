@@ -75,6 +75,10 @@ pub enum StartError {
     /// later round; a new engine (a restart with a new budget) is needed.
     #[error("halted: {0:?}")]
     Halted(Refusal),
+    /// Federated evaluation is not supported in this configuration (secure aggregation, or a
+    /// local-DP plan); the text says which. Training is unaffected.
+    #[error("federated evaluation is not supported {0}")]
+    EvaluationUnsupported(&'static str),
 }
 
 /// Counts and figures of one finished round.
@@ -129,6 +133,22 @@ pub struct CommittedRound {
     pub stats: RoundStats,
 }
 
+/// A finished federated-evaluation round: the model and its version are unchanged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluatedRound {
+    /// The round.
+    pub round: RoundId,
+    /// The model version evaluated (still the current one).
+    pub version: ModelVersion,
+    /// The released figures.
+    pub metrics: super::FederatedEval,
+    /// Privacy cost of the release under DP: the host must record it durably (the privacy ledger)
+    /// before it releases the figures to anyone.
+    pub privacy: Option<PrivacyCharge>,
+    /// Figures of the round (`reported` counts evaluation reports).
+    pub stats: RoundStats,
+}
+
 /// Something that happened, for the host to log, persist or report.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -149,14 +169,14 @@ pub enum RoundEvent {
         /// Clients selected.
         selected: usize,
     },
-    /// An update was accepted into the aggregate.
+    /// An update (in an evaluation round: an evaluation report) was accepted into the aggregate.
     UpdateAccepted {
         /// The round.
         round: RoundId,
         /// Who sent it.
         client: ClientId,
     },
-    /// An update was rejected; the aggregate is untouched.
+    /// An update (or an evaluation report) was rejected; the aggregate is untouched.
     UpdateRejected {
         /// The round named by the update (or the current one).
         round: RoundId,
@@ -181,6 +201,8 @@ pub enum RoundEvent {
     },
     /// The round committed a new model.
     Committed(Box<CommittedRound>),
+    /// An evaluation round released its figures (the model is unchanged).
+    Evaluated(Box<EvaluatedRound>),
     /// The round failed; the model is unchanged.
     Failed {
         /// The round.

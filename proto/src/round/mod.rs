@@ -28,7 +28,7 @@ use crate::encoding::EncodingKind;
 use crate::ids::{ClientId, ModelVersion, RoundId};
 use crate::message::{
     AbortReason, CheckIn, ClientMessage, ClientUpdate, ComeBackAt, CoordinatorMessage, ModelPayload, Refusal,
-    RejectReason, Task, TrainingPlan, WithdrawReason,
+    RejectReason, Task, TaskKind, TrainingPlan, WithdrawReason,
 };
 use crate::strategy::{AdmissionError, Aggregator, RoundContext, SelectionPolicy, Strategy};
 use crate::time::{Duration, Instant, millis};
@@ -38,11 +38,15 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 mod config;
+mod evaluation;
 mod events;
 mod secure;
 
 pub use config::{ConfigError, Eligibility, OrchestratorConfig, RoundConfig, Weighting};
-pub use events::{CommittedRound, FailReason, Phase, RoundEvent, RoundStats, StartError, Transmit};
+pub use evaluation::{FederatedEval, MAX_EVAL_CASES};
+pub use events::{
+    CommittedRound, EvaluatedRound, FailReason, Phase, RoundEvent, RoundStats, StartError, Transmit,
+};
 pub use secure::SecureAggregation;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +76,14 @@ struct Round {
     hit_sum: f64,
     hit_count: usize,
     secure: Option<Box<secure::SecureRound>>,
+    /// Train or evaluate.
+    kind: TaskKind,
+    /// Reports the round aims for (`target_participants`, or the evaluation target).
+    target: usize,
+    /// Fewest reports for the round to release.
+    min_reports: usize,
+    /// An evaluation round's running sums and release.
+    eval: Option<Box<evaluation::EvalState>>,
 }
 
 /// The credential check applied to every check-in: `(claimed client, credential) -> accepted`.
@@ -95,6 +107,8 @@ pub struct Orchestrator {
     replaced: Option<(ModelVersion, Arc<[f32]>)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<RoundEvent>,
+    /// Reports an evaluation round aims for (`None`: the training target).
+    evaluation_target: Option<usize>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -159,6 +173,7 @@ impl Orchestrator {
             replaced: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            evaluation_target: None,
         })
     }
 
@@ -272,6 +287,10 @@ impl Orchestrator {
             hit_sum: 0.0,
             hit_count: 0,
             secure: None,
+            kind: TaskKind::Train,
+            target: cfg.target_participants,
+            min_reports: cfg.min_reports,
+            eval: None,
         });
         self.events.push_back(RoundEvent::Started { round: id, version: self.version });
         Ok(id)
@@ -284,9 +303,7 @@ impl Orchestrator {
             ClientMessage::Update(u) => self.handle_update(now, client, u),
             ClientMessage::Withdraw { round, reason } => self.handle_withdraw(now, client, round, reason),
             ClientMessage::SecAgg(m) => self.handle_secagg(now, client, m),
-            // Federated evaluation is not wired into the engine yet: no evaluation task is ever
-            // sent, so a report is unsolicited.
-            ClientMessage::Evaluation(e) => self.reject(e.round, client, RejectReason::NotSelected),
+            ClientMessage::Evaluation(e) => self.handle_evaluation(now, client, e),
         }
     }
 
@@ -460,16 +477,13 @@ impl Orchestrator {
         }
     }
 
-    fn selection_goal(&self) -> usize {
-        let r = &self.config.round;
-        ((r.target_participants as f64) * r.over_selection).ceil() as usize
-    }
-
     fn close_selection(&mut self, now: Instant) {
-        let goal = self.selection_goal();
-        let min_reports = self.config.round.min_reports;
         let retry = self.config.round.retry_after;
+        let over_selection = self.config.round.over_selection;
         let Some(r) = &mut self.round else { return };
+        let goal = ((r.target as f64) * over_selection).ceil() as usize;
+        let min_reports = r.min_reports;
+        let kind = r.kind;
         r.stats.candidates = r.candidates.len();
         r.stats.selection_time = now.saturating_duration_since(r.started);
         // Under Poisson sampling `min_reports` gates the check-ins, before any coin is tossed: the
@@ -496,7 +510,7 @@ impl Orchestrator {
             candidates: ids.len(),
             selected: chosen.len(),
         });
-        let secure = if self.config.round.secure.is_some() {
+        let secure = if self.config.round.secure.is_some() && kind == TaskKind::Train {
             match self.start_secure(now, &chosen) {
                 Ok(task) => Some(task),
                 Err(reason) => {
@@ -510,7 +524,9 @@ impl Orchestrator {
             None
         };
         let Some(r) = &mut self.round else { return };
-        r.aggregator = Some(self.strategy.aggregator(&r.ctx));
+        if kind == TaskKind::Train {
+            r.aggregator = Some(self.strategy.aggregator(&r.ctx));
+        }
         if chosen.is_empty() {
             // Only Poisson sampling can pick nobody; the round still releases (noise only).
             return self.finish_round(now);
@@ -527,7 +543,7 @@ impl Orchestrator {
                 plan: r.plan.clone(),
                 report_within_ms,
                 secure: secure.clone(),
-                kind: crate::message::TaskKind::Train,
+                kind,
             };
             self.send(*c, CoordinatorMessage::Task(task));
         }
@@ -587,6 +603,10 @@ impl Orchestrator {
         if round != r.id {
             let reason = if round < r.id { RejectReason::Late } else { RejectReason::WrongRound };
             return self.reject(round, client, reason);
+        }
+        if r.kind == TaskKind::Evaluate {
+            let reason = "this is an evaluation round: send an evaluation report, not an update";
+            return self.reject(round, client, RejectReason::Refused(reason.into()));
         }
         if r.secure.is_some() {
             let reason = "this round runs secure aggregation: send the masked input, not the update";
@@ -673,11 +693,11 @@ impl Orchestrator {
     fn maybe_close(&mut self, now: Instant) {
         // Under Poisson sampling every sampled client's report is taken: a cap at the target
         // would let one client's presence push another's update out (sensitivity 2C, not C).
+        let Some(r) = &self.round else { return };
         let cap = match self.strategy.selection_policy() {
-            SelectionPolicy::FixedSize => self.config.round.target_participants,
+            SelectionPolicy::FixedSize => r.target,
             SelectionPolicy::Poisson => usize::MAX,
         };
-        let Some(r) = &self.round else { return };
         if r.phase != Phase::Collecting {
             return;
         }
@@ -691,12 +711,13 @@ impl Orchestrator {
     }
 
     fn finish_round(&mut self, now: Instant) {
-        let min_reports = match self.strategy.selection_policy() {
-            SelectionPolicy::FixedSize => self.config.round.min_reports,
+        let policy = self.strategy.selection_policy();
+        let Some(r) = &mut self.round else { return };
+        let min_reports = match policy {
+            SelectionPolicy::FixedSize => r.min_reports,
             // Whether a Poisson-sampled round releases must not depend on who reported.
             SelectionPolicy::Poisson => 0,
         };
-        let Some(r) = &mut self.round else { return };
         let still: Vec<ClientId> =
             r.participants.iter().filter(|(_, p)| **p == Participant::Training).map(|(c, _)| *c).collect();
         r.stats.unfinished = still.len();
@@ -716,6 +737,9 @@ impl Orchestrator {
             self.send(c, CoordinatorMessage::Abort { round, reason: AbortReason::RoundFull });
         }
         let Some(r) = &mut self.round else { return };
+        if r.kind == TaskKind::Evaluate {
+            return self.finish_evaluation(now);
+        }
         r.phase = Phase::Aggregating;
         let aggregator = r.aggregator.take().expect("collecting rounds have an aggregator");
         let ctx = r.ctx.clone();

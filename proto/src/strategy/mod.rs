@@ -9,6 +9,10 @@
 //! - [`Strategy::apply`] applies the round's aggregate to the global model (the server
 //!   optimizer: plain FedAvg, FedAvgM, FedAdam, FedYogi).
 //!
+//! - [`Strategy::evaluation_release`] admits a federated-evaluation round and says how its sums
+//!   are released (exactly, or noised under DP), and [`Strategy::record_evaluation`] accounts for
+//!   the release.
+//!
 //! Decorators wrap any strategy: [`NormBound`] clips each update's L2 norm, and
 //! the differential-privacy layer wraps the aggregator the same way.
 
@@ -81,6 +85,24 @@ pub struct PrivacyCharge {
     /// How many releases of this mechanism the round made (1 for DP-FedAvg; more when, e.g.,
     /// adaptive clipping releases a noised count too, which is folded into σ instead when possible).
     pub steps: u32,
+}
+
+/// The L2 sensitivity of one device's evaluation vector `(cases, hits@10, ndcg@10, loss /
+/// EVAL_LOSS_CAP)`: every coordinate is in `[0, 1]` for a valid report of at most one case
+/// ([`MAX_EVAL_CASES`](crate::round::MAX_EVAL_CASES)), so the vector's norm is at most 2.
+pub const EVAL_SENSITIVITY: f64 = 2.0;
+
+/// How a federated-evaluation round's sums are released under differential privacy: Gaussian
+/// noise of standard deviation `std` is added to every coordinate of the summed vector `(cases,
+/// hits@10, ndcg@10, loss / EVAL_LOSS_CAP)`, drawn from `sampler`, and the release costs `charge`.
+#[derive(Clone, Debug)]
+pub struct EvalNoise {
+    /// Noise standard deviation per coordinate (σ · [`EVAL_SENSITIVITY`]).
+    pub std: f64,
+    /// The privacy cost of the release (same form, and same ledger, as a training round's).
+    pub charge: PrivacyCharge,
+    /// The noise source (the one training rounds use).
+    pub sampler: std::sync::Arc<dyn crate::dp::GaussianSampler>,
 }
 
 /// Why a strategy refused to start a round.
@@ -252,6 +274,25 @@ pub trait Strategy: Send {
         global: &mut [f32],
         aggregate: &Aggregate,
     ) -> Result<(), AggregateError>;
+
+    /// Admits a federated-evaluation round (called by
+    /// [`Orchestrator::start_evaluation`](crate::round::Orchestrator::start_evaluation) before
+    /// anything is sent) and says how its sums are released: `Ok(None)` releases them exactly (the
+    /// default, for strategies without DP); `Ok(Some(noise))` noises them and charges the release.
+    /// A refusal (the budget cannot afford the evaluation) refuses only this evaluation round.
+    /// Decorators must forward it.
+    fn evaluation_release(&mut self, ctx: &RoundContext) -> Result<Option<EvalNoise>, AdmissionError> {
+        let _ = ctx;
+        Ok(None)
+    }
+
+    /// Records that an evaluation round released its noised sums at `charge` (the in-memory
+    /// ledger; the host persists the charge it finds in
+    /// [`EvaluatedRound::privacy`](crate::round::EvaluatedRound::privacy)). Decorators must
+    /// forward it.
+    fn record_evaluation(&mut self, ctx: &RoundContext, charge: &PrivacyCharge) {
+        let _ = (ctx, charge);
+    }
 }
 
 impl Strategy for Box<dyn Strategy> {
@@ -296,6 +337,14 @@ impl Strategy for Box<dyn Strategy> {
         aggregate: &Aggregate,
     ) -> Result<(), AggregateError> {
         (**self).apply(ctx, global, aggregate)
+    }
+
+    fn evaluation_release(&mut self, ctx: &RoundContext) -> Result<Option<EvalNoise>, AdmissionError> {
+        (**self).evaluation_release(ctx)
+    }
+
+    fn record_evaluation(&mut self, ctx: &RoundContext, charge: &PrivacyCharge) {
+        (**self).record_evaluation(ctx, charge)
     }
 }
 

@@ -129,4 +129,13 @@ impl<S: Strategy> Strategy for NormBound<S> {
     ) -> Result<(), AggregateError> {
         self.inner.apply(ctx, global, aggregate)
     }
+    fn evaluation_release(
+        &mut self,
+        ctx: &RoundContext,
+    ) -> Result<Option<super::EvalNoise>, super::AdmissionError> {
+        self.inner.evaluation_release(ctx)
+    }
+    fn record_evaluation(&mut self, ctx: &RoundContext, charge: &super::PrivacyCharge) {
+        self.inner.record_evaluation(ctx, charge)
+    }
 }

@@ -29,8 +29,8 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "STARLING_";
 
 /// The sections of the file (and of the environment overrides).
-pub const SECTIONS: [&str; 7] =
-    ["server", "model", "round", "strategy", "privacy", "secure_aggregation", "storage"];
+pub const SECTIONS: [&str; 8] =
+    ["server", "model", "round", "strategy", "privacy", "secure_aggregation", "evaluation", "storage"];
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,8 @@ pub struct ServiceConfig {
     pub privacy: PrivacySection,
     /// `[secure_aggregation]`.
     pub secure_aggregation: SecureAggregationSection,
+    /// `[evaluation]`.
+    pub evaluation: EvaluationSection,
     /// `[storage]`.
     pub storage: StorageSection,
 }
@@ -237,15 +239,64 @@ impl ServiceConfig {
             starling_proto::ids::RoundId(1),
         )
         .map_err(|e| invalid("round", e.to_string()))?;
+        if self.evaluation.every_rounds.is_some_and(|n| n > 0) {
+            let unsupported = if self.secure_aggregation.enabled {
+                Some("secure aggregation")
+            } else if self.local_dp() {
+                Some("local DP (privacy.mode = \"local\")")
+            } else {
+                None
+            };
+            if let Some(what) = unsupported {
+                return Err(invalid(
+                    "evaluation.every_rounds",
+                    format!(
+                        "federated evaluation is not supported under {what} (the devices' figures would \
+                         be released without its protection); set every_rounds = 0 or leave it unset"
+                    ),
+                ));
+            }
+        }
         if self.storage.keep_checkpoints == 0 {
             return Err(invalid("storage.keep_checkpoints", "must be at least 1"));
         }
         Ok(())
     }
 
-    /// The shape of the global parameters.
+    /// The shape of the global parameters: the known family's (`bpr-mf`: `rows × row_len`;
+    /// `two-tower`: `rows` item rows of `row_len`, then its dense rows), else `rows × row_len`.
     pub fn shape(&self) -> Result<ModelShape, ConfigError> {
+        if let Some(def) = self.model_def()? {
+            return def.shape().map_err(|e| invalid("model.rows", e.to_string()));
+        }
         ModelShape::new(self.model.rows, self.model.row_len).map_err(|e| invalid("model.rows", e.to_string()))
+    }
+
+    /// The model definition of a known family (`bpr-mf`, `two-tower`), `None` for other names.
+    pub fn model_def(&self) -> Result<Option<starling_models::family::ModelDef>, ConfigError> {
+        use starling_models::family::{MF_NAME, ModelDef, TWO_TOWER_NAME};
+        let m = &self.model;
+        if m.family != MF_NAME && m.family != TWO_TOWER_NAME {
+            return Ok(None);
+        }
+        ModelDef::from_name(&m.family, m.rows, m.row_len, false)
+            .map(Some)
+            .map_err(|e| invalid("model.rows", e.to_string()))
+    }
+
+    /// How many committed training rounds between evaluation rounds (0 = off): see
+    /// [`EvaluationSection::every_rounds`].
+    pub fn evaluation_every(&self) -> u64 {
+        match self.evaluation.every_rounds {
+            Some(n) => n,
+            None if self.secure_aggregation.enabled || self.local_dp() => 0,
+            None => DEFAULT_EVALUATION_EVERY,
+        }
+    }
+
+    /// Reports an evaluation round aims for (`None`: the training target).
+    pub fn evaluation_target(&self) -> Option<usize> {
+        (self.evaluation.target_participants > 0).then_some(self.evaluation.target_participants)
     }
 
     /// The largest frame a selected client may send: `server.max_frame_bytes`, lowered to what
@@ -454,10 +505,16 @@ impl ServiceConfig {
         }
     }
 
-    /// The initial global model: normal with `model.init_std`, seeded by `model.seed`.
+    /// The initial global model, seeded by `model.seed`: the known family's own initialisation
+    /// (`ModelDef::init_global` with `model.init_std`), else normal with `model.init_std`.
     pub fn initial_model(&self) -> Result<Vec<f32>, ConfigError> {
         use rand::SeedableRng;
         use rand_distr::Distribution;
+        if let Some(def) = self.model_def()? {
+            return def
+                .init_global(self.model.seed, self.model.init_std)
+                .map_err(|e| invalid("model.rows", e.to_string()));
+        }
         let shape = self.shape()?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.model.seed);
         let normal = rand_distr::Normal::new(0.0f32, self.model.init_std)

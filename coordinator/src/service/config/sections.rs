@@ -89,11 +89,14 @@ impl Default for ServerSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// Family name clients must announce (e.g. `bpr-mf`).
+    /// Family name clients must announce. The known families `bpr-mf` and `two-tower` get their
+    /// own shape and initialisation (`starling_models::family::ModelDef`); any other name gets a
+    /// generic `rows × row_len` matrix.
     pub family: String,
-    /// Rows of the global parameters (for MF: items).
+    /// For the known families: items in the catalogue (two-tower adds its dense rows after them).
+    /// Otherwise: rows of the global parameters.
     pub rows: u32,
-    /// Values per row (for MF: the embedding dimension).
+    /// For the known families: the embedding dimension. Otherwise: values per row.
     pub row_len: u32,
     /// Standard deviation of the initial parameters (normal, seeded).
     pub init_std: f32,
@@ -297,6 +300,21 @@ impl Default for SecureAggregationSection {
         }
     }
 }
+
+/// `[evaluation]`: federated evaluation rounds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluationSection {
+    /// Run an evaluation round after every this many committed training rounds; 0 = off. Unset:
+    /// [`DEFAULT_EVALUATION_EVERY`], or off under secure aggregation and local DP (where
+    /// federated evaluation is not supported; setting it there is refused).
+    pub every_rounds: Option<u64>,
+    /// Reports an evaluation round aims for; 0 = `round.target_participants`.
+    pub target_participants: usize,
+}
+
+/// `evaluation.every_rounds` when the file does not set it.
+pub const DEFAULT_EVALUATION_EVERY: u64 = 5;
 
 /// `[storage]`: the embedded database.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -39,8 +39,8 @@ rate_burst = 20
 recv_buffer_bytes = 4194304
 
 [model]
-family = "bpr-mf"
-rows = 1682          # items
+family = "bpr-mf"    # "bpr-mf" or "two-tower" (their own shape and initialisation); other names: a rows x row_len matrix
+rows = 1682          # items (two-tower adds its dense rows after the item rows)
 row_len = 32         # embedding dimension
 init_std = 0.01
 seed = 1
@@ -116,6 +116,14 @@ dropout_tolerance = 0.3      # rounds keep the full noise if at most this fracti
 max_cohort = 10000           # largest round; the modulus is sized so that it can never overflow
 rotation = false             # randomised Hadamard rotation before quantisation
 phase_timeout_ms = 30000     # each protocol phase but the masked input (that one has report_timeout_ms)
+
+[evaluation]
+# Federated evaluation: devices score the current model on their own held-out latest positive and
+# send only sums (HR@10, NDCG@10, loss); under central DP the sums are noised and the round is
+# charged to the privacy budget like a training round. Not supported under secure aggregation or
+# local DP (every_rounds must then stay unset or 0).
+# every_rounds = 5           # an evaluation round after every N committed training rounds; 0 = off
+target_participants = 0      # reports an evaluation round aims for; 0 = round.target_participants
 
 [storage]
 path = "data/coordinator.db" # SQLite (WAL, synchronous=FULL); back it up with `sqlite3 .backup`
