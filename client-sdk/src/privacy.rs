@@ -84,8 +84,7 @@ mod tests {
             let mut l = load(&store, delta, Some(budget)).unwrap();
             assert_eq!(l.epsilon(), 0.0);
             // A central-DP contribution (clipped, not noised here) costs the device nothing locally.
-            let plain =
-                Contribution {
+            let plain = Contribution {
                 round: 1,
                 at_ms: 1,
                 bytes_sent: 100,

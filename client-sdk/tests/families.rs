@@ -21,6 +21,8 @@ use starling_sdk::{ClientConfig, Clock, Consent, Device, ModelSpec, Storage};
 use std::sync::Arc;
 
 const ITEMS: u32 = 40;
+/// A catalogue large enough for federated evaluation's 99 sampled negatives.
+const EVAL_ITEMS: u32 = 200;
 const DIM: u32 = 8;
 const NOW: i64 = 1_780_000_000_000;
 const HOUR_MS: i64 = 3_600_000;
@@ -122,6 +124,10 @@ fn a_two_tower_device_trains_through_burn_and_ranks_with_the_context() {
         .filter(|&i| dense[(i * DIM) as usize..((i + 1) * DIM) as usize].iter().any(|v| *v != 0.0))
         .count();
     assert!(changed_items >= 15, "the trained positives moved ({changed_items})");
+    // The coordinator applies the update (this device alone in the round) and sends the next model
+    // back: its context embeddings and projection have learnt from the device's events.
+    let next: Arc<[f32]> = params.iter().zip(&dense).map(|(a, b)| a + b).collect();
+    assert!(d.set_global(ModelVersion(2), next).unwrap());
     let morning = Context { time_of_day: 1, weekday: 2, device: DeviceClass::Phone };
     let evening = Context { time_of_day: 5, weekday: 2, device: DeviceClass::Desktop };
     // Everything the user bought is left out, so rank the rest fully in both contexts.
@@ -225,7 +231,9 @@ fn similar_items_work_without_consent_or_events() {
     cfg.default_consent = Consent::default();
     let client = BlockingClient::open(cfg, transport).unwrap();
     assert_eq!(client.similar_items(1, 3).unwrap().source, SimilarSource::NoModel);
-    client.client().with_device(|d| d.set_global(ModelVersion(1), global_for(&ModelSpec::mf(ITEMS, DIM), 2)))
+    client
+        .client()
+        .with_device(|d| d.set_global(ModelVersion(1), global_for(&ModelSpec::mf(ITEMS, DIM), 2)))
         .unwrap();
     assert_eq!(client.similar_items(1, 3).unwrap().items.len(), 3);
     assert!(client.similar_items(ITEMS + 1, 3).is_err());
@@ -246,7 +254,8 @@ fn random_history(rng: &mut ChaCha8Rng) -> Vec<Event> {
             let context = Context {
                 time_of_day: rng.random_range(0..6),
                 weekday: rng.random_range(0..7),
-                device: [DeviceClass::Phone, DeviceClass::Tablet, DeviceClass::Desktop][rng.random_range(0..3)],
+                device: [DeviceClass::Phone, DeviceClass::Tablet, DeviceClass::Desktop]
+                    [rng.random_range(0..3)],
             };
             ev(rng.random_range(0..ITEMS), NOW - 10 * HOUR_MS + k * 60_000, kind, context)
         })
@@ -338,13 +347,16 @@ fn snapshot(d: &mut Device) -> (String, Vec<u32>, Option<(u64, Vec<u32>)>, u64) 
 #[test]
 fn an_evaluation_changes_nothing_on_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    for (k, spec) in [ModelSpec::mf(ITEMS, DIM), ModelSpec::two_tower(ITEMS, DIM)].into_iter().enumerate() {
+    for (k, spec) in
+        [ModelSpec::mf(EVAL_ITEMS, DIM), ModelSpec::two_tower(EVAL_ITEMS, DIM)].into_iter().enumerate()
+    {
         let path = dir.path().join(format!("d{k}"));
         let mut cfg = config(9, spec.clone(), Storage::Dir(path));
         cfg.personal_epochs = 1;
         let mut d = Device::open(&cfg).unwrap();
         d.record_batch(&purchases(&[1, 4, 7, 10, 13, 16]), NOW).unwrap();
-        d.record(&ev(20, NOW - 10, EventKind::Skip, Context::at(NOW / 1000, DeviceClass::Phone)), NOW).unwrap();
+        d.record(&ev(20, NOW - 10, EventKind::Skip, Context::at(NOW / 1000, DeviceClass::Phone)), NOW)
+            .unwrap();
         d.train(RoundId(1), ModelVersion(1), global_for(&spec, 1), &plan(1, 0.3)).unwrap();
         let before = snapshot(&mut d);
         let newer = global_for(&spec, 2);
@@ -363,7 +375,7 @@ fn an_evaluation_changes_nothing_on_the_device() {
         assert!(matches!(d.evaluate(RoundId(3), ModelVersion(2), &newer), Err(EvalError::NoConsent)));
     }
     // Without a private vector yet, a temporary one is used and thrown away.
-    let spec = ModelSpec::mf(ITEMS, DIM);
+    let spec = ModelSpec::mf(EVAL_ITEMS, DIM);
     let mut d = Device::open(&config(10, spec.clone(), Storage::InMemory)).unwrap();
     d.record_batch(&purchases(&[1, 4, 7]), NOW).unwrap();
     let before = snapshot(&mut d);
@@ -392,7 +404,7 @@ fn an_evaluation_changes_nothing_on_the_device() {
 
 #[test]
 fn training_leaves_the_latest_positive_out_unless_told_otherwise() {
-    let spec = ModelSpec::mf(ITEMS, DIM);
+    let spec = ModelSpec::mf(EVAL_ITEMS, DIM);
     for (holdout, weight) in [(true, 3.0 * 4.0), (false, 3.0 * 5.0)] {
         let mut cfg = config(13, spec.clone(), Storage::InMemory);
         cfg.evaluation_holdout = holdout;
@@ -414,7 +426,7 @@ fn decode_client(codec: Codec, frame: &[u8]) -> ClientMessage {
 
 #[test]
 fn a_participant_answers_an_evaluation_task_with_the_figures_of_its_held_out_case() {
-    for spec in [ModelSpec::mf(ITEMS, DIM), ModelSpec::two_tower(ITEMS, DIM)] {
+    for spec in [ModelSpec::mf(EVAL_ITEMS, DIM), ModelSpec::two_tower(EVAL_ITEMS, DIM)] {
         let cfg = config(14, spec.clone(), Storage::InMemory);
         let mut d = Device::open(&cfg).unwrap();
         d.record_batch(&purchases(&[3, 6, 9, 12, 15]), NOW).unwrap();
@@ -469,7 +481,10 @@ fn a_participant_answers_an_evaluation_task_with_the_figures_of_its_held_out_cas
         assert_eq!(privacy.local_epsilon, 0.0);
         let export = d.export(NOW).unwrap();
         let entry = export.contributions.last().unwrap();
-        assert_eq!((entry.kind, entry.bytes_sent, entry.epsilon), (ContributionKind::Evaluation, sent.len() as u64, None));
+        assert_eq!(
+            (entry.kind, entry.bytes_sent, entry.epsilon),
+            (ContributionKind::Evaluation, sent.len() as u64, None)
+        );
         // The model, the private vector and the events are as they were.
         let (_, user, global, events) = snapshot(&mut d);
         assert_eq!((user, global, events), (before.1, before.2, before.3));

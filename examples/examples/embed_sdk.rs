@@ -12,8 +12,8 @@
 use anyhow::Context as _;
 use starling_coordinator::service::driver::{self, CoordinatorHandle, DriverConfig};
 use starling_models::data::events::{Context, DeviceClass, Event};
-use starling_models::family::ModelDef;
 use starling_models::data::synthetic::{Population, SyntheticConfig};
+use starling_models::family::ModelDef;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::{DeviceConditions, TrainingPlan};
 use starling_proto::round::{Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent};
@@ -49,7 +49,8 @@ fn recent(mut events: Vec<Event>) -> Vec<Event> {
 /// The model family from `--model mf|two-tower` (default: matrix factorisation).
 fn model_spec() -> anyhow::Result<ModelSpec> {
     let args: Vec<String> = std::env::args().collect();
-    let name = args.iter().position(|a| a == "--model").and_then(|k| args.get(k + 1)).map_or("mf", |s| s.as_str());
+    let name =
+        args.iter().position(|a| a == "--model").and_then(|k| args.get(k + 1)).map_or("mf", |s| s.as_str());
     match name {
         "mf" | "bpr-mf" => Ok(ModelSpec::mf(ITEMS, DIM)),
         "two-tower" => Ok(ModelSpec::two_tower(ITEMS, DIM)),
@@ -57,7 +58,10 @@ fn model_spec() -> anyhow::Result<ModelSpec> {
     }
 }
 
-fn coordinator(participants: usize, spec: &ModelSpec) -> anyhow::Result<(CoordinatorHandle, MemoryTransport)> {
+fn coordinator(
+    participants: usize,
+    spec: &ModelSpec,
+) -> anyhow::Result<(CoordinatorHandle, MemoryTransport)> {
     let def = ModelDef::from_name(&spec.family, spec.items, spec.dim, spec.item_bias)?;
     let shape: ModelShape = def.shape()?;
     let config = OrchestratorConfig {
@@ -195,7 +199,10 @@ async fn main() -> anyhow::Result<()> {
 
     // The app's own user: a persistent store in a directory, as an app would have.
     let dir = tempfile::tempdir()?;
-    let app = Client::open(device_config(10_000, Storage::Dir(dir.path().to_path_buf()), &spec), transport.clone())?;
+    let app = Client::open(
+        device_config(10_000, Storage::Dir(dir.path().to_path_buf()), &spec),
+        transport.clone(),
+    )?;
     // The app asks the user; here they agree to both.
     app.set_consent(Consent { personalization: true, training: true })?;
     let history = recent(population.user_events(APP_USER));
@@ -246,7 +253,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(top) = in_context.items.first() {
         println!("        why {}? {:?}", top.item, top.reason);
         let similar = app.similar_items(top.item, 5)?;
-        let ids: Vec<String> = similar.items.iter().map(|s| format!("{} ({:.2})", s.item, s.similarity)).collect();
+        let ids: Vec<String> =
+            similar.items.iter().map(|s| format!("{} ({:.2})", s.item, s.similarity)).collect();
         println!("        more like {}: {}", top.item, ids.join(", "));
     }
     // A peer that switches personalization off gets the global model's non-personal ranking.

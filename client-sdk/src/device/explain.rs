@@ -81,7 +81,8 @@ pub(super) fn personal(
         let mut base = Vec::with_capacity(def.items as usize);
         def.score_all(global, private, &Query { history, context: None }, &mut base);
         if base.len() == def.items as usize && base.iter().all(|s| s.is_finite()) {
-            let mut items: Vec<u32> = mf::top_k(&base, top.len(), excluded).into_iter().map(|x| x.0).collect();
+            let mut items: Vec<u32> =
+                mf::top_k(&base, top.len(), excluded).into_iter().map(|x| x.0).collect();
             items.sort_unstable();
             without_context = Some(items);
         }

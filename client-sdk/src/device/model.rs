@@ -313,7 +313,12 @@ impl Device {
             return Err(SimilarItemsError::UnknownItem { item, items: self.spec.items });
         }
         let Some(global) = &self.global else {
-            return Ok(SimilarItems { item, items: Vec::new(), source: SimilarSource::NoModel, model_version: None });
+            return Ok(SimilarItems {
+                item,
+                items: Vec::new(),
+                source: SimilarSource::NoModel,
+                model_version: None,
+            });
         };
         let k = k.min(self.spec.items as usize - 1);
         let items = self

@@ -255,7 +255,8 @@ impl Device {
     pub fn privacy_report(&self) -> Result<PrivacyReport, StoreError> {
         let ledger = self.store.ledger()?;
         let rounds = |kind| ledger.iter().filter(|e| e.kind == kind).map(|e| e.round).collect::<Vec<_>>();
-        let (rounds, evaluation_rounds) = (rounds(ContributionKind::Update), rounds(ContributionKind::Evaluation));
+        let (rounds, evaluation_rounds) =
+            (rounds(ContributionKind::Update), rounds(ContributionKind::Evaluation));
         Ok(PrivacyReport {
             consent: self.consent,
             events_stored: self.event_count,

@@ -311,7 +311,10 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         let ledger = s.ledger().unwrap();
         assert_eq!(ledger.len(), 1);
-        assert_eq!((ledger[0].round, ledger[0].bytes_sent, ledger[0].kind), (9, 1234, ContributionKind::Update));
+        assert_eq!(
+            (ledger[0].round, ledger[0].bytes_sent, ledger[0].kind),
+            (9, 1234, ContributionKind::Update)
+        );
         assert_eq!(s.events::<Ev>().unwrap()[0].event, Ev { item: 3, note: "x".into() });
         s.append_ledger(&LedgerEntry { kind: ContributionKind::Evaluation, ..ledger[0].clone() }).unwrap();
         drop(s);
