@@ -303,7 +303,7 @@ fn explanations_only_ever_name_items_the_user_engaged_with_positively() {
                         positives.binary_search(&item).is_ok(),
                         "case {case}: explanation names {item}, not a positive item of {events:?}"
                     );
-                    assert!(similarity >= starling_sdk::device::SIMILARITY_THRESHOLD && similarity <= 1.001);
+                    assert!((starling_sdk::device::SIMILARITY_THRESHOLD..=1.001).contains(&similarity));
                     assert_eq!(r.source, Source::Personal);
                 }
                 Reason::InThisContext { context: c } => {
@@ -336,8 +336,11 @@ fn the_privacy_report_and_export_name_what_explanations_use() {
     assert_eq!(json["privacy"]["evaluations_sent"], 0);
 }
 
-/// Everything observable about a device, bit for bit.
-fn snapshot(d: &mut Device) -> (String, Vec<u32>, Option<(u64, Vec<u32>)>, u64) {
+/// Everything observable about a device, bit for bit: the export's JSON, the private vector's
+/// bits, the global model's version and bits, the event count.
+type Snapshot = (String, Vec<u32>, Option<(u64, Vec<u32>)>, u64);
+
+fn snapshot(d: &mut Device) -> Snapshot {
     let export = serde_json::to_string(&d.export(NOW).unwrap()).unwrap();
     let user = d.user_vector().map(|u| u.iter().map(|v| v.to_bits()).collect()).unwrap_or_default();
     let global = d.global().map(|g| (g.version.0, g.params.iter().map(|v| v.to_bits()).collect()));
