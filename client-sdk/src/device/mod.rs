@@ -8,8 +8,9 @@
 //!
 //! The code is split along these lines: this file opens the device and holds its state;
 //! `user_data.rs` holds what is done with the user's data (recording, retention, consent,
-//! forget, export, the privacy report); `model.rs` the model side (the global model, training
-//! and what a contribution costs, recommending and ranking).
+//! forget, export, the privacy report); `model.rs` the model side (the global model, training,
+//! evaluation and what a contribution costs, recommending, similar items and ranking);
+//! `explain.rs` the reasons given with recommendations.
 //!
 //! ## What is stored (keys of the store's `kv` table)
 //! | key | value |
