@@ -1,10 +1,12 @@
 //! SDK benchmarks: recording events into the on-device SQLite store, and one local round for a
-//! user with 100 events end to end (read events, train, clip, noise, encode the update frame).
+//! user with 100 events end to end (read events, train, clip, noise, encode the update frame),
+//! for matrix factorisation and for the two-tower model.
 //!
 //! Run with `cargo bench -p starling-benches --bench sdk`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use starling_models::data::events::{Context, DeviceClass, Event, EventKind};
+use starling_models::family::ModelDef;
 use starling_proto::codec::Codec;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
@@ -31,9 +33,8 @@ fn event(k: u64) -> Event {
     }
 }
 
-fn device(dir: &std::path::Path, mode: PrivacyMode) -> Device {
-    let mut cfg =
-        ClientConfig::new(ClientId(1), vec![], ModelSpec::mf(1682, 32), Storage::Dir(dir.to_path_buf()));
+fn device(dir: &std::path::Path, spec: ModelSpec, mode: PrivacyMode) -> Device {
+    let mut cfg = ClientConfig::new(ClientId(1), vec![], spec, Storage::Dir(dir.to_path_buf()));
     cfg.privacy.mode = mode;
     cfg.retention.max_events = None;
     cfg.seed = Some(1);
@@ -45,7 +46,7 @@ fn device(dir: &std::path::Path, mode: PrivacyMode) -> Device {
 
 fn record(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut d = device(dir.path(), PrivacyMode::Central);
+    let mut d = device(dir.path(), ModelSpec::mf(1682, 32), PrivacyMode::Central);
     let mut g = c.benchmark_group("sdk_record");
     g.throughput(Throughput::Elements(1));
     let mut k = 0u64;
@@ -64,18 +65,35 @@ fn record(c: &mut Criterion) {
 }
 
 fn local_round(c: &mut Criterion) {
-    let params: Arc<[f32]> = (0..1682 * 32).map(|k| ((k % 29) as f32 - 14.0) / 140.0).collect();
     let codec = Codec::default();
-    for (name, mode, noise) in [
-        ("sdk_local_round_100_events_central_dp", PrivacyMode::Central, NoiseSettings::None),
+    for (name, spec, mode, noise) in [
+        (
+            "sdk_local_round_100_events_central_dp",
+            ModelSpec::mf(1682, 32),
+            PrivacyMode::Central,
+            NoiseSettings::None,
+        ),
+        (
+            "sdk_two_tower_local_round_100_events_central_dp",
+            ModelSpec::two_tower(1682, 32),
+            PrivacyMode::Central,
+            NoiseSettings::None,
+        ),
         (
             "sdk_local_round_100_events_local_dp",
+            ModelSpec::mf(1682, 32),
             PrivacyMode::Local { min_noise_multiplier: 0.5 },
             NoiseSettings::Local { multiplier: 1.0 },
         ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut d = device(dir.path(), mode);
+        let def = ModelDef::from_name(&spec.family, spec.items, spec.dim, spec.item_bias).expect("a model");
+        let params: Arc<[f32]> = match def.mf_layout() {
+            // The MF figures since issue 12 use this deterministic model.
+            Some(_) => (0..1682 * 32).map(|k| ((k % 29) as f32 - 14.0) / 140.0).collect(),
+            None => def.init_global(1, 0.1).expect("initial model").into(),
+        };
+        let mut d = device(dir.path(), spec, mode);
         let events: Vec<Event> = (0..100).map(|k| event(k * 3)).collect();
         d.record_batch(&events, NOW).expect("records");
         let plan = TrainingPlan {

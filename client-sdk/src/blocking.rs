@@ -6,7 +6,9 @@
 
 use crate::client::{Client, RoundError, RoundReport, SchedulerConfig, SchedulerHandle};
 use crate::config::{ClientConfig, Consent, StorageKey};
-use crate::device::{Export, OpenError, PrivacyReport, Recommendations, RecordError};
+use crate::device::{
+    Export, OpenError, PrivacyReport, Recommendations, RecordError, SimilarItems, SimilarItemsError,
+};
 use crate::store::StoreError;
 use crate::transport::Transport;
 use starling_models::data::events::{Context, Event};
@@ -55,6 +57,11 @@ impl<T: Transport> BlockingClient<T> {
     /// See [`Client::recommend`].
     pub fn recommend(&self, k: usize, context: Option<Context>) -> Recommendations {
         self.client.recommend(k, context)
+    }
+
+    /// See [`Client::similar_items`].
+    pub fn similar_items(&self, item: u32, k: usize) -> Result<SimilarItems, SimilarItemsError> {
+        self.client.similar_items(item, k)
     }
 
     /// See [`Client::set_consent`].

@@ -27,7 +27,10 @@
 //! holds the device), and its update is dropped.
 
 use crate::config::{ClientConfig, Consent, NotAllowed, StorageKey};
-use crate::device::{Device, Export, OpenError, PrivacyReport, Recommendations, RecordError, SessionEpoch};
+use crate::device::{
+    Device, Export, OpenError, PrivacyReport, Recommendations, RecordError, SessionEpoch, SimilarItems,
+    SimilarItemsError,
+};
 use crate::participant::{Participant, SessionReport, StartError};
 use crate::store::StoreError;
 use crate::transport::{Connection, Transport, TransportError};
@@ -217,6 +220,12 @@ impl<T: Transport> Client<T> {
     /// The `k` best items for the user now. Never fails (see [`Device::recommend`]).
     pub fn recommend(&self, k: usize, context: Option<Context>) -> Recommendations {
         self.device().recommend(k, context)
+    }
+
+    /// "More like this" from the global model alone; needs no consent and no personal data (see
+    /// [`Device::similar_items`]).
+    pub fn similar_items(&self, item: u32, k: usize) -> Result<SimilarItems, SimilarItemsError> {
+        self.device().similar_items(item, k)
     }
 
     /// The consent in force.

@@ -129,9 +129,13 @@ pub struct CoordinatorEndpoint {
 }
 
 /// The recommendation model on the device. It must match the coordinator's.
+///
+/// The device turns it into a `starling_models::family::ModelDef` when it opens
+/// (`ModelDef::from_name`); an unknown family is refused with `OpenError::Model`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
-    /// Model family name announced at check-in (the coordinator refuses other families).
+    /// Model family name announced at check-in (the coordinator refuses other families):
+    /// `"bpr-mf"` ([`ModelSpec::mf`]) or `"two-tower"` ([`ModelSpec::two_tower`]).
     pub family: String,
     /// Items in the catalogue: item ids are `0..items`.
     pub items: u32,
@@ -144,7 +148,14 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// Matrix factorisation over `items` items with `dim`-dimensional embeddings, no biases.
     pub fn mf(items: u32, dim: u32) -> Self {
-        Self { family: "bpr-mf".into(), items, dim, item_bias: false }
+        Self { family: starling_models::family::MF_NAME.into(), items, dim, item_bias: false }
+    }
+
+    /// The context-aware two-tower model over `items` items with `dim`-dimensional embeddings
+    /// (family `"two-tower"`): the user tower combines the private user vector with the request's
+    /// context (time of day, weekday, device class); see `docs/sdk.md`, "Model families".
+    pub fn two_tower(items: u32, dim: u32) -> Self {
+        Self { family: starling_models::family::TWO_TOWER_NAME.into(), items, dim, item_bias: false }
     }
 }
 
@@ -323,6 +334,13 @@ pub struct ClientConfig {
     pub default_consent: Consent,
     /// Positive interactions needed before recommendations become personal.
     pub min_personal_events: usize,
+    /// Hold the user's latest positive interaction out of training, so that the device can answer
+    /// federated evaluation tasks with an honest figure (the model never trained on the case it is
+    /// scored on). Default `true`. The cost: the most recent positive does not shape the private
+    /// vector (it still counts as "seen" and is still used for explanations and the history a
+    /// two-tower query carries). With `false` the device trains on every positive and answers
+    /// evaluation tasks with no case (`cases: 0`).
+    pub evaluation_holdout: bool,
     /// Extra epochs fitting only the private user vector to the newly received global model
     /// after each task (the item rows stay as received; nothing of it is sent). Cheap, and it is
     /// what makes a newcomer's recommendations personal after its first round.
@@ -375,6 +393,7 @@ impl ClientConfig {
             retention: Retention::default(),
             default_consent: Consent::default(),
             min_personal_events: 3,
+            evaluation_holdout: true,
             personal_epochs: 10,
             response_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),

@@ -29,4 +29,4 @@ pub use config::{
     ClientConfig, Clock, Consent, ModelSpec, ParticipationPolicy, PrivacyMode, PrivacyPolicy, Retention,
     Storage, StorageKey,
 };
-pub use device::{Device, Export, PrivacyReport, Recommendations, Source};
+pub use device::{Device, Export, PrivacyReport, Reason, Recommendations, SimilarItems, Source};

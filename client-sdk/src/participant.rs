@@ -27,14 +27,16 @@
 //! the same lock the controls take (the async [`Client`](crate::client::Client) does).
 
 use crate::config::{ClientConfig, NotAllowed, ParticipationPolicy};
-use crate::device::{Device, TrainError};
+use crate::device::{Device, EvalError, TrainError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use starling_proto::codec::{Codec, FrameBuffer, Inbound};
 use starling_proto::dp::local::LocalRelease;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ModelVersion, RoundId};
-use starling_proto::message::{Capabilities, ClientMessage, DeviceConditions, ModelPayload, WithdrawReason};
+use starling_proto::message::{
+    Capabilities, ClientMessage, DeviceConditions, ModelPayload, TaskKind, WithdrawReason,
+};
 use starling_proto::secagg::SecAggClientMessage;
 use starling_proto::session::{
     Entropy, SecAggClientConfig, Session, SessionAction, SessionConfig, SessionError, SessionOutcome,
@@ -72,7 +74,8 @@ pub struct SessionReport {
     pub outcome: SessionOutcome,
     /// The round the device was given a task for, if any.
     pub round: Option<RoundId>,
-    /// Whether the device trained and sent an update.
+    /// Whether the device trained and sent an update — or, for an evaluation task, sent its
+    /// evaluation report.
     pub sent_update: bool,
     /// Why the device refused or failed its task, if it did.
     pub task_error: Option<String>,
@@ -416,8 +419,68 @@ impl Participant {
         self.flush(now, device);
     }
 
+    /// An evaluation task: score the task's model on the device's held-out case, record the report
+    /// on the device's contribution record, then queue it. Nothing on the device changes.
+    fn evaluate(&mut self, now: Instant, req: TrainRequest, device: &mut Device) {
+        let params = match resolve(&req.model, req.model_version, device) {
+            Ok(p) => p,
+            Err(e) => {
+                self.task_error = Some(e);
+                self.session.withdraw(now, WithdrawReason::TrainingFailed);
+                return;
+            }
+        };
+        let metrics = match device.evaluate(req.round, req.model_version, &params) {
+            Ok(_) if !self.is_current(device) => {
+                self.cancel(now, device);
+                return;
+            }
+            Ok(m) => m,
+            Err(e) => {
+                let reason = match e {
+                    EvalError::NoConsent => WithdrawReason::ConsentWithdrawn,
+                    EvalError::Protection(_) => WithdrawReason::PrivacyRefused,
+                    _ => WithdrawReason::TrainingFailed,
+                };
+                self.task_error = Some(e.to_string());
+                self.session.withdraw(now, reason);
+                return;
+            }
+        };
+        if let Err(e) = self.session.submit_evaluation(now, req.round, metrics) {
+            self.task_error = Some(e.to_string());
+            return;
+        }
+        while let Some(msg) = self.session.poll_transmit() {
+            let is_report = matches!(msg, ClientMessage::Evaluation(_));
+            let frame = match self.codec.encode_client(&msg) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.task_error = Some(format!("could not encode the evaluation: {e}"));
+                    self.session.handle_disconnect(now);
+                    return;
+                }
+            };
+            if is_report {
+                // On the device's record durably before the report can leave.
+                if let Err(e) = device.record_evaluation(req.round, frame.len() as u64, self.wall_ms(now)) {
+                    self.task_error = Some(format!("could not record the contribution: {e}"));
+                    self.session.handle_disconnect(now);
+                    return;
+                }
+                self.sent_update = true;
+                self.update_seq = Some(self.pushed);
+            }
+            self.push(frame);
+        }
+    }
+
     fn train(&mut self, now: Instant, req: TrainRequest, device: &mut Device) {
         self.round = Some(req.round);
+        if req.kind == TaskKind::Evaluate {
+            self.evaluate(now, req, device);
+            return;
+        }
         let started = self.measure_train_time.then(std::time::Instant::now);
         let params = match resolve(&req.model, req.model_version, device) {
             Ok(p) => p,

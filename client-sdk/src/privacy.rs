@@ -6,6 +6,7 @@
 //! Gaussian mechanism on this user's data, accounted with q = 1); this module persists it and
 //! replays it when the app restarts, so the device's ε never resets.
 
+pub use crate::store::ContributionKind;
 use crate::store::{LedgerEntry, Store, StoreError};
 use starling_proto::dp::local::{DeviceLedger, LocalRelease};
 use starling_proto::dp::{Budget, Delta};
@@ -37,6 +38,8 @@ pub struct Contribution {
     pub clip_norm: Option<f64>,
     /// The local-DP release, if the update was noised on the device.
     pub release: Option<LocalRelease>,
+    /// A model update or an evaluation report.
+    pub kind: ContributionKind,
 }
 
 /// Records a contribution durably, then in `ledger`; returns the ε spent after it (0 when no
@@ -56,6 +59,7 @@ pub fn record(store: &Store, ledger: &mut DeviceLedger, c: Contribution) -> Resu
         clip_norm: c.clip_norm.or(c.release.map(|r| r.clip)),
         noise_multiplier: c.release.map(|r| r.sigma),
         epsilon: epsilon.filter(|e| e.is_finite()),
+        kind: c.kind,
     })?;
     if let Some(r) = c.release {
         ledger.record(r);
@@ -80,14 +84,27 @@ mod tests {
             let mut l = load(&store, delta, Some(budget)).unwrap();
             assert_eq!(l.epsilon(), 0.0);
             // A central-DP contribution (clipped, not noised here) costs the device nothing locally.
-            let plain =
-                Contribution { round: 1, at_ms: 1, bytes_sent: 100, clip_norm: Some(0.5), release: None };
+            let plain = Contribution {
+                round: 1,
+                at_ms: 1,
+                bytes_sent: 100,
+                clip_norm: Some(0.5),
+                release: None,
+                kind: ContributionKind::Update,
+            };
             assert_eq!(record(&store, &mut l, plain).unwrap(), 0.0);
             let mut round = 2;
             while l.check(4.0).is_ok() {
                 let release = Some(LocalRelease { round, clip: 0.5, sigma: 4.0 });
-                let c =
-                    Contribution { round, at_ms: round as i64, bytes_sent: 1000, clip_norm: None, release };
+                let kind = ContributionKind::Update;
+                let c = Contribution {
+                    round,
+                    at_ms: round as i64,
+                    bytes_sent: 1000,
+                    clip_norm: None,
+                    release,
+                    kind,
+                };
                 record(&store, &mut l, c).unwrap();
                 round += 1;
             }

@@ -6,12 +6,14 @@
 //! non-personal recommendations, takes part in one round, and sees personal ones; the example
 //! prints what the user's privacy report and data export say, and the process's peak memory.
 //!
-//! Run with: `cargo run --release --example embed_sdk`
+//! Run with: `cargo run --release --example embed_sdk` (matrix factorisation) or
+//! `cargo run --release --example embed_sdk -- --model two-tower` (the context-aware two-tower model).
 
 use anyhow::Context as _;
 use starling_coordinator::service::driver::{self, CoordinatorHandle, DriverConfig};
-use starling_models::data::events::Event;
+use starling_models::data::events::{Context, DeviceClass, Event};
 use starling_models::data::synthetic::{Population, SyntheticConfig};
+use starling_models::family::ModelDef;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::{DeviceConditions, TrainingPlan};
 use starling_proto::round::{Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent};
@@ -44,10 +46,26 @@ fn recent(mut events: Vec<Event>) -> Vec<Event> {
     events
 }
 
-fn coordinator(participants: usize) -> anyhow::Result<(CoordinatorHandle, MemoryTransport)> {
-    let shape = ModelShape::new(ITEMS, DIM)?;
+/// The model family from `--model mf|two-tower` (default: matrix factorisation).
+fn model_spec() -> anyhow::Result<ModelSpec> {
+    let args: Vec<String> = std::env::args().collect();
+    let name =
+        args.iter().position(|a| a == "--model").and_then(|k| args.get(k + 1)).map_or("mf", |s| s.as_str());
+    match name {
+        "mf" | "bpr-mf" => Ok(ModelSpec::mf(ITEMS, DIM)),
+        "two-tower" => Ok(ModelSpec::two_tower(ITEMS, DIM)),
+        other => anyhow::bail!("unknown --model {other:?} (mf, two-tower)"),
+    }
+}
+
+fn coordinator(
+    participants: usize,
+    spec: &ModelSpec,
+) -> anyhow::Result<(CoordinatorHandle, MemoryTransport)> {
+    let def = ModelDef::from_name(&spec.family, spec.items, spec.dim, spec.item_bias)?;
+    let shape: ModelShape = def.shape()?;
     let config = OrchestratorConfig {
-        model_family: "bpr-mf".into(),
+        model_family: def.name().into(),
         shape,
         round: RoundConfig {
             target_participants: participants,
@@ -70,14 +88,18 @@ fn coordinator(participants: usize) -> anyhow::Result<(CoordinatorHandle, Memory
         history: 4,
         rng_seed: 11,
     };
-    // N(0, 0.1²)-like deterministic initialisation.
+    // N(0, 0.1²)-like deterministic initialisation (the two-tower model's own, which starts its
+    // user-tower projection as the identity on the private vector).
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let model: Vec<f32> = (0..shape.len())
-        .map(|_| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.35
-        })
-        .collect();
+    let model: Vec<f32> = match def.mf_layout() {
+        Some(_) => (0..shape.len())
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.35
+            })
+            .collect(),
+        None => def.init_global(11, 0.1)?,
+    };
     let engine = Orchestrator::new(
         config,
         Box::new(Federated::fedavg_row_aware()),
@@ -96,8 +118,8 @@ fn coordinator(participants: usize) -> anyhow::Result<(CoordinatorHandle, Memory
     Ok((handle, transport))
 }
 
-fn device_config(id: u64, storage: Storage) -> ClientConfig {
-    let mut c = ClientConfig::new(ClientId(id), b"demo-token".to_vec(), ModelSpec::mf(ITEMS, DIM), storage);
+fn device_config(id: u64, storage: Storage, spec: &ModelSpec) -> ClientConfig {
+    let mut c = ClientConfig::new(ClientId(id), b"demo-token".to_vec(), spec.clone(), storage);
     c.seed = Some(id);
     c
 }
@@ -147,13 +169,17 @@ async fn main() -> anyhow::Result<()> {
         seed: 5,
         ..SyntheticConfig::default()
     })?;
-    let (handle, transport) = coordinator(PEERS as usize)?;
-    println!("in-process coordinator: {ITEMS} items x {DIM} dims, row-aware FedAvg; {PEERS} peer devices");
+    let spec = model_spec()?;
+    let (handle, transport) = coordinator(PEERS as usize, &spec)?;
+    println!(
+        "in-process coordinator: {} model, {ITEMS} items x {DIM} dims, row-aware FedAvg; {PEERS} peer devices",
+        spec.family
+    );
 
     // Peer devices: real SDK clients with synthetic histories, in memory.
     let mut peers = Vec::new();
     for id in 0..PEERS {
-        let c = Client::open(device_config(id, Storage::InMemory), transport.clone())?;
+        let c = Client::open(device_config(id, Storage::InMemory, &spec), transport.clone())?;
         c.set_consent(Consent { personalization: true, training: true })?;
         c.record_batch(&recent(population.user_events(id)))?;
         c.set_conditions(PLUGGED_IN);
@@ -173,7 +199,10 @@ async fn main() -> anyhow::Result<()> {
 
     // The app's own user: a persistent store in a directory, as an app would have.
     let dir = tempfile::tempdir()?;
-    let app = Client::open(device_config(10_000, Storage::Dir(dir.path().to_path_buf())), transport.clone())?;
+    let app = Client::open(
+        device_config(10_000, Storage::Dir(dir.path().to_path_buf()), &spec),
+        transport.clone(),
+    )?;
     // The app asks the user; here they agree to both.
     app.set_consent(Consent { personalization: true, training: true })?;
     let history = recent(population.user_events(APP_USER));
@@ -218,6 +247,16 @@ async fn main() -> anyhow::Result<()> {
         report.session.bytes_received
     );
     show("after", &app.recommend(10, None), &future);
+    let evening = Context { time_of_day: 5, weekday: 4, device: DeviceClass::Tablet };
+    let in_context = app.recommend(10, Some(evening));
+    show("evening", &in_context, &future);
+    if let Some(top) = in_context.items.first() {
+        println!("        why {}? {:?}", top.item, top.reason);
+        let similar = app.similar_items(top.item, 5)?;
+        let ids: Vec<String> =
+            similar.items.iter().map(|s| format!("{} ({:.2})", s.item, s.similarity)).collect();
+        println!("        more like {}: {}", top.item, ids.join(", "));
+    }
     // A peer that switches personalization off gets the global model's non-personal ranking.
     let newcomer = &peers[0];
     newcomer.set_consent(Consent { personalization: false, training: true })?;

@@ -8,8 +8,9 @@
 //!
 //! The code is split along these lines: this file opens the device and holds its state;
 //! `user_data.rs` holds what is done with the user's data (recording, retention, consent,
-//! forget, export, the privacy report); `model.rs` the model side (the global model, training
-//! and what a contribution costs, recommending and ranking).
+//! forget, export, the privacy report); `model.rs` the model side (the global model, training,
+//! evaluation and what a contribution costs, recommending, similar items and ranking);
+//! `explain.rs` the reasons given with recommendations.
 //!
 //! ## What is stored (keys of the store's `kv` table)
 //! | key | value |
@@ -27,7 +28,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use starling_models::data::events::Examples;
-use starling_models::mf::MfLayout;
+use starling_models::family::ModelDef;
 use starling_proto::dp::local::{DeviceLedger, LocalNoise};
 use starling_proto::dp::{Budget, Delta, Epsilon};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
@@ -35,10 +36,15 @@ use starling_proto::update::ModelShape;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod explain;
 mod model;
 mod user_data;
 
-pub use model::{GlobalModel, Recommendations, Scored, Source, TrainError, Trained, global_ranking};
+pub use explain::{EXPLANATION_INPUTS, Reason, SIMILARITY_THRESHOLD};
+pub use model::{
+    EvalError, GlobalModel, Recommendations, Scored, Similar, SimilarItems, SimilarItemsError, SimilarSource,
+    Source, TrainError, Trained, global_ranking,
+};
 pub use user_data::{EXPORT_SCHEMA, Export, ExportedEvent, PrivacyReport, RecordError};
 
 const KEY_CONSENT: &str = "consent";
@@ -122,7 +128,7 @@ impl std::fmt::Debug for Hook {
 pub struct Device {
     client: ClientId,
     spec: ModelSpec,
-    layout: MfLayout,
+    def: ModelDef,
     shape: ModelShape,
     mode: PrivacyMode,
     /// The sampler of local-DP noise.
@@ -132,6 +138,7 @@ pub struct Device {
     retention: Retention,
     default_consent: Consent,
     min_personal_events: usize,
+    evaluation_holdout: bool,
     personal_epochs: u32,
     max_future_skew_ms: i64,
     store: Store,
@@ -169,12 +176,9 @@ impl Device {
         if spec.items == 0 || spec.dim == 0 {
             return Err(OpenError::Model(format!("{} items of dimension {}", spec.items, spec.dim)));
         }
-        let layout = if spec.item_bias {
-            MfLayout::with_bias(spec.items, spec.dim)
-        } else {
-            MfLayout::new(spec.items, spec.dim)
-        };
-        let shape = layout.shape().map_err(|e| OpenError::Model(e.to_string()))?;
+        let def = ModelDef::from_name(&spec.family, spec.items, spec.dim, spec.item_bias)
+            .map_err(|e| OpenError::Model(e.to_string()))?;
+        let shape = def.shape().map_err(|e| OpenError::Model(e.to_string()))?;
         let delta =
             Delta::new(config.privacy.delta).map_err(|e| OpenError::Privacy(format!("delta: {e}")))?;
         if let PrivacyMode::Local { min_noise_multiplier } = config.privacy.mode
@@ -207,7 +211,7 @@ impl Device {
         let mut device = Self {
             client: config.client_id,
             spec,
-            layout,
+            def,
             shape,
             mode: config.privacy.mode,
             noise,
@@ -216,6 +220,7 @@ impl Device {
             retention: config.retention,
             default_consent: config.default_consent,
             min_personal_events: config.min_personal_events,
+            evaluation_holdout: config.evaluation_holdout,
             personal_epochs: config.personal_epochs.min(1000),
             max_future_skew_ms: config.max_future_skew.as_millis().min(i64::MAX as u128) as i64,
             consent: config.default_consent,
@@ -249,7 +254,7 @@ impl Device {
                 }
                 _ => None,
             };
-        self.user = self.store.get_f32s(KEY_USER)?.filter(|u| u.len() == self.spec.dim as usize);
+        self.user = self.store.get_f32s(KEY_USER)?.filter(|u| u.len() == self.def.private_len());
         self.event_count = self.store.event_count()?;
         Ok(())
     }
@@ -262,6 +267,11 @@ impl Device {
     /// The model settings.
     pub fn model(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// The model family, catalogue size and dimension the device runs (from its [`ModelSpec`]).
+    pub fn model_def(&self) -> ModelDef {
+        self.def
     }
 
     /// The shape of the global parameters.

@@ -2,17 +2,21 @@
 //! the device and what a contribution costs, recommending, and the global model's
 //! non-personal ranking.
 
+use super::explain::{self, Reason};
 use super::{Device, KEY_GLOBAL_PARAMS, KEY_GLOBAL_VERSION, KEY_STATS, KEY_USER};
 use crate::config::PrivacyMode;
-use crate::privacy::{self, Contribution};
+use crate::privacy::{self, Contribution, ContributionKind};
 use crate::store::StoreError;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use starling_models::data::events::{Context, Examples};
-use starling_models::mf::{self, LocalTraining, MfLayout};
+use starling_models::data::events::{Context, Examples, Positive};
+use starling_models::family::{ModelDef, Query};
+use starling_models::mf::{self, LocalTraining};
 use starling_proto::dp::ledger::BudgetError;
 use starling_proto::dp::local::{LOCAL_DP_WEIGHT, LocalDpError, LocalRelease, local_dp_metrics, protect};
 use starling_proto::ids::{ModelVersion, RoundId};
-use starling_proto::message::{LocalMetrics, NoiseSettings, TrainingPlan};
+use starling_proto::message::{EvalMetrics, LocalMetrics, NoiseSettings, TrainingPlan};
 use starling_proto::update::{ModelShape, Update};
 use std::sync::Arc;
 
@@ -70,6 +74,8 @@ pub struct Scored {
     pub item: u32,
     /// Its score (comparable within one list only).
     pub score: f32,
+    /// Why it is recommended, for the app to show (computed on the device; see [`Reason`]).
+    pub reason: Reason,
 }
 
 /// A list of recommendations, best first.
@@ -79,6 +85,76 @@ pub struct Recommendations {
     pub items: Vec<Scored>,
     /// How they were ranked.
     pub source: Source,
+}
+
+/// Why [`Device::similar_items`] refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimilarItemsError {
+    /// The item is not in the catalogue.
+    #[error("unknown item {item} (catalogue has {items} items)")]
+    UnknownItem {
+        /// The item asked about.
+        item: u32,
+        /// Catalogue size.
+        items: u32,
+    },
+}
+
+/// Where a list of similar items came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimilarSource {
+    /// Cosine similarity of the global model's item embeddings.
+    GlobalModel,
+    /// The device holds no global model yet: the list is empty.
+    NoModel,
+}
+
+/// One similar item.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Similar {
+    /// The item.
+    pub item: u32,
+    /// Cosine similarity of its embedding to the asked item's, in `[-1, 1]`.
+    pub similarity: f32,
+}
+
+/// "More like this": items whose global embeddings are closest to an item's, best first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SimilarItems {
+    /// The item asked about.
+    pub item: u32,
+    /// The similar items (never the item itself), most similar first.
+    pub items: Vec<Similar>,
+    /// How they were found.
+    pub source: SimilarSource,
+    /// Version of the global model used, if any.
+    pub model_version: Option<u64>,
+}
+
+/// Why the device will not (or could not) evaluate a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EvalError {
+    /// The user has not consented to training (an evaluation report is a contribution).
+    #[error("the user has not consented to federated training")]
+    NoConsent,
+    /// The task's model does not match the device's model.
+    #[error("the task's model ({got} values) does not match the device's ({expected:?})")]
+    Shape {
+        /// The device's model shape.
+        expected: ModelShape,
+        /// Values in the task's model.
+        got: usize,
+    },
+    /// The device's privacy mode forbids sending evaluation figures (under local DP nothing
+    /// data-dependent may leave the device without noise).
+    #[error("the device's privacy mode refuses evaluation: {0}")]
+    Protection(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A trained, protected update, ready to encode and send.
@@ -159,47 +235,159 @@ impl Device {
         self.user.as_deref()
     }
 
-    fn cached_examples(&mut self) -> Result<&Examples, StoreError> {
+    pub(super) fn cached_examples(&mut self) -> Result<&Examples, StoreError> {
         if self.examples.is_none() {
             self.examples = Some(Examples::from_events(&self.events()?));
         }
         Ok(self.examples.get_or_insert_with(Examples::default))
     }
 
+    /// The examples the device trains on: all of them, or without the latest positive when
+    /// [`ClientConfig::evaluation_holdout`](crate::ClientConfig::evaluation_holdout) is on; and the
+    /// held-out positive.
+    fn training_split(&mut self) -> Result<(Examples, Option<Positive>), StoreError> {
+        let holdout = self.evaluation_holdout;
+        let examples = self.cached_examples()?;
+        Ok(if holdout { examples.hold_out_latest() } else { (examples.clone(), None) })
+    }
+
     /// The `k` best items for the user now (retention is applied first, at the device clock's
-    /// time). Never fails: with no consent to personalize, too little data, no global model yet
-    /// or an unreadable store, it falls back to a non-personal ranking (the global model's, else
-    /// the catalogue order). Items the user already interacted with positively are left out of
-    /// personal lists. The MF model does not use `context`.
-    pub fn recommend(&mut self, k: usize, _context: Option<Context>) -> Recommendations {
+    /// time), each with the [`Reason`] the app can show. Never fails: with no consent to
+    /// personalize, too little data, no global model yet or an unreadable store, it falls back to
+    /// a non-personal ranking (the global model's, else the catalogue order).
+    ///
+    /// Personal lists score the user's private vector and the request's `context` (the two-tower
+    /// model uses it; matrix factorisation ignores it) with the user's positive items as history
+    /// (most recent last). Items the user already engaged with positively are left out, and so are
+    /// items the user skipped or rated low (see `docs/sdk.md`, "Signals"): they are never pushed
+    /// back at the user, in personal and non-personal lists alike.
+    pub fn recommend(&mut self, k: usize, context: Option<Context>) -> Recommendations {
         let k = k.min(self.spec.items as usize);
         let retained = self.enforce_retention(self.clock.now_ms()).is_ok();
-        let seen: Vec<u32> = if self.consent.personalization && retained {
-            self.cached_examples().map(Examples::positive_items).unwrap_or_default()
+        let (history, excluded) = if self.consent.personalization && retained {
+            self.cached_examples().map(explain::history_and_excluded).unwrap_or_default()
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
+        let def = self.def;
         if let (Some(global), Some(user)) = (&self.global, &self.user)
-            && seen.len() >= self.min_personal_events
+            && history.len() >= self.min_personal_events
         {
             let mut scores = Vec::with_capacity(self.spec.items as usize);
-            mf::score_all(self.layout, &global.params, user, &mut scores);
-            if scores.iter().all(|s| s.is_finite()) {
-                let items = mf::top_k(&scores, k, &seen);
-                return Recommendations { items: to_scored(items), source: Source::Personal };
+            def.score_all(&global.params, user, &Query { history: &history, context }, &mut scores);
+            if scores.len() == self.spec.items as usize && scores.iter().all(|s| s.is_finite()) {
+                let top = mf::top_k(&scores, k, &excluded);
+                let reasons =
+                    explain::personal(&def, &global.params, user, &history, context, &top, &excluded);
+                let items = top
+                    .into_iter()
+                    .zip(reasons)
+                    .map(|((item, score), reason)| Scored { item, score, reason })
+                    .collect();
+                return Recommendations { items, source: Source::Personal };
             }
         }
         if let Some(global) = &self.global {
-            let scores = global_ranking(self.layout, &global.params);
-            let items = mf::top_k(&scores, k, &seen);
-            return Recommendations { items: to_scored(items), source: Source::Global };
+            let scores = def.global_ranking(&global.params);
+            let items = mf::top_k(&scores, k, &excluded)
+                .into_iter()
+                .map(|(item, score)| Scored { item, score, reason: Reason::PopularNow })
+                .collect();
+            return Recommendations { items, source: Source::Global };
         }
         let items = (0..self.spec.items)
-            .filter(|i| seen.binary_search(i).is_err())
+            .filter(|i| excluded.binary_search(i).is_err())
             .take(k)
-            .map(|item| Scored { item, score: 0.0 })
+            .map(|item| Scored { item, score: 0.0, reason: Reason::Catalogue })
             .collect();
         Recommendations { items, source: Source::Catalogue }
+    }
+
+    /// "More like this": the `k` items whose global item embeddings are most similar (cosine) to
+    /// `item`'s. It uses the global model alone — no consent, event or private state is needed or
+    /// read — so it works for any user, signed in or not. Before the device has received a global
+    /// model the list is empty with [`SimilarSource::NoModel`]. Items whose embedding is zero or
+    /// not finite are left out.
+    pub fn similar_items(&self, item: u32, k: usize) -> Result<SimilarItems, SimilarItemsError> {
+        if item >= self.spec.items {
+            return Err(SimilarItemsError::UnknownItem { item, items: self.spec.items });
+        }
+        let Some(global) = &self.global else {
+            return Ok(SimilarItems {
+                item,
+                items: Vec::new(),
+                source: SimilarSource::NoModel,
+                model_version: None,
+            });
+        };
+        let k = k.min(self.spec.items as usize - 1);
+        let items = self
+            .def
+            .similar_items(&global.params, item, k)
+            .into_iter()
+            .filter(|(_, s)| s.is_finite())
+            .map(|(item, similarity)| Similar { item, similarity })
+            .collect();
+        Ok(SimilarItems {
+            item,
+            items,
+            source: SimilarSource::GlobalModel,
+            model_version: Some(global.version.0),
+        })
+    }
+
+    /// Federated evaluation of the global `params` (version `version`, for round `round`) on the
+    /// device's held-out case: its latest positive interaction, which it did not train on (see
+    /// [`ClientConfig::evaluation_holdout`](crate::ClientConfig::evaluation_holdout)), ranked
+    /// against sampled negatives by `ModelDef::evaluate_case` with the device's private vector and
+    /// its training positives as history. With no held-out case (fewer than two positives, or the
+    /// hold-out switched off) the figures have `cases: 0`.
+    ///
+    /// It requires training consent (the figures are a contribution) and is refused under local
+    /// DP (they are not noised). **It changes nothing on the device**: not the private vector,
+    /// not the stored global model or its version, not the events (retention is not applied
+    /// here), not the device's RNG. A device that has no private vector yet scores with a
+    /// temporary one fitted to `params` (seeded by client and round) and throws it away.
+    pub fn evaluate(
+        &mut self,
+        round: RoundId,
+        version: ModelVersion,
+        params: &[f32],
+    ) -> Result<EvalMetrics, EvalError> {
+        let _ = version;
+        if !self.consent.training {
+            return Err(EvalError::NoConsent);
+        }
+        if let PrivacyMode::Local { .. } = self.mode {
+            return Err(EvalError::Protection(
+                "under local DP evaluation figures would leave the device without noise".into(),
+            ));
+        }
+        if params.len() != self.shape.len() {
+            return Err(EvalError::Shape { expected: self.shape, got: params.len() });
+        }
+        if !self.evaluation_holdout {
+            return Ok(EvalMetrics::default());
+        }
+        let (train, held) = self.training_split()?;
+        let Some(held) = held else {
+            return Ok(EvalMetrics::default());
+        };
+        let history = train.positive_items();
+        let def = self.def;
+        let private = match &self.user {
+            Some(u) => u.clone(),
+            None => {
+                let seed = self.client.0 ^ round.0.rotate_left(32) ^ 0x0E7A_1000;
+                let mut private = def.init_private(seed, 0.1);
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let fit = LocalTraining { epochs: self.personal_epochs.max(1), ..LocalTraining::default() };
+                // A failed fit leaves the initial vector (fit_private restores it).
+                let _ = def.fit_private(params, &mut private, &train, &fit, &mut rng);
+                private
+            }
+        };
+        Ok(def.evaluate_case(params, &private, &history, &held, self.client.0))
     }
 
     /// Whether the device would accept a task with `plan` (consent, protection, budget, data).
@@ -254,10 +442,9 @@ impl Device {
         if let Some(hook) = self.train_hook.0.as_mut() {
             hook(round);
         }
-        let examples = self.cached_examples()?;
-        let positives = examples.positive_items();
-        let total_weight = examples.total_weight();
-        if positives.is_empty() {
+        let (train, _held_out) = self.training_split()?;
+        let total_weight = train.total_weight();
+        if train.positives.is_empty() {
             return Err(TrainError::NoData);
         }
         let mut user = match self.user.clone() {
@@ -272,7 +459,9 @@ impl Device {
             user_lr: plan.private_learning_rate,
             reg: LocalTraining::default().reg,
         };
-        let result = mf::local_epochs(self.layout, &params, &mut user, &positives, &cfg, &mut self.rng)
+        let def = self.def;
+        let result = def
+            .train(&params, &mut user, &train, &cfg, &mut self.rng)
             .map_err(|e| TrainError::Training(e.to_string()))?;
         if !user.iter().all(|v| v.is_finite()) || !result.loss.is_finite() {
             return Err(TrainError::Training("local training diverged".into()));
@@ -280,14 +469,10 @@ impl Device {
         let norm_within_clip = starling_proto::dp::clip_indicator(&result.update, plan);
         let (update, release) = protect(result.update, plan, round.0, self.noise, &mut self.rng)?;
         if self.personal_epochs > 0 {
-            // Fit the private vector to the global rows (item learning rate 0: rows untouched).
-            let fit = LocalTraining { epochs: self.personal_epochs, item_lr: 0.0, ..cfg };
-            let before = user.clone();
-            let ok =
-                mf::local_epochs(self.layout, &params, &mut user, &positives, &fit, &mut self.rng).is_ok();
-            if !ok || !user.iter().all(|v| v.is_finite()) {
-                user = before;
-            }
+            // Fit the private vector to the global part (which stays as received); on failure
+            // `fit_private` leaves the vector as it was.
+            let fit = LocalTraining { epochs: self.personal_epochs, ..cfg };
+            let _ = def.fit_private(&params, &mut user, &train, &fit, &mut self.rng);
         }
         self.store.put_f32s(KEY_USER, &user)?;
         self.user = Some(user);
@@ -309,7 +494,7 @@ impl Device {
     /// from an older install, or a simulation that fixes initial vectors by seed). Returns
     /// whether it was set.
     pub fn seed_user_vector(&mut self, user: Vec<f32>) -> Result<bool, StoreError> {
-        if self.user.is_some() || user.len() != self.spec.dim as usize || !user.iter().all(|v| v.is_finite())
+        if self.user.is_some() || user.len() != self.def.private_len() || !user.iter().all(|v| v.is_finite())
         {
             return Ok(false);
         }
@@ -322,7 +507,7 @@ impl Device {
     /// stored first if the device has none yet.
     pub fn ensure_user_vector(&mut self) -> Result<&[f32], StoreError> {
         if self.user.is_none() {
-            let user: Vec<f32> = (0..self.spec.dim)
+            let user: Vec<f32> = (0..self.def.private_len())
                 .map(|_| {
                     let z: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
                     0.1 * z
@@ -362,6 +547,22 @@ impl Device {
             bytes_sent: bytes,
             clip_norm: clip_norm.map(f64::from),
             release,
+            kind: ContributionKind::Update,
+        };
+        privacy::record(&self.store, &mut self.ledger, c)
+    }
+
+    /// Records an evaluation report (its frame of `bytes` bytes) on the device's contribution
+    /// record durably — call it before the report leaves the device. It costs no ε (evaluation
+    /// runs only under central DP; see [`Device::evaluate`]). Returns the device's ε.
+    pub fn record_evaluation(&mut self, round: RoundId, bytes: u64, now_ms: i64) -> Result<f64, StoreError> {
+        let c = Contribution {
+            round: round.0,
+            at_ms: now_ms,
+            bytes_sent: bytes,
+            clip_norm: None,
+            release: None,
+            kind: ContributionKind::Evaluation,
         };
         privacy::record(&self.store, &mut self.ledger, c)
     }
@@ -381,24 +582,15 @@ impl Device {
     }
 }
 
-fn to_scored(items: Vec<(u32, f32)>) -> Vec<Scored> {
-    items.into_iter().map(|(item, score)| Scored { item, score }).collect()
-}
-
-/// The global model's non-personal ranking: item biases when the model has them; otherwise each
-/// item embedding's squared norm. Under BPR with uniformly sampled negatives, an item many users
-/// like is pulled towards many user vectors and its embedding grows, while an item few like is
-/// only ever a random negative and shrinks under regularisation; so the norm ranks popular items
-/// first without the coordinator ever seeing an interaction count or a user vector. (On the
-/// synthetic population after 60 rounds, 23 of its top 30 are among the 30 most popular items.)
-pub fn global_ranking(layout: MfLayout, params: &[f32]) -> Vec<f32> {
-    if layout.bias {
-        return (0..layout.items)
-            .map(|i| params.get(layout.bias_index(i)).copied().unwrap_or(f32::NAN))
-            .collect();
-    }
-    let d = layout.dim as usize;
-    params.chunks_exact(d).take(layout.items as usize).map(|row| row.iter().map(|v| v * v).sum()).collect()
+/// The global model's non-personal ranking (`ModelDef::global_ranking`): item biases when the
+/// model has them; otherwise each item embedding's squared norm. Under BPR with uniformly sampled
+/// negatives, an item many users like is pulled towards many user vectors and its embedding grows,
+/// while an item few like is only ever a random negative and shrinks under regularisation; so the
+/// norm ranks popular items first without the coordinator ever seeing an interaction count or a
+/// user vector. (On the synthetic population after 60 rounds, 23 of its top 30 are among the 30
+/// most popular items.)
+pub fn global_ranking(def: &ModelDef, params: &[f32]) -> Vec<f32> {
+    def.global_ranking(params)
 }
 
 #[cfg(test)]
@@ -407,16 +599,17 @@ mod tests {
 
     #[test]
     fn the_global_ranking_puts_long_embeddings_first_and_uses_biases_when_present() {
-        let layout = MfLayout::new(3, 2);
+        let def = ModelDef::mf(3, 2);
         let params = [0.1, 0.0, 1.0, -1.0, 0.0, 0.5];
-        let scores = global_ranking(layout, &params);
+        let scores = global_ranking(&def, &params);
         assert_eq!(mf::top_k(&scores, 3, &[]).iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 0]);
-        let biased = MfLayout::with_bias(3, 2);
+        let biased = ModelDef::from_name("bpr-mf", 3, 2, true).unwrap();
+        let layout = biased.mf_layout().unwrap();
         let mut p = vec![0.0; biased.shape().unwrap().len()];
-        p[biased.bias_index(2)] = 3.0;
-        p[biased.bias_index(0)] = 1.0;
+        p[layout.bias_index(2)] = 3.0;
+        p[layout.bias_index(0)] = 1.0;
         assert_eq!(
-            mf::top_k(&global_ranking(biased, &p), 3, &[]).iter().map(|x| x.0).collect::<Vec<_>>(),
+            mf::top_k(&global_ranking(&biased, &p), 3, &[]).iter().map(|x| x.0).collect::<Vec<_>>(),
             vec![2, 0, 1]
         );
     }

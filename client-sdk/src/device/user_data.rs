@@ -3,7 +3,7 @@
 
 use super::{Device, KEY_CONSENT, Stats};
 use crate::config::{Consent, PrivacyMode, Retention, StorageKey};
-use crate::store::{LedgerEntry, StoreError};
+use crate::store::{ContributionKind, LedgerEntry, StoreError};
 use serde::{Deserialize, Serialize};
 use starling_models::data::events::{Event, EventError};
 
@@ -47,8 +47,11 @@ pub struct PrivacyReport {
     pub events_stored: u64,
     /// Time of the oldest stored event.
     pub oldest_event_ms: Option<i64>,
-    /// Updates sent (one per round joined).
+    /// Updates sent (one per training round joined).
     pub updates_sent: u64,
+    /// Evaluation reports sent (one per evaluation round joined): the figures of the device's
+    /// held-out case, no model update.
+    pub evaluations_sent: u64,
     /// Rounds whose update was accepted.
     pub rounds_accepted: u64,
     /// Bytes sent to the coordinator.
@@ -57,6 +60,8 @@ pub struct PrivacyReport {
     pub bytes_received: u64,
     /// The rounds this device sent an update to.
     pub rounds: Vec<u64>,
+    /// The rounds this device sent an evaluation report to.
+    pub evaluation_rounds: Vec<u64>,
     /// Privacy mode.
     pub mode: PrivacyMode,
     /// ε this device has spent under local DP (0 when all noise was central), at `delta`.
@@ -67,10 +72,13 @@ pub struct PrivacyReport {
     pub max_epsilon: Option<f64>,
     /// Version of the global model on the device.
     pub model_version: Option<u64>,
+    /// What the explanations of recommendations are computed from, on the device
+    /// ([`EXPLANATION_INPUTS`](super::EXPLANATION_INPUTS)).
+    pub explanation_inputs: Vec<String>,
 }
 
 /// Schema identifier of [`Export`].
-pub const EXPORT_SCHEMA: &str = "starling.sdk.export/1";
+pub const EXPORT_SCHEMA: &str = "starling.sdk.export/2";
 
 /// Everything the device stores about its user ("show me my data"). The JSON schema is
 /// documented in `docs/sdk.md`; `schema` identifies its version.
@@ -92,7 +100,8 @@ pub struct Export {
     pub user_vector: Option<Vec<f32>>,
     /// Version of the (non-personal) global model held, if any.
     pub global_model_version: Option<u64>,
-    /// Every contribution this device made (the local privacy ledger).
+    /// Every contribution this device made (the local privacy ledger): updates and evaluation
+    /// reports (`kind`).
     pub contributions: Vec<LedgerEntry>,
     /// The privacy report.
     pub privacy: PrivacyReport,
@@ -245,20 +254,26 @@ impl Device {
     /// What has been shared.
     pub fn privacy_report(&self) -> Result<PrivacyReport, StoreError> {
         let ledger = self.store.ledger()?;
+        let rounds = |kind| ledger.iter().filter(|e| e.kind == kind).map(|e| e.round).collect::<Vec<_>>();
+        let (rounds, evaluation_rounds) =
+            (rounds(ContributionKind::Update), rounds(ContributionKind::Evaluation));
         Ok(PrivacyReport {
             consent: self.consent,
             events_stored: self.event_count,
             oldest_event_ms: self.store.oldest_event_ms()?,
-            updates_sent: ledger.len() as u64,
+            updates_sent: rounds.len() as u64,
+            evaluations_sent: evaluation_rounds.len() as u64,
             rounds_accepted: self.stats.rounds_accepted,
             bytes_sent: self.stats.bytes_sent,
             bytes_received: self.stats.bytes_received,
-            rounds: ledger.iter().map(|e| e.round).collect(),
+            rounds,
+            evaluation_rounds,
             mode: self.mode,
             local_epsilon: self.ledger.epsilon(),
             delta: self.delta.get(),
             max_epsilon: self.max_epsilon,
             model_version: self.model_version().map(|v| v.0),
+            explanation_inputs: super::EXPLANATION_INPUTS.iter().map(|s| s.to_string()).collect(),
         })
     }
 

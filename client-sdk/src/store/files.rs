@@ -167,8 +167,16 @@ impl Store {
             let tx = fresh.conn.transaction()?;
             for e in &ledger {
                 tx.execute(
-                    "INSERT INTO ledger (round, at_ms, bytes_sent, clip_norm, noise_multiplier, epsilon) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![e.round as i64, e.at_ms, e.bytes_sent as i64, e.clip_norm, e.noise_multiplier, e.epsilon],
+                    "INSERT INTO ledger (round, at_ms, bytes_sent, clip_norm, noise_multiplier, epsilon, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        e.round as i64,
+                        e.at_ms,
+                        e.bytes_sent as i64,
+                        e.clip_norm,
+                        e.noise_multiplier,
+                        e.epsilon,
+                        e.kind.as_str()
+                    ],
                 )?;
             }
             tx.commit()?;
@@ -386,6 +394,7 @@ mod tests {
             clip_norm: Some(1.0),
             noise_multiplier: None,
             epsilon: None,
+            kind: crate::store::ContributionKind::Update,
         };
         {
             let s = Store::open(&path).unwrap();

@@ -34,8 +34,8 @@ pub use files::{create_private_dir, key_path};
 
 /// `application_id` of Starling SDK databases ("STLG").
 pub const APPLICATION_ID: i32 = 0x5354_4C47;
-/// Current schema version.
-pub const SCHEMA_VERSION: i32 = 1;
+/// Current schema version (1: events, kv, ledger; 2: the ledger's `kind` column).
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,34 @@ pub struct StoredEvent<E> {
     pub event: E,
 }
 
+/// What a contribution was.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContributionKind {
+    /// A model update (clipped; noised under local DP), or a masked input under secure
+    /// aggregation.
+    #[default]
+    Update,
+    /// Federated evaluation figures (hits, NDCG, loss of the device's held-out case).
+    Evaluation,
+}
+
+impl ContributionKind {
+    /// The name stored in the ledger's `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContributionKind::Update => "update",
+            ContributionKind::Evaluation => "evaluation",
+        }
+    }
+
+    /// The kind named `s` (an unknown name reads as an update, the conservative choice for the
+    /// privacy report).
+    pub fn parse(s: &str) -> Self {
+        if s == "evaluation" { ContributionKind::Evaluation } else { ContributionKind::Update }
+    }
+}
+
 /// One entry of the device's privacy ledger: a round this device contributed to.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct LedgerEntry {
@@ -144,6 +172,9 @@ pub struct LedgerEntry {
     pub noise_multiplier: Option<f64>,
     /// ε this release cost under local DP, at the ledger's δ.
     pub epsilon: Option<f64>,
+    /// An update or an evaluation report (entries of schema 1 stores are updates).
+    #[serde(default)]
+    pub kind: ContributionKind,
 }
 
 /// The SDK's database.

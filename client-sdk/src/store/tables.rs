@@ -1,7 +1,7 @@
 //! The store's schema (the checks made on an existing file, and migrations) and the reads and
 //! writes of its tables: events, key-value pairs and the privacy ledger.
 
-use super::{APPLICATION_ID, LedgerEntry, SCHEMA_VERSION, Store, StoreError, StoredEvent};
+use super::{APPLICATION_ID, ContributionKind, LedgerEntry, SCHEMA_VERSION, Store, StoreError, StoredEvent};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -59,6 +59,15 @@ impl Store {
                  );",
             )?;
             tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1;"))?;
+            tx.commit()?;
+        }
+        if from < 2 {
+            // Evaluation reports go on the ledger beside updates.
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(
+                "ALTER TABLE ledger ADD COLUMN kind TEXT NOT NULL DEFAULT 'update';
+                 PRAGMA user_version = 2;",
+            )?;
             tx.commit()?;
         }
         // Later schema versions add `if from < N { … }` steps here, each in its own transaction.
@@ -201,8 +210,16 @@ impl Store {
     /// Appends a ledger entry.
     pub fn append_ledger(&self, e: &LedgerEntry) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO ledger (round, at_ms, bytes_sent, clip_norm, noise_multiplier, epsilon) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![e.round as i64, e.at_ms, e.bytes_sent as i64, e.clip_norm, e.noise_multiplier, e.epsilon],
+            "INSERT INTO ledger (round, at_ms, bytes_sent, clip_norm, noise_multiplier, epsilon, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                e.round as i64,
+                e.at_ms,
+                e.bytes_sent as i64,
+                e.clip_norm,
+                e.noise_multiplier,
+                e.epsilon,
+                e.kind.as_str()
+            ],
         )?;
         Ok(())
     }
@@ -210,7 +227,7 @@ impl Store {
     /// The whole ledger, oldest first.
     pub fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT round, at_ms, bytes_sent, clip_norm, noise_multiplier, epsilon FROM ledger ORDER BY id",
+            "SELECT round, at_ms, bytes_sent, clip_norm, noise_multiplier, epsilon, kind FROM ledger ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(LedgerEntry {
@@ -220,6 +237,7 @@ impl Store {
                 clip_norm: r.get(3)?,
                 noise_multiplier: r.get(4)?,
                 epsilon: r.get(5)?,
+                kind: ContributionKind::parse(&r.get::<_, String>(6)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -254,6 +272,7 @@ mod tests {
                 clip_norm: Some(1.0),
                 noise_multiplier: None,
                 epsilon: None,
+                kind: ContributionKind::Evaluation,
             })
             .unwrap();
         }
@@ -263,6 +282,45 @@ mod tests {
         assert_eq!(s.get::<(bool, bool)>("consent").unwrap(), Some((true, false)));
         assert_eq!(s.get_f32s("user_vector").unwrap(), Some(vec![0.5, -1.25]));
         assert_eq!(s.ledger().unwrap().len(), 1);
+        assert_eq!(s.ledger().unwrap()[0].kind, ContributionKind::Evaluation);
+    }
+
+    #[test]
+    fn a_schema_1_store_opens_and_its_ledger_entries_read_as_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            // A store exactly as SDK schema 1 created it, with one event and one ledger entry.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
+                     kind TEXT NOT NULL, item INTEGER NOT NULL, body TEXT NOT NULL);
+                 CREATE INDEX events_at ON events(at_ms);
+                 CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+                 CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL,
+                     at_ms INTEGER NOT NULL, bytes_sent INTEGER NOT NULL, clip_norm REAL,
+                     noise_multiplier REAL, epsilon REAL);
+                 INSERT INTO events (at_ms, kind, item, body) VALUES (5, 'click', 3, '{{\"item\":3,\"note\":\"x\"}}');
+                 INSERT INTO ledger (round, at_ms, bytes_sent, clip_norm) VALUES (9, 10, 1234, 1.0);
+                 PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1;"
+            ))
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let version: i32 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let ledger = s.ledger().unwrap();
+        assert_eq!(ledger.len(), 1);
+        assert_eq!(
+            (ledger[0].round, ledger[0].bytes_sent, ledger[0].kind),
+            (9, 1234, ContributionKind::Update)
+        );
+        assert_eq!(s.events::<Ev>().unwrap()[0].event, Ev { item: 3, note: "x".into() });
+        s.append_ledger(&LedgerEntry { kind: ContributionKind::Evaluation, ..ledger[0].clone() }).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let kinds: Vec<_> = s.ledger().unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![ContributionKind::Update, ContributionKind::Evaluation]);
     }
 
     #[test]
