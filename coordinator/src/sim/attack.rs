@@ -176,6 +176,11 @@ impl<T: Trainer> Trainer for Byzantine<T> {
             })
             .collect()
     }
+
+    /// Attackers craft updates, not evaluations: every evaluation task is the honest device's.
+    fn evaluate(&mut self, jobs: &[TrainJob]) -> Vec<Option<starling_proto::message::EvalMetrics>> {
+        self.inner.evaluate(jobs)
+    }
 }
 
 #[cfg(test)]

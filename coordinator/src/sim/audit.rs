@@ -37,6 +37,7 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
+use starling_proto::message::EvalMetrics;
 use starling_proto::message::LocalMetrics;
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
@@ -363,6 +364,17 @@ impl<T: Trainer> Trainer for Canaries<T> {
                 }
                 None => trained.next().flatten(),
             })
+            .collect()
+    }
+
+    /// Canaries are not users: they answer no evaluation task; everyone else's go to the inner
+    /// trainer.
+    fn evaluate(&mut self, jobs: &[TrainJob]) -> Vec<Option<EvalMetrics>> {
+        let Some(set) = self.set.as_ref() else { return self.inner.evaluate(jobs) };
+        let honest: Vec<TrainJob> = jobs.iter().filter(|j| set.index(j.client).is_none()).cloned().collect();
+        let mut done = if honest.is_empty() { Vec::new() } else { self.inner.evaluate(&honest) }.into_iter();
+        jobs.iter()
+            .map(|job| if set.index(job.client).is_some() { None } else { done.next().flatten() })
             .collect()
     }
 }

@@ -20,7 +20,7 @@ use attack::{Attack, Byzantine};
 use audit::{AuditConfig, Canaries, CanarySet};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use report::{AttackReport, RoundRecord, SimReport};
+use report::{AttackReport, FederatedRecord, RoundRecord, SimReport};
 use sdk_trainer::{SdkFleetTrainer, SimTrainer};
 use starling_models::data::synthetic::{Population, SyntheticConfig};
 use starling_models::data::{LeaveOneOut, movielens};
@@ -42,8 +42,10 @@ use starling_proto::round::{
     Eligibility, Orchestrator, OrchestratorConfig, RoundConfig, RoundEvent, SecureAggregation, StartError,
     Weighting,
 };
+use starling_proto::session::SessionOutcome;
 use starling_proto::strategy::{Federated, NormBound, PrivacyCharge, Strategy};
 use starling_proto::time::Duration;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant as WallClock;
@@ -801,6 +803,11 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     let (initial, _) = evaluate(&mut fleet);
     let popular = data.popularity();
 
+    // Federated evaluation: SDK devices evaluate themselves, unless their updates are only ever
+    // seen summed (secure aggregation) or noised on the device (local DP); see `quality`.
+    let federated = config.clients == ClientKind::Sdk
+        && config.secure.is_none()
+        && !matches!(config.privacy, PrivacyMode::Local { .. });
     let mut records = Vec::with_capacity(config.rounds as usize);
     let mut stopped = None;
     for r in 1..=config.rounds {
@@ -883,6 +890,19 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
             rec.central_ndcg_at_10 = Some(m.ndcg_at_10);
             rec.ndcg_at_10 = Some(m.ndcg_at_10);
             rec.full_hr_at_10 = full;
+            if federated {
+                let fed = federated_round(&mut fleet, &data, &def, ledger.as_mut())?;
+                if fed.completed {
+                    rec.hr_at_10 = fed.hr_at_10;
+                    rec.ndcg_at_10 = fed.ndcg_at_10;
+                }
+                rec.federated = Some(fed);
+                // The evaluation's charge is on the ledger: show ε after it.
+                if let Some(l) = &ledger {
+                    rec.epsilon = Some(l.spent());
+                    rec.epsilon_rdp = Some(l.spent_rdp());
+                }
+            }
         }
         progress.round(&rec, config.rounds);
         records.push(rec);
@@ -914,6 +934,81 @@ pub fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimReport,
     Ok(report)
 }
 
+/// Runs a federated evaluation round on `fleet` and cross-checks its figures with the central
+/// scorer over the devices whose reports were accepted; its DP charge goes on the `ledger`.
+fn federated_round(
+    fleet: &mut SimFleet,
+    data: &Prepared,
+    def: &ModelDef,
+    ledger: Option<&mut SimLedger>,
+) -> Result<FederatedRecord, SimError> {
+    let mut rec = FederatedRecord {
+        completed: false,
+        failure: None,
+        reports: 0,
+        cases: 0.0,
+        hr_at_10: None,
+        ndcg_at_10: None,
+        loss: None,
+        noise_std: None,
+        central_hr_at_10: None,
+        central_ndcg_at_10: None,
+        bytes_up: 0,
+        bytes_down: 0,
+    };
+    let fr = match fleet.run_evaluation() {
+        Ok(fr) => fr,
+        Err(e @ (StartError::Refused(_) | StartError::EvaluationUnsupported(_))) => {
+            rec.failure = Some(e.to_string());
+            return Ok(rec);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    (rec.bytes_up, rec.bytes_down) = (fr.bytes_up, fr.bytes_down);
+    for e in &fr.events {
+        match e {
+            RoundEvent::Evaluated(ev) => {
+                if let (Some(charge), Some(l)) = (ev.privacy, ledger) {
+                    l.record(ev.round.0, charge)?;
+                }
+                let m = &ev.metrics;
+                rec.completed = true;
+                rec.reports = m.reports;
+                rec.cases = m.cases;
+                rec.hr_at_10 = Some(m.hr_at_10);
+                rec.ndcg_at_10 = Some(m.ndcg_at_10);
+                rec.loss = Some(m.loss);
+                rec.noise_std = m.noise_std;
+                break;
+            }
+            RoundEvent::Failed { reason, .. } => {
+                rec.failure = Some(reason.to_string());
+                break;
+            }
+            _ => {}
+        }
+    }
+    if rec.completed {
+        let reported: HashSet<u32> = fr
+            .outcomes
+            .iter()
+            .filter(|(_, o)| matches!(o, SessionOutcome::Accepted { .. }))
+            .map(|(c, _)| c.0 as u32)
+            .collect();
+        let model = fleet.orchestrator().model().1.clone();
+        let trainer = fleet.trainer_mut().inner();
+        let sums = quality::central(def, &model, &data.cases, Some(&reported), |u| {
+            trainer.user_vector(u).into_owned()
+        });
+        // Only evaluation users are in `data.cases`: with a sample of the population, devices
+        // outside it reported too, and the cross-check covers the sample's share.
+        let m = sums.metrics();
+        rec.central_hr_at_10 = Some(m.hr_at_10);
+        rec.central_ndcg_at_10 = Some(m.ndcg_at_10);
+    }
+    Ok(rec)
+}
+
 /// The report of a finished run: `baselines` are the untrained model's and the popularity
 /// ranking's metrics; medians are over `records`.
 fn finish(
@@ -934,7 +1029,12 @@ fn finish(
         initial_hr_at_10: Some(initial.hr_at_10),
         initial_ndcg_at_10: Some(initial.ndcg_at_10),
         popularity_hr_at_10: Some(popular.hr_at_10),
-        quality_source: "central".into(),
+        quality_source: if records.iter().any(|r| r.federated.as_ref().is_some_and(|f| f.completed)) {
+            "federated"
+        } else {
+            "central"
+        }
+        .into(),
         total_seconds: started.elapsed().as_secs_f64(),
         median_round_seconds: median(&|r| r.round_seconds),
         median_train_seconds: median(&|r| r.train_seconds),

@@ -14,7 +14,7 @@ use super::sdk_trainer::{SIM_EPOCH_MS, device_config};
 use super::trainer::initial_user_vector;
 use super::{
     ClientKind, Progress, SimConfig, SimError, StrategyKind, finish, prepare,
-    report::{RoundRecord, SimReport},
+    report::{FederatedRecord, RoundRecord, SimReport},
 };
 use crate::service::config::ServiceConfig;
 use crate::service::server;
@@ -157,6 +157,9 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
         s.rotation = secure.rotation;
         s.phase_timeout_ms = secure.phase_timeout.as_millis() as u64;
     }
+    // Federated evaluation by the service's own schedule (not under secure aggregation).
+    let federated = config.secure.is_none();
+    svc.evaluation.every_rounds = Some(if federated { u64::from(config.eval_every) } else { 0 });
     svc.validate().map_err(|e| err("service config")(&e))?;
 
     // Enrollment: one signed token per client, recorded in the service's store.
@@ -261,18 +264,23 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
         });
     }
 
-    let mut records = Vec::new();
+    let mut records: Vec<RoundRecord> = Vec::new();
     let mut round_started: HashMap<u64, WallClock> = HashMap::new();
     let mut stopped = None;
     let deadline = config.report_timeout + Duration::from_secs(60);
-    while records.len() < config.rounds as usize {
-        let event = match tokio::time::timeout(deadline, events.recv()).await {
+    // Evaluation rounds: the driver starts one right after every `eval_every`-th commit.
+    let (mut next_is_eval, mut pending_eval, mut committed_rounds) = (false, false, 0u32);
+    let mut eval_rounds: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    while records.len() < config.rounds as usize || pending_eval {
+        let wait = if records.len() < config.rounds as usize { deadline } else { Duration::from_secs(20) };
+        let event = match tokio::time::timeout(wait, events.recv()).await {
             Ok(Ok(e)) => e,
             Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
             Ok(Err(_)) => {
                 stopped = Some("the service stopped".into());
                 break;
             }
+            Err(_) if records.len() >= config.rounds as usize => break,
             Err(_) => {
                 stopped = Some(format!(
                     "no round finished within {} s{}",
@@ -284,7 +292,55 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
         };
         let (round, committed, model, stats, failure) = match event {
             RoundEvent::Started { round, .. } => {
-                round_started.insert(round.0, WallClock::now());
+                if std::mem::take(&mut next_is_eval) {
+                    eval_rounds.insert(round.0);
+                } else {
+                    round_started.insert(round.0, WallClock::now());
+                }
+                continue;
+            }
+            RoundEvent::Evaluated(ev) => {
+                pending_eval = false;
+                let m = &ev.metrics;
+                if let Some(last) = records.last_mut() {
+                    last.hr_at_10 = Some(m.hr_at_10);
+                    last.ndcg_at_10 = Some(m.ndcg_at_10);
+                    last.epsilon = svc.central_dp().then(|| running.telemetry.status().epsilon_spent);
+                    last.federated = Some(FederatedRecord {
+                        completed: true,
+                        failure: None,
+                        reports: m.reports,
+                        cases: m.cases,
+                        hr_at_10: Some(m.hr_at_10),
+                        ndcg_at_10: Some(m.ndcg_at_10),
+                        loss: Some(m.loss),
+                        noise_std: m.noise_std,
+                        central_hr_at_10: None,
+                        central_ndcg_at_10: None,
+                        bytes_up: 0,
+                        bytes_down: 0,
+                    });
+                }
+                continue;
+            }
+            RoundEvent::Failed { round, reason, .. } if eval_rounds.contains(&round.0) => {
+                pending_eval = false;
+                if let Some(last) = records.last_mut() {
+                    last.federated = Some(FederatedRecord {
+                        completed: false,
+                        failure: Some(reason.to_string()),
+                        reports: 0,
+                        cases: 0.0,
+                        hr_at_10: None,
+                        ndcg_at_10: None,
+                        loss: None,
+                        noise_std: None,
+                        central_hr_at_10: None,
+                        central_ndcg_at_10: None,
+                        bytes_up: 0,
+                        bytes_down: 0,
+                    });
+                }
                 continue;
             }
             RoundEvent::Committed(c) => (c.round, true, Some(c.model.clone()), c.stats.clone(), None),
@@ -341,6 +397,12 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             rec.central_ndcg_at_10 = Some(m.ndcg_at_10);
             rec.ndcg_at_10 = Some(m.ndcg_at_10);
             rec.full_hr_at_10 = full;
+        }
+        if committed {
+            committed_rounds += 1;
+            if federated && committed_rounds.is_multiple_of(config.eval_every) {
+                (next_is_eval, pending_eval) = (true, true);
+            }
         }
         progress.round(&rec, config.rounds);
         records.push(rec);

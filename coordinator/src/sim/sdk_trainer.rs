@@ -17,7 +17,7 @@ use starling_proto::codec::Codec;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::harness::{TrainJob, TrainResult, Trainer};
 use starling_proto::ids::ClientId;
-use starling_proto::message::{ClientMessage, ClientUpdate};
+use starling_proto::message::{ClientMessage, ClientUpdate, EvalMetrics, EvalReport};
 use starling_proto::session::TrainRequest;
 use starling_proto::time::Duration;
 use starling_sdk::config::{ParticipationPolicy, PrivacyMode};
@@ -186,14 +186,24 @@ fn train_on_device(codec: &Codec, device: &mut Device, job: &TrainJob) -> Option
     Some((TrainResult { update: trained.update, weight: trained.weight, metrics }, epsilon))
 }
 
-impl Trainer for SdkFleetTrainer {
-    fn compute_time(&mut self, client: ClientId, request: &TrainRequest, _params: &Arc<[f32]>) -> Duration {
-        let examples = self.data.count(client.0) as u32;
-        self.device_model.base + self.device_model.per_example * examples * request.plan.epochs.max(1)
-    }
+fn evaluate_on_device(codec: &Codec, device: &mut Device, job: &TrainJob) -> Option<EvalMetrics> {
+    let req = &job.request;
+    let metrics = device.evaluate(req.round, req.model_version, &job.params).ok()?;
+    // The exact frame the device sends, for its contribution record.
+    let msg =
+        ClientMessage::Evaluation(EvalReport { round: req.round, base_version: req.model_version, metrics });
+    let bytes = codec.encode_client(&msg).ok()?.len() as u64;
+    device.record_evaluation(req.round, bytes, SIM_EPOCH_MS).ok()?;
+    Some(metrics)
+}
 
-    fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
-        let started = WallClock::now();
+impl SdkFleetTrainer {
+    /// Runs `f` on each job's device (created on first use), spread over the worker threads.
+    fn on_devices<R: Send>(
+        &mut self,
+        jobs: &[TrainJob],
+        f: impl Fn(&Codec, &mut Device, &TrainJob) -> Option<R> + Sync,
+    ) -> Vec<Option<R>> {
         // Take each job's device out (creating it on first use) so worker threads own disjoint state.
         let mut work: Vec<(usize, &TrainJob, Option<Device>)> = Vec::with_capacity(jobs.len());
         for (k, job) in jobs.iter().enumerate() {
@@ -205,16 +215,15 @@ impl Trainer for SdkFleetTrainer {
         }
         let chunk = work.len().div_ceil(self.threads).max(1);
         let codec = &self.codec;
-        let mut results: Vec<Option<(TrainResult, f64)>> = vec![None; jobs.len()];
+        let f = &f;
+        let mut results: Vec<Option<R>> = (0..jobs.len()).map(|_| None).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = work
                 .chunks_mut(chunk)
                 .map(|part| {
                     s.spawn(move || {
                         part.iter_mut()
-                            .map(|(k, job, device)| {
-                                (*k, device.as_mut().and_then(|d| train_on_device(codec, d, job)))
-                            })
+                            .map(|(k, job, device)| (*k, device.as_mut().and_then(|d| f(codec, d, job))))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -232,6 +241,19 @@ impl Trainer for SdkFleetTrainer {
                 self.devices.insert(job.client.0, d);
             }
         }
+        results
+    }
+}
+
+impl Trainer for SdkFleetTrainer {
+    fn compute_time(&mut self, client: ClientId, request: &TrainRequest, _params: &Arc<[f32]>) -> Duration {
+        let examples = self.data.count(client.0) as u32;
+        self.device_model.base + self.device_model.per_example * examples * request.plan.epochs.max(1)
+    }
+
+    fn train(&mut self, jobs: &[TrainJob]) -> Vec<Option<TrainResult>> {
+        let started = WallClock::now();
+        let results = self.on_devices(jobs, train_on_device);
         self.failures += results.iter().filter(|r| r.is_none()).count();
         self.train_time += started.elapsed();
         results
@@ -242,6 +264,10 @@ impl Trainer for SdkFleetTrainer {
                 Some(result)
             })
             .collect()
+    }
+
+    fn evaluate(&mut self, jobs: &[TrainJob]) -> Vec<Option<EvalMetrics>> {
+        self.on_devices(jobs, evaluate_on_device)
     }
 }
 
@@ -301,6 +327,14 @@ impl Trainer for SimTrainer {
         match self {
             SimTrainer::Sdk(t) => t.train(jobs),
             SimTrainer::Kernel(t) => t.train(jobs),
+        }
+    }
+
+    /// SDK devices evaluate on their own held-out data; the bare kernel takes no evaluation tasks.
+    fn evaluate(&mut self, jobs: &[TrainJob]) -> Vec<Option<EvalMetrics>> {
+        match self {
+            SimTrainer::Sdk(t) => t.evaluate(jobs),
+            SimTrainer::Kernel(_) => vec![None; jobs.len()],
         }
     }
 }
