@@ -189,3 +189,57 @@ fn local_dp_at_small_noise_still_learns() {
     // No data-dependent metadata reaches the coordinator: no loss to average.
     assert!(r.rounds.iter().all(|x| x.loss.is_none()), "{:?}", last.loss);
 }
+
+/// Federated evaluation: the devices' own figures are the run's quality figure, and with DP off
+/// they equal the central scorer's over the same devices exactly (the same protocol on the same
+/// vectors). Evaluation rounds never change the model: the training rounds' records are those of
+/// the same run without them.
+#[test]
+fn federated_evaluation_equals_the_central_scorer_with_dp_off() {
+    let config = SimConfig { rounds: 12, eval_every: 4, ..small(11) };
+    let report = run(&config);
+    assert_eq!(report.quality_source, "federated");
+    let evaluated: Vec<_> =
+        report.rounds.iter().filter_map(|r| r.federated.as_ref().map(|f| (r, f))).collect();
+    assert_eq!(evaluated.len(), 3, "rounds 4, 8 and 12");
+    for (r, f) in &evaluated {
+        assert!(f.completed, "{f:?}");
+        assert!(f.reports >= 20, "{f:?}");
+        assert_eq!(f.noise_std, None);
+        let (hr, central) = (f.hr_at_10.unwrap(), f.central_hr_at_10.unwrap());
+        assert!((hr - central).abs() < 1e-9, "round {}: devices {hr} vs central {central}", r.round);
+        assert!((f.ndcg_at_10.unwrap() - f.central_ndcg_at_10.unwrap()).abs() < 1e-6);
+        assert_eq!(r.hr_at_10, f.hr_at_10, "the client-reported figure is the quality figure");
+        assert!(f.bytes_up > 0 && f.bytes_down > 0);
+    }
+    let last = evaluated.last().unwrap().1;
+    assert!(last.hr_at_10.unwrap() > report.initial_hr_at_10.unwrap(), "{last:?}");
+}
+
+/// The two-tower model trains on the devices through burn in a whole simulated run and beats the
+/// untrained model, by the devices' own figures.
+#[test]
+fn a_two_tower_fleet_learns_with_context_dependent_tastes() {
+    let config = SimConfig {
+        model: sim::ModelKind::TwoTower,
+        context_effect: 2.0,
+        rounds: 12,
+        eval_every: 6,
+        ..small(12)
+    };
+    let report = run(&config);
+    assert!(
+        report.rounds.iter().all(|r| r.committed),
+        "{:?}",
+        report.rounds.iter().map(|r| &r.failure).collect::<Vec<_>>()
+    );
+    let last = report.rounds.last().unwrap();
+    let f = last.federated.as_ref().unwrap();
+    assert!(f.completed);
+    assert!(
+        last.hr_at_10.unwrap() > report.initial_hr_at_10.unwrap() + 0.03,
+        "{last:?} vs {:?}",
+        report.initial_hr_at_10
+    );
+    assert_eq!(report.config["model"], "two-tower");
+}
