@@ -29,7 +29,7 @@
 
 mod train;
 
-pub use train::train_flat;
+pub use train::{PROJECTION_LR_SCALE, train_flat};
 
 use crate::data::events::{
     BATTERY_LEVELS, Context, DEVICE_CLASSES, NETWORK_TYPES, REGIONS, TIME_BUCKETS, WEEKDAYS,

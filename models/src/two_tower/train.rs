@@ -64,7 +64,7 @@ fn sgd(param: &mut [f32], grad: &[f32], lr: f32) {
 /// autodiff (`Autodiff<Flex>`); the step is plain SGD on the batch's summed loss for `p`
 /// (`cfg.user_lr`), the item rows and the context-table rows (`cfg.item_lr`: like an item row,
 /// a context row moves with the examples that use it), and on the batch's mean loss for `W` and
-/// `b` (`cfg.item_lr ·` [`PROJECTION_LR_SCALE`]), which every example moves.
+/// `b` (`cfg.item_lr ·` [`PROJECTION_LR_SCALE`](super::PROJECTION_LR_SCALE)), which every example moves.
 ///
 /// Only the touched item rows (positives and sampled negatives) are copied into the model; the
 /// update holds their change and the change of the dense rows, never `p`. `item_lr = 0` leaves
@@ -172,10 +172,10 @@ pub fn train_flat(
             let sum = leaves.items.clone().select(0, hist.clone()).sum_dim(0).select(0, zeros.clone());
             let h = (sum - q_pos.clone()).mul_scalar(inv_hist);
             let mut inputs = vec![p.clone(), h];
-            for f in 0..CONTEXT_FIELDS {
+            inputs.extend((0..CONTEXT_FIELDS).map(|f| {
                 let idx: Vec<u32> = chunk.iter().map(|x| ctx_rows[x.pos as usize][f] as u32).collect();
-                inputs.push(leaves.tables.clone().select(0, index_tensor(&idx, &device)));
-            }
+                leaves.tables.clone().select(0, index_tensor(&idx, &device))
+            }));
             let x = Tensor::cat(inputs, 1);
             let u = x.matmul(leaves.proj.clone()) + leaves.bias.clone().select(0, zeros);
             let margin: Tensor<1> = (u * (q_pos.clone() - q_neg.clone())).sum_dim(1).squeeze_dim(1);
