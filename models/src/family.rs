@@ -171,6 +171,12 @@ impl ModelDef {
 
     /// Local training on `examples` from the global part `global`: updates `private` in place and
     /// returns the change of the global rows it touched (row-sparse; never the private part).
+    ///
+    /// Both families weight each positive's loss by its signal weight (normalised to mean 1) and
+    /// draw half their negatives from `examples.negatives` when there are any
+    /// ([`mf::local_epochs_examples`], [`crate::two_tower::train_flat`]). The MF update holds the
+    /// touched item rows (and their bias rows); the two-tower update the touched item rows and
+    /// every dense row (rows `items..`).
     pub fn train(
         &self,
         global: &[f32],
@@ -182,7 +188,7 @@ impl ModelDef {
         match self.family {
             Family::Mf { item_bias } => {
                 let layout = MfLayout { items: self.items, dim: self.dim, bias: item_bias };
-                mf::local_epochs(layout, global, private, &examples.positive_items(), cfg, rng)
+                mf::local_epochs_examples(layout, global, private, examples, cfg, rng)
             }
             Family::TwoTower { context_dim } => {
                 crate::two_tower::train_flat(self, context_dim, global, private, examples, cfg, rng)

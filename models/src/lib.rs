@@ -4,11 +4,18 @@
 //!
 //! ## Layout
 //! - [`family`]: the model families (MF, two-tower) behind one interface on flat `f32` slices —
-//!   train, fit the private part, score with context, similar items, federated evaluation.
-//! - [`mf`]: federated matrix factorisation with BPR — the per-client training loop, scoring,
-//!   top-k and the cold-start popularity ranking.
-//! - [`data`]: interactions, the MovieLens `u.data` loader ([`data::movielens`]), the lazy
-//!   synthetic population ([`data::synthetic`]) and the leave-one-out split.
+//!   train (weighted BPR with hard negatives), fit the private part, score with history and
+//!   context, similar items, federated evaluation.
+//! - [`mf`]: federated matrix factorisation with BPR — the per-client training loops
+//!   ([`mf::local_epochs`], the reference workload's; [`mf::local_epochs_examples`], with signal
+//!   weights and hard negatives), scoring, top-k and the cold-start popularity ranking.
+//! - [`two_tower`]: the context-aware two-tower model for devices — flat layout, burn training
+//!   over a local slice of the catalogue, plain-Rust scoring.
+//! - [`burn_mf`]: MF as a burn module and the centralized baseline; [`flat`]: burn modules ↔
+//!   the protocol's flat rows.
+//! - [`data`]: interactions, app events and their context ([`data::events`]), the MovieLens
+//!   `u.data` loader ([`data::movielens`]), the lazy synthetic population with an optional
+//!   context effect ([`data::synthetic`]) and the leave-one-out split.
 //! - [`eval`]: the reference evaluation protocol (SplitMix64 negatives, HR@10, NDCG@10,
 //!   full-ranking HR@10, export format).
 //!

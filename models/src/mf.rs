@@ -123,6 +123,9 @@ pub enum TrainError {
     /// A positive item id is outside the item matrix.
     #[error("item {0} is outside the model")]
     UnknownItem(u32),
+    /// A training example's context is out of range (time of day or weekday).
+    #[error("an example's context is out of range")]
+    BadContext,
     /// Training produced a non-finite value (diverged).
     #[error("training diverged")]
     Diverged,
@@ -293,6 +296,190 @@ pub fn local_epochs(
     }
     let update = if layout.bias {
         // The item rows, then the rows holding the touched items' biases.
+        let mut bias_rows: std::collections::BTreeMap<u32, Vec<f32>> = std::collections::BTreeMap::new();
+        for (k, &r) in rows.iter().enumerate() {
+            let idx = layout.bias_index(r);
+            bias_rows.entry((idx / dim) as u32).or_insert_with(|| vec![0.0; dim])[idx % dim] =
+                local_bias[k] - items[idx];
+        }
+        let mut all_rows = rows;
+        let mut values = local;
+        for (row, vals) in bias_rows {
+            all_rows.push(row);
+            values.extend(vals);
+        }
+        Update::sparse(shape, all_rows, values)?
+    } else {
+        Update::sparse(shape, rows, local)?
+    };
+    let loss = if n_steps > 0 { (loss_sum / n_steps as f64) as f32 } else { 0.0 };
+    Ok(LocalResult { update, examples: positives.len(), loss })
+}
+
+/// The weight of each positive, normalised so that their mean is 1 (exactly 1 each when all
+/// weights are equal; non-finite or non-positive weights count as 1).
+pub fn normalised_weights(examples: &crate::data::events::Examples) -> Vec<f32> {
+    let raw: Vec<f32> = examples
+        .positives
+        .iter()
+        .map(|p| if p.weight.is_finite() && p.weight > 0.0 { p.weight } else { 1.0 })
+        .collect();
+    if raw.windows(2).all(|w| w[0] == w[1]) {
+        return vec![1.0; raw.len()];
+    }
+    let mean = raw.iter().map(|&w| f64::from(w)).sum::<f64>() / raw.len().max(1) as f64;
+    raw.iter().map(|&w| (f64::from(w) / mean) as f32).collect()
+}
+
+/// Draws a negative for a user with hard negatives `hard` (items with only negative signals):
+/// when there are any, a fair coin picks between one of them (uniformly) and a uniform
+/// negative ([`sample_negative`]); with none, exactly [`sample_negative`] (no coin is drawn).
+pub fn sample_negative_with_hard(
+    n_items: u32,
+    positives: &[u32],
+    hard: &[u32],
+    rng: &mut impl rand::Rng,
+) -> Option<u32> {
+    if !hard.is_empty() && rng.random_range(0..2u8) == 0 {
+        return Some(hard[rng.random_range(0..hard.len())]);
+    }
+    sample_negative(n_items, positives, rng)
+}
+
+/// [`local_epochs`] on a user's [`Examples`](crate::data::events::Examples): each positive's
+/// loss (BPR term and regulariser) is scaled by its weight, normalised to mean 1
+/// ([`normalised_weights`]), and half the sampled negatives come from `examples.negatives`
+/// (skips, low ratings) when there are any ([`sample_negative_with_hard`]).
+///
+/// With equal weights and no negatives it computes exactly what [`local_epochs`] computes on
+/// `examples.positive_items()` (same random draws, same arithmetic, bit for bit).
+pub fn local_epochs_examples(
+    layout: MfLayout,
+    items: &[f32],
+    user: &mut [f32],
+    examples: &crate::data::events::Examples,
+    cfg: &LocalTraining,
+    rng: &mut impl rand::Rng,
+) -> Result<LocalResult, TrainError> {
+    let shape = layout.shape()?;
+    let dim = layout.dim as usize;
+    let n_items = layout.items;
+    if items.len() != shape.len() || user.len() != dim {
+        return Err(TrainError::Shape {
+            items: items.len(),
+            user: user.len(),
+            rows: shape.rows,
+            dim: shape.row_len,
+        });
+    }
+    let positives = examples.positive_items();
+    let hard = &examples.negatives;
+    if let Some(&bad) = positives.iter().chain(hard).find(|&&i| i >= n_items) {
+        return Err(TrainError::UnknownItem(bad));
+    }
+    if positives.is_empty() {
+        return Ok(LocalResult { update: Update::zero(shape), examples: 0, loss: 0.0 });
+    }
+    let weights = normalised_weights(examples);
+    // Draw every (positive, negative) pair of every epoch first, so the touched rows are known.
+    // Positives are carried as their index in `positives`, to find their weight.
+    let negs_per = cfg.negatives.max(1) as usize;
+    let mut order: Vec<u32> = (0..positives.len() as u32).collect();
+    let mut steps: Vec<Vec<(u32, u32)>> = Vec::with_capacity(cfg.epochs as usize);
+    for _ in 0..cfg.epochs {
+        for k in (1..order.len()).rev() {
+            let j = rng.random_range(0..=k);
+            order.swap(k, j);
+        }
+        let mut pairs = Vec::with_capacity(order.len() * negs_per);
+        for &k in &order {
+            for _ in 0..negs_per {
+                if let Some(j) = sample_negative_with_hard(n_items, &positives, hard, rng) {
+                    pairs.push((k, j));
+                }
+            }
+        }
+        steps.push(pairs);
+    }
+    let mut rows: Vec<u32> = positives.to_vec();
+    rows.extend(steps.iter().flatten().map(|&(_, j)| j));
+    rows.sort_unstable();
+    rows.dedup();
+    let slot = |item: u32| rows.binary_search(&item).unwrap_or(0);
+    let mut local: Vec<f32> = Vec::with_capacity(rows.len() * dim);
+    for &r in &rows {
+        let start = r as usize * dim;
+        local.extend_from_slice(&items[start..start + dim]);
+    }
+    let mut local_bias: Vec<f32> =
+        rows.iter().map(|&r| if layout.bias { items[layout.bias_index(r)] } else { 0.0 }).collect();
+    let mut grad_bias = vec![0.0f32; rows.len()];
+    let mut grad_rows = vec![0.0f32; rows.len() * dim];
+    let mut dirty: Vec<usize> = Vec::with_capacity(2 * cfg.batch_size.max(1));
+    let mut grad_user = vec![0.0f32; dim];
+    let mut diff = vec![0.0f32; dim];
+    let (mut loss_sum, mut n_steps) = (0.0f64, 0usize);
+    let batch = cfg.batch_size.max(1);
+    for pairs in &steps {
+        for chunk in pairs.chunks(batch) {
+            grad_user.iter_mut().for_each(|g| *g = 0.0);
+            for &(k, j) in chunk {
+                let i = positives[k as usize];
+                let w = weights[k as usize];
+                let (si, sj) = (slot(i), slot(j));
+                let qi = &local[si * dim..(si + 1) * dim];
+                let qj = &local[sj * dim..(sj + 1) * dim];
+                for k in 0..dim {
+                    diff[k] = qi[k] - qj[k];
+                }
+                let x = dot(user, &diff) + local_bias[si] - local_bias[sj];
+                loss_sum += f64::from(w * bpr_loss(x));
+                n_steps += 1;
+                let g = w * sigmoid_neg(x); // −dL/dx, weighted
+                let wreg = w * cfg.reg;
+                for k in 0..dim {
+                    grad_user[k] += -g * diff[k] + wreg * user[k];
+                }
+                for (s, sign) in [(si, -1.0f32), (sj, 1.0f32)] {
+                    if !dirty.contains(&s) {
+                        dirty.push(s);
+                    }
+                    if layout.bias {
+                        grad_bias[s] += sign * g + wreg * local_bias[s];
+                    }
+                    let q = &local[s * dim..(s + 1) * dim];
+                    let gr = &mut grad_rows[s * dim..(s + 1) * dim];
+                    for k in 0..dim {
+                        gr[k] += sign * g * user[k] + wreg * q[k];
+                    }
+                }
+            }
+            for k in 0..dim {
+                user[k] -= cfg.user_lr * grad_user[k];
+            }
+            for &s in &dirty {
+                let q = &mut local[s * dim..(s + 1) * dim];
+                let gr = &mut grad_rows[s * dim..(s + 1) * dim];
+                for k in 0..dim {
+                    q[k] -= cfg.item_lr * gr[k];
+                    gr[k] = 0.0;
+                }
+                local_bias[s] -= cfg.item_lr * grad_bias[s];
+                grad_bias[s] = 0.0;
+            }
+            dirty.clear();
+        }
+    }
+    if user.iter().chain(&local).chain(&local_bias).any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    for (k, &r) in rows.iter().enumerate() {
+        let start = r as usize * dim;
+        for (l, &g) in local[k * dim..(k + 1) * dim].iter_mut().zip(&items[start..start + dim]) {
+            *l -= g;
+        }
+    }
+    let update = if layout.bias {
         let mut bias_rows: std::collections::BTreeMap<u32, Vec<f32>> = std::collections::BTreeMap::new();
         for (k, &r) in rows.iter().enumerate() {
             let idx = layout.bias_index(r);

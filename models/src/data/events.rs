@@ -11,8 +11,11 @@
 //!
 //! For one item the strongest signal wins: its weight is the largest positive weight seen, and it
 //! is a negative only if it never earned a positive (a later purchase overrides an earlier skip).
-//! Matrix factorisation uses the positives (BPR treats every positive alike; the weights sum into
-//! the client's FedAvg weight); the two-tower model also uses each positive's context.
+//! Both families scale each positive's BPR loss by its weight, normalised so that the mean weight
+//! over the user's positives is 1 (the step size stays that of unweighted BPR), and use the
+//! negatives as hard negatives (half of the sampled negatives when the user has any); the weights
+//! also sum into the client's FedAvg weight. The two-tower model also uses each positive's
+//! context.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +25,12 @@ pub const TIME_BUCKETS: usize = 6;
 pub const WEEKDAYS: usize = 7;
 /// Device classes.
 pub const DEVICE_CLASSES: usize = 3;
+/// Battery levels ([`BatteryLevel`]).
+pub const BATTERY_LEVELS: usize = 4;
+/// Network types ([`NetworkType`]).
+pub const NETWORK_TYPES: usize = 3;
+/// Coarse region buckets: a region is `0..REGIONS` (the host maps its own regions onto them).
+pub const REGIONS: usize = 16;
 
 /// The kind of device the event happened on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,7 +55,89 @@ impl DeviceClass {
     }
 }
 
+/// The device's battery when the event happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatteryLevel {
+    /// Below 20 %, not charging.
+    Low,
+    /// 20 % to 59 %, not charging.
+    Medium,
+    /// 60 % or more, not charging.
+    High,
+    /// Plugged in.
+    Charging,
+}
+
+impl BatteryLevel {
+    /// Index in `0..BATTERY_LEVELS`.
+    pub fn index(self) -> usize {
+        match self {
+            BatteryLevel::Low => 0,
+            BatteryLevel::Medium => 1,
+            BatteryLevel::High => 2,
+            BatteryLevel::Charging => 3,
+        }
+    }
+
+    /// The level of a battery at `percent` (values above 100 count as 100), or `Charging`.
+    pub fn from_percent(percent: u8, charging: bool) -> Self {
+        match (charging, percent) {
+            (true, _) => BatteryLevel::Charging,
+            (false, 0..20) => BatteryLevel::Low,
+            (false, 20..60) => BatteryLevel::Medium,
+            (false, _) => BatteryLevel::High,
+        }
+    }
+
+    /// The level of index `i` (`i % BATTERY_LEVELS`).
+    pub fn from_index(i: usize) -> Self {
+        match i % BATTERY_LEVELS {
+            0 => BatteryLevel::Low,
+            1 => BatteryLevel::Medium,
+            2 => BatteryLevel::High,
+            _ => BatteryLevel::Charging,
+        }
+    }
+}
+
+/// The device's network when the event happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkType {
+    /// Wi-Fi (or wired).
+    Wifi,
+    /// A cellular connection.
+    Cellular,
+    /// No connection.
+    Offline,
+}
+
+impl NetworkType {
+    /// Index in `0..NETWORK_TYPES`.
+    pub fn index(self) -> usize {
+        match self {
+            NetworkType::Wifi => 0,
+            NetworkType::Cellular => 1,
+            NetworkType::Offline => 2,
+        }
+    }
+
+    /// The type of index `i` (`i % NETWORK_TYPES`).
+    pub fn from_index(i: usize) -> Self {
+        match i % NETWORK_TYPES {
+            0 => NetworkType::Wifi,
+            1 => NetworkType::Cellular,
+            _ => NetworkType::Offline,
+        }
+    }
+}
+
 /// Generic, implicit context of an event.
+///
+/// The optional fields are what an app may or may not know (or share); events stored without
+/// them (by an SDK older than these fields) deserialize with `None`, and `None` fields are not
+/// serialized, so such events are stored exactly as before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Context {
     /// Hour-of-day bucket, `0..TIME_BUCKETS`.
@@ -55,6 +146,15 @@ pub struct Context {
     pub weekday: u8,
     /// Device class.
     pub device: DeviceClass,
+    /// Battery level, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub battery: Option<BatteryLevel>,
+    /// Network type, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkType>,
+    /// Coarse region bucket (`< REGIONS`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<u8>,
 }
 
 impl Context {
@@ -63,12 +163,36 @@ impl Context {
         let secs = local_seconds.rem_euclid(86_400);
         // 1970-01-01 was a Thursday (3 with Monday = 0).
         let weekday = ((local_seconds.div_euclid(86_400) + 3).rem_euclid(7)) as u8;
-        Self { time_of_day: (secs / 14_400) as u8, weekday, device }
+        Self {
+            time_of_day: (secs / 14_400) as u8,
+            weekday,
+            device,
+            battery: None,
+            network: None,
+            region: None,
+        }
+    }
+
+    /// The same context with a battery level.
+    pub fn with_battery(self, battery: BatteryLevel) -> Self {
+        Self { battery: Some(battery), ..self }
+    }
+
+    /// The same context with a network type.
+    pub fn with_network(self, network: NetworkType) -> Self {
+        Self { network: Some(network), ..self }
+    }
+
+    /// The same context with a region bucket (must be `< REGIONS` to be valid).
+    pub fn with_region(self, region: u8) -> Self {
+        Self { region: Some(region), ..self }
     }
 
     /// Whether every field is in range.
     pub fn is_valid(&self) -> bool {
-        usize::from(self.time_of_day) < TIME_BUCKETS && usize::from(self.weekday) < WEEKDAYS
+        usize::from(self.time_of_day) < TIME_BUCKETS
+            && usize::from(self.weekday) < WEEKDAYS
+            && self.region.is_none_or(|r| usize::from(r) < REGIONS)
     }
 }
 
@@ -163,6 +287,9 @@ pub enum EventError {
         /// The weekday given.
         weekday: u8,
     },
+    /// A region bucket outside `0..REGIONS`.
+    #[error("region bucket {0} out of range (0..{REGIONS})")]
+    BadRegion(u8),
 }
 
 impl Event {
@@ -175,6 +302,11 @@ impl Event {
             && !(1..=5).contains(&stars)
         {
             return Err(EventError::BadRating(stars));
+        }
+        if let Some(r) = self.context.region
+            && usize::from(r) >= REGIONS
+        {
+            return Err(EventError::BadRegion(r));
         }
         if !self.context.is_valid() {
             return Err(EventError::BadContext {
@@ -299,5 +431,42 @@ mod tests {
         assert!(json.contains("\"type\":\"view\""), "{json}");
         let back: Event = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ev(1, EventKind::View { dwell_ms: 5 }));
+        let mut bad = ev(1, EventKind::Click);
+        bad.context = bad.context.with_region(16);
+        assert_eq!(bad.validate(5), Err(EventError::BadRegion(16)));
+        assert!(!bad.context.is_valid());
+        assert!(ev(1, EventKind::Click).context.with_region(15).is_valid());
+    }
+
+    #[test]
+    fn contexts_without_the_new_fields_still_deserialize() {
+        // An event as an older SDK stored it: no battery, network or region.
+        let old = r#"{"item":4,"at_ms":7,"kind":{"type":"click"},"context":{"time_of_day":2,"weekday":5,"device":"tablet"}}"#;
+        let e: Event = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            e.context,
+            Context {
+                time_of_day: 2,
+                weekday: 5,
+                device: DeviceClass::Tablet,
+                battery: None,
+                network: None,
+                region: None
+            }
+        );
+        // Unknown fields are not written, so old readers see what they always saw.
+        assert_eq!(serde_json::to_string(&e).unwrap(), old);
+        let rich = e
+            .context
+            .with_battery(BatteryLevel::from_percent(15, false))
+            .with_network(NetworkType::Cellular)
+            .with_region(3);
+        assert_eq!(rich.battery, Some(BatteryLevel::Low));
+        let json = serde_json::to_string(&rich).unwrap();
+        assert!(json.contains(r#""battery":"low""#) && json.contains(r#""network":"cellular""#), "{json}");
+        assert_eq!(serde_json::from_str::<Context>(&json).unwrap(), rich);
+        assert_eq!(BatteryLevel::from_percent(100, true), BatteryLevel::Charging);
+        assert_eq!(BatteryLevel::from_percent(59, false), BatteryLevel::Medium);
+        assert_eq!(BatteryLevel::from_percent(60, false), BatteryLevel::High);
     }
 }

@@ -42,6 +42,15 @@ pub struct SyntheticConfig {
     pub days: u32,
     /// Seed: the same seed gives the same population.
     pub seed: u64,
+    /// Strength `S` of the context effect (0 = none: users are exactly those of a population
+    /// without it). With `S ≠ 0` every (time-of-day bucket × device class) cell `c` has a latent
+    /// shift `w_c` and an interaction in cell `c` picks item `i` ∝ `exp(affinity·uᵀv_i + pop_i +
+    /// S·w_cᵀv_i)` among the items not chosen yet.
+    pub context_effect: f32,
+    /// Whether [`Population::user_events`] reports a battery level and network type per event
+    /// and a region per user (random, independent of the items; drawn from their own stream, so
+    /// the events are otherwise unchanged).
+    pub device_state: bool,
 }
 
 impl Default for SyntheticConfig {
@@ -59,6 +68,8 @@ impl Default for SyntheticConfig {
             start_time: 1_767_225_600, // 2026-01-01
             days: 90,
             seed: 1,
+            context_effect: 0.0,
+            device_state: false,
         }
     }
 }
@@ -91,7 +102,13 @@ pub struct Population {
     config: SyntheticConfig,
     item_factors: Vec<f32>,
     item_bias: Vec<f32>,
+    /// `S·w_cᵀv_i` per context cell `c` (time bucket · 3 + device), `CELLS × items`; empty when
+    /// `S = 0`.
+    context_shift: Vec<f32>,
 }
+
+/// Context cells of the synthetic context effect: time-of-day buckets × device classes.
+pub const CELLS: usize = 6 * 3;
 
 /// Why a population could not be built.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -130,6 +147,9 @@ impl Population {
         if config.days == 0 {
             return bad("days must be at least 1");
         }
+        if !config.context_effect.is_finite() {
+            return bad("context_effect must be finite");
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(config.seed, u64::MAX));
         let d = config.latent_dim;
         let scale = 1.0 / (d as f32).sqrt();
@@ -142,7 +162,29 @@ impl Population {
             ranks.swap(k, j);
         }
         let item_bias = ranks.iter().map(|&r| -config.popularity_exponent * ((r + 1) as f32).ln()).collect();
-        Ok(Self { config, item_factors, item_bias })
+        let context_shift = if config.context_effect != 0.0 {
+            // Its own stream, so the rest of the population does not depend on S. A cell's shift is
+            // the sum of a time-of-day shift and a device shift (scaled like a user's taste vector).
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(config.seed, u64::MAX - 1));
+            let time: Vec<f32> = (0..6 * d).map(|_| rng.sample::<f32, _>(StandardNormal) * scale).collect();
+            let device: Vec<f32> = (0..3 * d).map(|_| rng.sample::<f32, _>(StandardNormal) * scale).collect();
+            let mut shift = Vec::with_capacity(CELLS * config.items as usize);
+            for cell in 0..CELLS {
+                let (t, dev) = (cell / 3, cell % 3);
+                let w: Vec<f32> = (0..d)
+                    .map(|k| (time[t * d + k] + device[dev * d + k]) * std::f32::consts::FRAC_1_SQRT_2)
+                    .collect();
+                shift.extend(
+                    item_factors
+                        .chunks_exact(d)
+                        .map(|v| config.context_effect * v.iter().zip(&w).map(|(a, b)| a * b).sum::<f32>()),
+                );
+            }
+            shift
+        } else {
+            Vec::new()
+        };
+        Ok(Self { config, item_factors, item_bias, context_shift })
     }
 
     /// The settings.
@@ -183,6 +225,9 @@ impl Population {
 
     /// Generates user `id` (a pure function of the seed and the id).
     pub fn user(&self, id: u64) -> SyntheticUser {
+        if !self.context_shift.is_empty() {
+            return self.user_in_context(id);
+        }
         let c = &self.config;
         let d = c.latent_dim;
         let (mut rng, u, n) = self.head(id);
@@ -219,23 +264,102 @@ impl Population {
         SyntheticUser { id, interactions, contexts }
     }
 
+    /// [`Population::user`] with a context effect: the contexts are drawn first (time from the
+    /// timestamp, device as without the effect), then each interaction's item ∝ `exp(base_i +
+    /// shift_{c,i})` among the items not chosen yet — by rejection from the cell's distribution
+    /// (exact; its cumulative table is built once per cell the user visits), falling back to a
+    /// table without the chosen items after many rejections.
+    fn user_in_context(&self, id: u64) -> SyntheticUser {
+        let c = &self.config;
+        let d = c.latent_dim;
+        let items = c.items as usize;
+        let (mut rng, u, n) = self.head(id);
+        let base: Vec<f32> = self
+            .item_factors
+            .chunks_exact(d)
+            .zip(&self.item_bias)
+            .map(|(v, &b)| c.affinity * v.iter().zip(&u).map(|(a, b)| a * b).sum::<f32>() + b)
+            .collect();
+        let period = i64::from(c.days) * 86_400;
+        let mut times: Vec<i64> = (0..n).map(|_| c.start_time + rng.random_range(0..period)).collect();
+        times.sort_unstable();
+        let device = rng.random_range(0..3u8);
+        let mut chosen = vec![false; items];
+        let mut tables: Vec<Option<Vec<f64>>> = vec![None; CELLS];
+        let cumulative = |cell: usize, chosen: Option<&[bool]>| -> Vec<f64> {
+            let shift = &self.context_shift[cell * items..(cell + 1) * items];
+            let max = base.iter().zip(shift).map(|(a, b)| a + b).fold(f32::NEG_INFINITY, f32::max);
+            let mut acc = 0.0f64;
+            (0..items)
+                .map(|i| {
+                    if !chosen.is_some_and(|ch| ch[i]) {
+                        acc += f64::from(base[i] + shift[i] - max).exp();
+                    }
+                    acc
+                })
+                .collect()
+        };
+        let draw = |cdf: &[f64], rng: &mut ChaCha8Rng| -> usize {
+            let total = cdf.last().copied().unwrap_or(0.0);
+            let x = rng.random_range(0.0..1.0f64) * total;
+            cdf.partition_point(|&v| v <= x).min(cdf.len() - 1)
+        };
+        let mut interactions = Vec::with_capacity(n);
+        let mut contexts = Vec::with_capacity(n);
+        for t in times {
+            let rating = 1.0 + rng.random_range(0..5u8) as f32;
+            let secs = t.rem_euclid(86_400);
+            let weekday = ((t.div_euclid(86_400) + 3).rem_euclid(7)) as u8;
+            let dev = if rng.random_range(0..10u8) < 8 { device } else { rng.random_range(0..3u8) };
+            let time_of_day = (secs / 14_400) as u8;
+            let cell = usize::from(time_of_day) * 3 + usize::from(dev);
+            let cdf = tables[cell].get_or_insert_with(|| cumulative(cell, None));
+            let mut item = None;
+            for _ in 0..64 {
+                let i = draw(cdf, &mut rng);
+                if !chosen[i] {
+                    item = Some(i);
+                    break;
+                }
+            }
+            let item = match item {
+                Some(i) => i,
+                None => draw(&cumulative(cell, Some(&chosen)), &mut rng),
+            };
+            chosen[item] = true;
+            interactions.push(Interaction { user: id as u32, item: item as u32, rating, timestamp: t });
+            contexts.push(SyntheticContext { time_of_day, weekday, device: dev });
+        }
+        SyntheticUser { id, interactions, contexts }
+    }
+
     /// User `id`'s behaviour as app events: each interaction becomes a long view (50%), a click
     /// (25%), an add-to-cart (15%) or a purchase (10%) in its context, and one in five interactions
     /// is accompanied by a skip of an item the user never engaged with. Deterministic per seed.
     pub fn user_events(&self, id: u64) -> Vec<crate::data::events::Event> {
-        use crate::data::events::{Context, DeviceClass, Event, EventKind};
+        use crate::data::events::{BatteryLevel, Context, DeviceClass, Event, EventKind, NetworkType};
         let user = self.user(id);
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed ^ 0xE7E7, id));
         let mut seen: Vec<u32> = user.interactions.iter().map(|x| x.item).collect();
         seen.sort_unstable();
         let mut events = Vec::with_capacity(user.interactions.len() * 6 / 5);
+        // Device state from its own stream, so the rest of the events does not depend on it.
+        let mut state_rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed ^ 0xBA77, id));
+        let region = state_rng.random_range(0..crate::data::events::REGIONS as u8);
         for (x, c) in user.interactions.iter().zip(&user.contexts) {
             let device = match c.device {
                 0 => DeviceClass::Phone,
                 1 => DeviceClass::Tablet,
                 _ => DeviceClass::Desktop,
             };
-            let context = Context { time_of_day: c.time_of_day, weekday: c.weekday, device };
+            let mut context = Context::at(0, device);
+            context.time_of_day = c.time_of_day;
+            context.weekday = c.weekday;
+            if self.config.device_state {
+                let battery = BatteryLevel::from_index(state_rng.random_range(0..4usize));
+                let network = NetworkType::from_index(state_rng.random_range(0..3usize));
+                context = context.with_battery(battery).with_network(network).with_region(region);
+            }
             let roll = rng.random_range(0..100u8);
             let kind = match roll {
                 0..50 => EventKind::View { dwell_ms: rng.random_range(30_000..300_000) },
