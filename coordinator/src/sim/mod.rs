@@ -521,7 +521,7 @@ fn prepare_data(config: &SimConfig) -> Result<Prepared, SimError> {
                 seed: *seed,
                 max_interactions: max,
                 min_interactions: 5.min(max),
-                // MERGE(models): context_effect: config.context_effect,
+                context_effect: config.context_effect,
                 ..SyntheticConfig::default()
             };
             let pop = Arc::new(Population::new(cfg)?);
