@@ -89,8 +89,22 @@ fn an_unknown_family_is_refused_at_open() {
 
 /// Morning on a phone: items 0..8; evening on a desktop: items 20..28.
 fn context_dependent_events() -> Vec<Event> {
-    let morning = Context { time_of_day: 1, weekday: 2, device: DeviceClass::Phone, battery: None, network: None, region: None };
-    let evening = Context { time_of_day: 5, weekday: 2, device: DeviceClass::Desktop, battery: None, network: None, region: None };
+    let morning = Context {
+        time_of_day: 1,
+        weekday: 2,
+        device: DeviceClass::Phone,
+        battery: None,
+        network: None,
+        region: None,
+    };
+    let evening = Context {
+        time_of_day: 5,
+        weekday: 2,
+        device: DeviceClass::Desktop,
+        battery: None,
+        network: None,
+        region: None,
+    };
     let mut events = Vec::new();
     for k in 0..8u32 {
         events.push(ev(k, NOW - 2 * HOUR_MS + i64::from(k) * 1000, EventKind::Purchase, morning));
@@ -128,8 +142,22 @@ fn a_two_tower_device_trains_through_burn_and_ranks_with_the_context() {
     // back: its context embeddings and projection have learnt from the device's events.
     let next: Arc<[f32]> = params.iter().zip(&dense).map(|(a, b)| a + b).collect();
     assert!(d.set_global(ModelVersion(2), next).unwrap());
-    let morning = Context { time_of_day: 1, weekday: 2, device: DeviceClass::Phone, battery: None, network: None, region: None };
-    let evening = Context { time_of_day: 5, weekday: 2, device: DeviceClass::Desktop, battery: None, network: None, region: None };
+    let morning = Context {
+        time_of_day: 1,
+        weekday: 2,
+        device: DeviceClass::Phone,
+        battery: None,
+        network: None,
+        region: None,
+    };
+    let evening = Context {
+        time_of_day: 5,
+        weekday: 2,
+        device: DeviceClass::Desktop,
+        battery: None,
+        network: None,
+        region: None,
+    };
     // Everything the user bought is left out, so rank the rest fully in both contexts.
     let a = d.recommend(ITEMS as usize, Some(morning));
     let b = d.recommend(ITEMS as usize, Some(evening));
@@ -153,7 +181,17 @@ fn matrix_factorisation_ignores_the_context() {
     let mut d = Device::open(&config(3, spec.clone(), Storage::InMemory)).unwrap();
     d.record_batch(&purchases(&[1, 2, 3, 4, 5]), NOW).unwrap();
     d.train(RoundId(1), ModelVersion(1), global_for(&spec, 1), &plan(2, 0.5)).unwrap();
-    let a = d.recommend(10, Some(Context { time_of_day: 0, weekday: 0, device: DeviceClass::Tablet, battery: None, network: None, region: None }));
+    let a = d.recommend(
+        10,
+        Some(Context {
+            time_of_day: 0,
+            weekday: 0,
+            device: DeviceClass::Tablet,
+            battery: None,
+            network: None,
+            region: None,
+        }),
+    );
     let b = d.recommend(10, None);
     assert_eq!(a.source, Source::Personal);
     assert_eq!(items_of(&a), items_of(&b));
@@ -290,7 +328,10 @@ fn explanations_only_ever_name_items_the_user_engaged_with_positively() {
         let context = (rng.random_range(0..2) == 0).then(|| Context {
             time_of_day: rng.random_range(0..6),
             weekday: rng.random_range(0..7),
-            device: DeviceClass::Tablet, battery: None, network: None, region: None,
+            device: DeviceClass::Tablet,
+            battery: None,
+            network: None,
+            region: None,
         });
         let k = rng.random_range(0..ITEMS as usize + 3);
         let r = d.recommend(k, context);

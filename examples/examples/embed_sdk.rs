@@ -247,7 +247,14 @@ async fn main() -> anyhow::Result<()> {
         report.session.bytes_received
     );
     show("after", &app.recommend(10, None), &future);
-    let evening = Context { time_of_day: 5, weekday: 4, device: DeviceClass::Tablet };
+    let evening = Context {
+        time_of_day: 5,
+        weekday: 4,
+        device: DeviceClass::Tablet,
+        battery: None,
+        network: None,
+        region: None,
+    };
     let in_context = app.recommend(10, Some(evening));
     show("evening", &in_context, &future);
     if let Some(top) = in_context.items.first() {

@@ -332,24 +332,33 @@ pub fn normalised_weights(examples: &crate::data::events::Examples) -> Vec<f32> 
 }
 
 /// Draws a negative for a user with hard negatives `hard` (items with only negative signals):
-/// when there are any, a fair coin picks between one of them (uniformly) and a uniform
-/// negative ([`sample_negative`]); with none, exactly [`sample_negative`] (no coin is drawn).
+/// when there are any, one of them (uniformly) with probability `|hard| / (|hard| + |positives|)`
+/// (at most ½), else a uniform negative ([`sample_negative`]); with none, exactly
+/// [`sample_negative`] (no coin is drawn).
 pub fn sample_negative_with_hard(
     n_items: u32,
     positives: &[u32],
     hard: &[u32],
     rng: &mut impl rand::Rng,
 ) -> Option<u32> {
-    if !hard.is_empty() && rng.random_range(0..2u8) == 0 {
-        return Some(hard[rng.random_range(0..hard.len())]);
+    // A hard negative in proportion to the user's rejections among their signals (at most one
+    // in two): a user with 8 skips and 40 positives draws one in six. Drawing half the negatives
+    // from a handful of skipped items whatever their number starved the uniform negatives that
+    // ranking depends on (under local DP the model stopped learning).
+    if !hard.is_empty() {
+        let share = (hard.len() as f64 / (hard.len() + positives.len()) as f64).min(0.5);
+        if rng.random_bool(share) {
+            return Some(hard[rng.random_range(0..hard.len())]);
+        }
     }
     sample_negative(n_items, positives, rng)
 }
 
 /// [`local_epochs`] on a user's [`Examples`](crate::data::events::Examples): each positive's
 /// loss (BPR term and regulariser) is scaled by its weight, normalised to mean 1
-/// ([`normalised_weights`]), and half the sampled negatives come from `examples.negatives`
-/// (skips, low ratings) when there are any ([`sample_negative_with_hard`]).
+/// ([`normalised_weights`]), and a share of the sampled negatives (the user's rejections among
+/// their signals, at most one half) come from `examples.negatives` (skips, low ratings) when
+/// there are any ([`sample_negative_with_hard`]).
 ///
 /// With equal weights and no negatives it computes exactly what [`local_epochs`] computes on
 /// `examples.positive_items()` (same random draws, same arithmetic, bit for bit).

@@ -13,7 +13,8 @@
 //! is a negative only if it never earned a positive (a later purchase overrides an earlier skip).
 //! Both families scale each positive's BPR loss by its weight, normalised so that the mean weight
 //! over the user's positives is 1 (the step size stays that of unweighted BPR), and use the
-//! negatives as hard negatives (half of the sampled negatives when the user has any); the weights
+//! negatives as hard negatives (a share of the sampled negatives equal to the user's share of
+//! rejections among their signals, at most half); the weights
 //! also sum into the client's FedAvg weight. The two-tower model also uses each positive's
 //! context.
 
