@@ -178,7 +178,9 @@ fn quic_transport_runs_the_real_service_and_sdk_clients_over_loopback() {
 /// this run ended at HR@10 0.103, below the untrained model's 0.123.)
 #[test]
 fn local_dp_at_small_noise_still_learns() {
-    let mut c = small(7);
+    // 60 rounds: since the devices record their users' real events (issue 15), 30 rounds on this
+    // seed left the gain within the evaluation noise (HR@10 0.123 -> 0.117).
+    let mut c = SimConfig { rounds: 60, ..small(7) };
     c.privacy = sim::PrivacyMode::Local { clip: 0.5, noise_multiplier: 0.05, delta: 1e-5 };
     let r = run(&c);
     assert!(r.rounds.iter().all(|x| x.committed));
