@@ -779,6 +779,12 @@ fn build(config: &SimConfig) -> Result<Built, SimError> {
         }
         None => Byzantine::honest(trainer),
     };
+    // Without DP an evaluation round costs no privacy: it asks every evaluation user (as many as
+    // are around), so the devices' figure covers what the central scorer does. Under DP it asks
+    // for the training target, so each evaluation costs what a training round does.
+    if config.privacy == PrivacyMode::Off {
+        orchestrator.set_evaluation_target(Some(data.eval_ids.len().clamp(1, n_users)))?;
+    }
     let mut fleet = Fleet::new(orchestrator, n_users + canaries, trainer, fleet_config);
     fleet.set_cpu_clock(host_clock);
 
@@ -997,11 +1003,19 @@ fn federated_round(
             .collect();
         let model = fleet.orchestrator().model().1.clone();
         let trainer = fleet.trainer_mut().inner();
-        let sums = quality::central(def, &model, &data.cases, Some(&reported), |u| {
-            trainer.user_vector(u).into_owned()
-        });
-        // Only evaluation users are in `data.cases`: with a sample of the population, devices
-        // outside it reported too, and the cross-check covers the sample's share.
+        // The reporters' cases: the evaluation users' are prepared; a device outside the
+        // evaluation sample has its case built from its events now.
+        let known: HashSet<u32> = data.cases.iter().map(|c| c.user).collect();
+        let mut missing: Vec<u32> = reported.iter().copied().filter(|u| !known.contains(u)).collect();
+        missing.sort_unstable();
+        let extra = quality::device_cases(&data.data, &missing, 1);
+        let vector = |u: u32| trainer.user_vector(u).into_owned();
+        let mut sums = quality::central(def, &model, &data.cases, Some(&reported), vector);
+        let more = quality::central(def, &model, &extra, None, vector);
+        sums.cases += more.cases;
+        sums.hits += more.hits;
+        sums.ndcg += more.ndcg;
+        sums.loss += more.loss;
         let m = sums.metrics();
         rec.central_hr_at_10 = Some(m.hr_at_10);
         rec.central_ndcg_at_10 = Some(m.ndcg_at_10);
