@@ -103,7 +103,12 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     r.target_participants = target;
     r.min_reports = (target / 2).max(1);
     r.over_selection = config.over_selection;
-    r.selection_pool = ((target as f64) * config.over_selection).ceil() as usize;
+    r.selection_pool = match config.privacy {
+        // Central DP samples every check-in with q = target / population: the pool must be able
+        // to hold the whole population, or q·pool (not the target) is what a round gets.
+        super::PrivacyMode::Central { .. } => n_users,
+        _ => ((target as f64) * config.over_selection).ceil() as usize,
+    };
     // Loopback training takes milliseconds. Clients that check in while a round is collecting
     // are told to come back when its report deadline passes, so a short deadline paces rounds.
     r.selection_timeout_ms = 3_000;
@@ -271,22 +276,36 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     // Evaluation rounds: the driver starts one right after every `eval_every`-th commit.
     let (mut next_is_eval, mut pending_eval, mut committed_rounds) = (false, false, 0u32);
     let mut eval_rounds: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let (mut last_progress, mut last_check) = (WallClock::now(), WallClock::now());
     while records.len() < config.rounds as usize || pending_eval {
         let wait = if records.len() < config.rounds as usize { deadline } else { Duration::from_secs(20) };
-        let event = match tokio::time::timeout(wait, events.recv()).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
-            Ok(Err(_)) => {
+        // Wait for the next event, but look at the service every second: once it halts (the
+        // privacy budget refused a round) no round will come, however many check-ins it refuses.
+        let event = loop {
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                last_check = WallClock::now();
+                if running.handle.status().halted.is_some() || last_progress.elapsed() >= wait {
+                    break None;
+                }
+            }
+            if let Ok(e) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+                break Some(e);
+            }
+        };
+        let event = match event {
+            Some(Ok(e)) => e,
+            Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+            Some(Err(_)) => {
                 stopped = Some("the service stopped".into());
                 break;
             }
-            Err(_) if records.len() >= config.rounds as usize => break,
-            Err(_) => {
-                stopped = Some(format!(
-                    "no round finished within {} s{}",
-                    deadline.as_secs(),
-                    running.handle.status().halted.map(|h| format!(" ({h})")).unwrap_or_default()
-                ));
+            None if records.len() >= config.rounds as usize && !pending_eval => break,
+            None => {
+                if let Some(h) = running.handle.status().halted {
+                    stopped = Some(format!("the service halted: {h}"));
+                } else if records.len() < config.rounds as usize {
+                    stopped = Some(format!("no round finished within {} s", wait.as_secs()));
+                }
                 break;
             }
         };
@@ -301,6 +320,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
             }
             RoundEvent::Evaluated(ev) => {
                 pending_eval = false;
+                last_progress = WallClock::now();
                 let m = &ev.metrics;
                 if let Some(last) = records.last_mut() {
                     last.hr_at_10 = Some(m.hr_at_10);
@@ -406,6 +426,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
         }
         progress.round(&rec, config.rounds);
         records.push(rec);
+        last_progress = WallClock::now();
     }
     stop.store(true, Ordering::Relaxed);
     running.shutdown().await;
