@@ -88,7 +88,7 @@ impl ClientData {
     /// Everything user `user`'s device records, its latest positive (the held-out one) included:
     /// a synthetic user's app events (views, clicks, carts, purchases and skips, in context), or
     /// one `Click` per interaction of a file, at its timestamp (context from the time, on a phone).
-    /// A device holding out its latest positive trains on exactly [`Self::positives`].
+    /// A device holding out its latest positive trains on exactly its training positives (`positives`).
     pub fn events(&self, user: u64) -> Vec<Event> {
         match self {
             ClientData::Table { all, .. } => all
