@@ -948,20 +948,7 @@ fn federated_round(
     def: &ModelDef,
     ledger: Option<&mut SimLedger>,
 ) -> Result<FederatedRecord, SimError> {
-    let mut rec = FederatedRecord {
-        completed: false,
-        failure: None,
-        reports: 0,
-        cases: 0.0,
-        hr_at_10: None,
-        ndcg_at_10: None,
-        loss: None,
-        noise_std: None,
-        central_hr_at_10: None,
-        central_ndcg_at_10: None,
-        bytes_up: 0,
-        bytes_down: 0,
-    };
+    let mut rec = FederatedRecord::default();
     let fr = match fleet.run_evaluation() {
         Ok(fr) => fr,
         Err(e @ (StartError::Refused(_) | StartError::EvaluationUnsupported(_))) => {
@@ -977,14 +964,12 @@ fn federated_round(
                 if let (Some(charge), Some(l)) = (ev.privacy, ledger) {
                     l.record(ev.round.0, charge)?;
                 }
-                let m = &ev.metrics;
-                rec.completed = true;
-                rec.reports = m.reports;
-                rec.cases = m.cases;
-                rec.hr_at_10 = Some(m.hr_at_10);
-                rec.ndcg_at_10 = Some(m.ndcg_at_10);
-                rec.loss = Some(m.loss);
-                rec.noise_std = m.noise_std;
+                let (up, down) = (rec.bytes_up, rec.bytes_down);
+                rec = FederatedRecord {
+                    bytes_up: up,
+                    bytes_down: down,
+                    ..FederatedRecord::released(&ev.metrics)
+                };
                 break;
             }
             RoundEvent::Failed { reason, .. } => {

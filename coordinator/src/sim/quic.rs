@@ -326,40 +326,14 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
                     last.hr_at_10 = Some(m.hr_at_10);
                     last.ndcg_at_10 = Some(m.ndcg_at_10);
                     last.epsilon = svc.central_dp().then(|| running.telemetry.status().epsilon_spent);
-                    last.federated = Some(FederatedRecord {
-                        completed: true,
-                        failure: None,
-                        reports: m.reports,
-                        cases: m.cases,
-                        hr_at_10: Some(m.hr_at_10),
-                        ndcg_at_10: Some(m.ndcg_at_10),
-                        loss: Some(m.loss),
-                        noise_std: m.noise_std,
-                        central_hr_at_10: None,
-                        central_ndcg_at_10: None,
-                        bytes_up: 0,
-                        bytes_down: 0,
-                    });
+                    last.federated = Some(FederatedRecord::released(m));
                 }
                 continue;
             }
             RoundEvent::Failed { round, reason, .. } if eval_rounds.contains(&round.0) => {
                 pending_eval = false;
                 if let Some(last) = records.last_mut() {
-                    last.federated = Some(FederatedRecord {
-                        completed: false,
-                        failure: Some(reason.to_string()),
-                        reports: 0,
-                        cases: 0.0,
-                        hr_at_10: None,
-                        ndcg_at_10: None,
-                        loss: None,
-                        noise_std: None,
-                        central_hr_at_10: None,
-                        central_ndcg_at_10: None,
-                        bytes_up: 0,
-                        bytes_down: 0,
-                    });
+                    last.federated = Some(FederatedRecord::failed(reason.to_string()));
                 }
                 continue;
             }

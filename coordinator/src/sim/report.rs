@@ -83,7 +83,7 @@ pub struct RoundRecord {
 
 /// A federated evaluation round: what the devices reported, and the central scorer's figures
 /// for the same devices (the cross-check).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FederatedRecord {
     /// Whether the evaluation round released figures (it may fail: too few reports, budget).
     pub completed: bool,
@@ -110,6 +110,27 @@ pub struct FederatedRecord {
     pub bytes_up: u64,
     /// Bytes sent by the coordinator in the evaluation round.
     pub bytes_down: u64,
+}
+
+impl FederatedRecord {
+    /// An evaluation round that released nothing, and why.
+    pub fn failed(reason: String) -> Self {
+        Self { failure: Some(reason), ..Self::default() }
+    }
+
+    /// What an evaluation round released (no cross-check, no bytes yet).
+    pub fn released(m: &starling_proto::round::FederatedEval) -> Self {
+        Self {
+            completed: true,
+            reports: m.reports,
+            cases: m.cases,
+            hr_at_10: Some(m.hr_at_10),
+            ndcg_at_10: Some(m.ndcg_at_10),
+            loss: Some(m.loss),
+            noise_std: m.noise_std,
+            ..Self::default()
+        }
+    }
 }
 
 /// A whole run.
