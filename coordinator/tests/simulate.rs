@@ -170,6 +170,12 @@ fn quic_transport_runs_the_real_service_and_sdk_clients_over_loopback() {
     let last = report.rounds.last().unwrap();
     assert!(last.hr_at_10.is_some() && last.ndcg_at_10.is_some());
     assert_eq!(report.config["transport"], "quic");
+    // `starling serve` ran a federated evaluation round after round 3, answered by the SDK
+    // clients over QUIC from their own held-out data: its figures are the run's quality figure.
+    let f = last.federated.as_ref().expect("an evaluation round after round 3");
+    assert!(f.completed && f.reports > 0, "{f:?}");
+    assert_eq!(last.hr_at_10, f.hr_at_10);
+    assert_eq!(report.quality_source, "federated");
 }
 
 /// Under local DP the coordinator bounds updates by what an honest noised update stays under

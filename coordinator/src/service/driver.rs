@@ -593,10 +593,7 @@ impl Driver {
 
     fn scheduled_start(&mut self) {
         let Some(schedule) = &self.schedule else { return };
-        if schedule.max_rounds.is_some_and(|m| self.scheduled >= m) {
-            self.next_start = None;
-            return;
-        }
+        let done = schedule.max_rounds.is_some_and(|m| self.scheduled >= m);
         let now = self.now();
         let every = schedule.evaluate_every;
         if every > 0 && self.committed_since_evaluation >= every {
@@ -614,6 +611,11 @@ impl Driver {
                 // budget cannot afford halts the schedule below, on its own admission).
                 Err(e) => tracing::warn!(error = %e, "evaluation round refused; training goes on"),
             }
+        }
+        // The evaluation owed after the last scheduled round still runs (above); no more training.
+        if done {
+            self.next_start = None;
+            return;
         }
         match self.engine.start_round(now) {
             Ok(_) => {
