@@ -10,21 +10,33 @@ use crate::device::{
     Export, OpenError, PrivacyReport, Recommendations, RecordError, SimilarItems, SimilarItemsError,
 };
 use crate::store::StoreError;
-use crate::transport::Transport;
+use crate::transport::{Transport, TransportError};
 use starling_models::data::events::{Context, Event};
 use starling_proto::message::DeviceConditions;
+use std::sync::{Mutex, MutexGuard};
 
-/// A [`Client`] with a blocking API. See the module docs.
+/// A [`Client`] with a blocking API. See the module docs. Every method takes `&self`: one
+/// client can be shared between threads (a UI thread recommending while a worker runs a round).
 #[derive(Debug)]
 pub struct BlockingClient<T: Transport> {
     client: Client<T>,
     runtime: tokio::runtime::Runtime,
-    scheduler: Option<SchedulerHandle>,
+    scheduler: Mutex<Option<SchedulerHandle>>,
 }
 
 impl<T: Transport> BlockingClient<T> {
     /// Opens the client (see [`Client::open`]) with its own runtime.
     pub fn open(config: ClientConfig, transport: T) -> Result<Self, OpenError> {
+        Self::open_with(config, |_| Ok(transport))
+    }
+
+    /// Opens the client with a transport made by `make_transport` from the configuration, inside
+    /// the client's runtime (a [`QuicTransport`](crate::transport::quic::QuicTransport) needs one
+    /// to open its socket).
+    pub fn open_with(
+        config: ClientConfig,
+        make_transport: impl FnOnce(&ClientConfig) -> Result<T, TransportError>,
+    ) -> Result<Self, OpenError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("starling-sdk")
@@ -34,9 +46,14 @@ impl<T: Transport> BlockingClient<T> {
         // The transport may need the runtime's reactor when it is created or used.
         let client = {
             let _guard = runtime.enter();
+            let transport = make_transport(&config)?;
             Client::open(config, transport)?
         };
-        Ok(Self { client, runtime, scheduler: None })
+        Ok(Self { client, runtime, scheduler: Mutex::new(None) })
+    }
+
+    fn scheduler(&self) -> MutexGuard<'_, Option<SchedulerHandle>> {
+        self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The async client underneath.
@@ -105,14 +122,44 @@ impl<T: Transport> BlockingClient<T> {
     }
 
     /// Starts the background scheduler on the client's runtime (replacing a running one).
-    pub fn start_scheduler(&mut self, config: SchedulerConfig) {
-        let _guard = self.runtime.enter();
-        self.scheduler = Some(self.client.spawn_scheduler(config));
+    pub fn start_scheduler(&self, config: SchedulerConfig) {
+        self.start_scheduler_with_reports(config, |_| {});
+    }
+
+    /// Starts the background scheduler (replacing a running one) and calls `on_report` with each
+    /// round's result, on a thread of its own (never on the runtime: a slow host callback cannot
+    /// stall the SDK's network work).
+    pub fn start_scheduler_with_reports(
+        &self,
+        config: SchedulerConfig,
+        mut on_report: impl FnMut(Result<RoundReport, RoundError>) + Send + 'static,
+    ) {
+        let mut handle = {
+            let _guard = self.runtime.enter();
+            self.client.spawn_scheduler(config)
+        };
+        let mut reports = handle.take_reports();
+        let old = self.scheduler().replace(handle);
+        if let Some(old) = old {
+            self.runtime.block_on(old.stop());
+        }
+        // Ends when the scheduler's task ends (its sender is dropped).
+        let _ = std::thread::Builder::new().name("starling-sdk-reports".into()).spawn(move || {
+            while let Some(report) = reports.blocking_recv() {
+                on_report(report);
+            }
+        });
+    }
+
+    /// Whether the background scheduler is running.
+    pub fn scheduler_running(&self) -> bool {
+        self.scheduler().is_some()
     }
 
     /// Stops the background scheduler, waiting for a round in progress.
-    pub fn stop_scheduler(&mut self) {
-        if let Some(s) = self.scheduler.take() {
+    pub fn stop_scheduler(&self) {
+        let handle = self.scheduler().take();
+        if let Some(s) = handle {
             self.runtime.block_on(s.stop());
         }
     }

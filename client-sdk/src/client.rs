@@ -534,6 +534,12 @@ impl SchedulerHandle {
         self.reports.recv().await
     }
 
+    /// Moves the stream of reports out of the handle (for a reader elsewhere); `next_report` then
+    /// returns `None`.
+    pub fn take_reports(&mut self) -> mpsc::Receiver<Result<RoundReport, RoundError>> {
+        std::mem::replace(&mut self.reports, mpsc::channel(1).1)
+    }
+
     /// Stops the scheduler after the round in progress, if any, and waits for it.
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);

@@ -144,7 +144,7 @@ fn withdrawing_training_consent_while_training_cancels_the_upload_blocking_clien
     let net = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let (transport, listener) = net.block_on(async { memory::network(4) });
     let coordinator = net.spawn(coordinator(listener));
-    let mut client = BlockingClient::open(config(Storage::InMemory), transport.clone()).unwrap();
+    let client = BlockingClient::open(config(Storage::InMemory), transport.clone()).unwrap();
     client.set_consent(ALL_IN).unwrap();
     client.record_batch(&purchases()).unwrap();
     client.set_conditions(GOOD);

@@ -77,6 +77,11 @@ pub enum OpenError {
     /// ([`StoreError::NotEncrypted`]). In each of these cases the files were left untouched.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The transport to the coordinator could not be set up (unreadable CA certificate, no UDP
+    /// socket); only [`BlockingClient::open_with`](crate::blocking::BlockingClient::open_with)
+    /// gives it.
+    #[error("cannot set up the connection to the coordinator: {0}")]
+    Transport(#[from] crate::transport::TransportError),
 }
 
 /// Counters kept for the privacy report.
