@@ -242,6 +242,11 @@ impl<T: Transport> Client<T> {
         }
         self.device().set_consent(consent)?;
         self.inner.consent.send_replace(consent);
+        tracing::info!(
+            personalization = consent.personalization,
+            training = consent.training,
+            "consent recorded"
+        );
         Ok(())
     }
 
@@ -265,6 +270,7 @@ impl<T: Transport> Client<T> {
         let mut d = self.device();
         d.forget()?;
         self.inner.consent.send_replace(d.consent());
+        tracing::info!("forgot the user: local data erased (the privacy ledger is kept)");
         Ok(())
     }
 
@@ -451,6 +457,13 @@ impl<T: Transport> Client<T> {
             conn.abort("cancelled").await;
         }
         state.not_before = state.participant.next_check_in_at().map(|t| self.tokio_at(t));
+        tracing::info!(
+            outcome = ?report.outcome,
+            round = report.round.map(|r| r.0),
+            sent = report.sent_update,
+            bytes_sent = report.bytes_sent,
+            "round session ended"
+        );
         Ok(RoundReport { session: report, connect_attempts })
     }
 

@@ -205,14 +205,14 @@ unsafe fn put_string(out: *mut *mut c_char, s: String) -> Result<(), CallError> 
     if out.is_null() {
         return Err(CallError::Null("out_json"));
     }
-    let c = CString::new(s).map_err(|_| StarlingError::Internal { message: "NUL in JSON output".into() })?;
+    let c = CString::new(s).map_err(|_| StarlingError::Internal { detail: "NUL in JSON output".into() })?;
     // SAFETY: non-null and valid for a write by the caller's contract.
     unsafe { *out = c.into_raw() };
     Ok(())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StarlingError> {
-    serde_json::to_string(v).map_err(|e| StarlingError::Internal { message: e.to_string() })
+    serde_json::to_string(v).map_err(|e| StarlingError::Internal { detail: e.to_string() })
 }
 
 fn context_from_c(c: &StarlingContext) -> Result<EventContext, StarlingError> {

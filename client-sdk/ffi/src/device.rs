@@ -146,6 +146,7 @@ impl StarlingDevice {
 
     /// The `k` best items for the user, in `context` if given, with the reason for each. Never
     /// fails for lack of data: it falls back to the global ranking, then the catalogue.
+    #[uniffi::method(default(context = None))]
     pub fn recommend(&self, k: u32, context: Option<EventContext>) -> Result<Recommendations, StarlingError> {
         guard(|| Ok(self.client.recommend(k as usize, context.map(Into::into)).into()))
     }
@@ -178,7 +179,7 @@ impl StarlingDevice {
         guard(|| {
             let report = self.client.privacy_report()?;
             serde_json::to_string_pretty(&report)
-                .map_err(|e| StarlingError::Internal { message: e.to_string() })
+                .map_err(|e| StarlingError::Internal { detail: e.to_string() })
         })
     }
 
@@ -277,9 +278,7 @@ impl StarlingDevice {
                             std::thread::park_timeout(poll);
                         }
                     })
-                    .map_err(|e| StarlingError::Internal {
-                        message: format!("cannot start a thread: {e}"),
-                    })?;
+                    .map_err(|e| StarlingError::Internal { detail: format!("cannot start a thread: {e}") })?;
                 *lock(&self.monitor) = Some(Monitor { stop, thread });
             }
             Ok(())

@@ -9,87 +9,88 @@ use starling_sdk::device::{OpenError, RecordError, SimilarItemsError};
 use starling_sdk::store::StoreError;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-/// Why a call failed. Every variant carries a human-readable `message` (English, for logs; not for
-/// the user interface).
+/// Why a call failed. Every variant carries a human-readable `detail` (English, for logs; not for
+/// the user interface). The field is not called `message`: in Kotlin that would clash with
+/// `Throwable.message` (mozilla/uniffi-rs#1434); the exception's own message is the detail.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 #[non_exhaustive]
 pub enum StarlingError {
     /// The configuration is unusable (unknown model family, zero items, bad privacy settings, an
     /// unreadable CA certificate, a malformed JSON configuration in the C ABI).
-    #[error("invalid configuration: {message}")]
+    #[error("{detail}")]
     InvalidConfig {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The on-device database could not be opened or written: foreign, corrupt, too new, wrong
     /// storage key, I/O. Nothing was changed.
-    #[error("storage: {message}")]
+    #[error("{detail}")]
     Storage {
         /// What SQLite or the file system reported.
-        message: String,
+        detail: String,
     },
     /// The user has not consented to what the call needs (recording needs personalization or
     /// training; a round needs training). Nothing was stored or sent.
-    #[error("no consent: {message}")]
+    #[error("{detail}")]
     NoConsent {
         /// Which consent is missing.
-        message: String,
+        detail: String,
     },
     /// The event or argument is invalid: unknown item, rating outside 1–5, context out of range,
     /// a time too far in the future or older than the retention period.
-    #[error("invalid input: {message}")]
+    #[error("{detail}")]
     InvalidInput {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The device's conditions (charging, network, idle, battery) do not allow training now.
-    #[error("not allowed now: {message}")]
+    #[error("{detail}")]
     NotAllowed {
         /// Which condition failed.
-        message: String,
+        detail: String,
     },
     /// The coordinator asked the device to come back later.
-    #[error("come back in {retry_after_ms} ms")]
+    #[error("{detail}")]
     ComeBackLater {
         /// How long to wait, in milliseconds.
         retry_after_ms: u64,
         /// The coordinator's words, for logs.
-        message: String,
+        detail: String,
     },
     /// Another round is already running on this device.
-    #[error("busy: {message}")]
+    #[error("{detail}")]
     Busy {
         /// What is running.
-        message: String,
+        detail: String,
     },
     /// The coordinator could not be reached, or no coordinator is configured.
-    #[error("network: {message}")]
+    #[error("{detail}")]
     Network {
         /// The last transport error.
-        message: String,
+        detail: String,
     },
     /// A bug inside the SDK: a Rust panic caught at the boundary. The call did nothing it could
     /// not undo (every change is stored before it is applied); the device stays usable.
-    #[error("internal error (a bug in the Starling SDK): {message}")]
+    #[error("{detail}")]
     Internal {
         /// The panic's message.
-        message: String,
+        detail: String,
     },
 }
 
 impl StarlingError {
     pub(crate) fn invalid_config(message: impl Into<String>) -> Self {
-        Self::InvalidConfig { message: message.into() }
+        Self::InvalidConfig { detail: message.into() }
     }
 
     pub(crate) fn invalid_input(message: impl Into<String>) -> Self {
-        Self::InvalidInput { message: message.into() }
+        Self::InvalidInput { detail: message.into() }
     }
 }
 
 impl From<StoreError> for StarlingError {
     fn from(e: StoreError) -> Self {
-        Self::Storage { message: e.to_string() }
+        Self::Storage { detail: e.to_string() }
     }
 }
 
@@ -97,8 +98,8 @@ impl From<OpenError> for StarlingError {
     fn from(e: OpenError) -> Self {
         match e {
             OpenError::Store(e) => e.into(),
-            OpenError::Dir { .. } => Self::Storage { message: e.to_string() },
-            e => Self::InvalidConfig { message: e.to_string() },
+            OpenError::Dir { .. } => Self::Storage { detail: e.to_string() },
+            e => Self::InvalidConfig { detail: e.to_string() },
         }
     }
 }
@@ -106,44 +107,44 @@ impl From<OpenError> for StarlingError {
 impl From<RecordError> for StarlingError {
     fn from(e: RecordError) -> Self {
         match e {
-            RecordError::NoConsent => Self::NoConsent { message: e.to_string() },
+            RecordError::NoConsent => Self::NoConsent { detail: e.to_string() },
             RecordError::Store(e) => e.into(),
-            e => Self::InvalidInput { message: e.to_string() },
+            e => Self::InvalidInput { detail: e.to_string() },
         }
     }
 }
 
 impl From<SimilarItemsError> for StarlingError {
     fn from(e: SimilarItemsError) -> Self {
-        Self::InvalidInput { message: e.to_string() }
+        Self::InvalidInput { detail: e.to_string() }
     }
 }
 
 impl From<RoundError> for StarlingError {
     fn from(e: RoundError) -> Self {
-        let message = e.to_string();
+        let detail = e.to_string();
         match e {
-            RoundError::NoConsent => Self::NoConsent { message },
-            RoundError::NotAllowed(_) => Self::NotAllowed { message },
+            RoundError::NoConsent => Self::NoConsent { detail },
+            RoundError::NotAllowed(_) => Self::NotAllowed { detail },
             RoundError::ComeBackLater { after } => Self::ComeBackLater {
                 retry_after_ms: after.as_millis().try_into().unwrap_or(u64::MAX),
-                message,
+                detail,
             },
-            RoundError::Busy => Self::Busy { message },
-            _ => Self::Network { message },
+            RoundError::Busy => Self::Busy { detail },
+            _ => Self::Network { detail },
         }
     }
 }
 
-/// Runs `f`, turning a panic inside it into [`StarlingError::Internal`] (the process goes on; the
+/// Runs `f`, turning a panic inside it into `StarlingError::Internal` (the process goes on; the
 /// panic is also logged through `tracing`). Every exported function and method runs in it.
 pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, StarlingError>) -> Result<T, StarlingError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
         Err(payload) => {
-            let message = panic_message(payload.as_ref());
-            tracing::error!(target: "starling_sdk_ffi", %message, "a panic was caught at the FFI boundary");
-            Err(StarlingError::Internal { message })
+            let detail = panic_message(payload.as_ref());
+            tracing::error!(target: "starling_sdk_ffi", panic = %detail, "a panic was caught at the FFI boundary");
+            Err(StarlingError::Internal { detail })
         }
     }
 }
@@ -167,7 +168,7 @@ mod tests {
     fn a_panic_becomes_an_internal_error_and_the_thread_goes_on() {
         let r: Result<(), _> = guard(|| panic!("boom {}", 42));
         match r {
-            Err(StarlingError::Internal { message }) => assert_eq!(message, "boom 42"),
+            Err(StarlingError::Internal { detail }) => assert_eq!(detail, "boom 42"),
             other => panic!("expected Internal, got {other:?}"),
         }
         assert_eq!(guard(|| Ok(7)).unwrap(), 7);

@@ -150,7 +150,7 @@ pub fn set_logger(logger: Arc<dyn HostLogger>, max_level: LogLevel) -> Result<()
     })
 }
 
-/// Stops forwarding log records (the logger set by [`set_logger`] is released).
+/// Stops forwarding log records (the logger set by `set_logger` is released).
 #[uniffi::export]
 pub fn clear_logger() {
     MAX_LEVEL.store(0, Ordering::Relaxed);

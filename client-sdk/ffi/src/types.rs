@@ -74,7 +74,7 @@ pub enum NetworkType {
     Offline,
 }
 
-/// Coarse context of an event or a request. Build one with [`crate::context_at`] from the local
+/// Coarse context of an event or a request. Build one with `context_at` from the local
 /// time and the device class, then add what the app knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, uniffi::Record)]
 pub struct EventContext {
@@ -207,7 +207,7 @@ pub struct SimilarItems {
 }
 
 /// What the device has stored and sent (the full report, with the rounds, is
-/// [`crate::StarlingDevice::privacy_report_json`]).
+/// `StarlingDevice::privacy_report_json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, uniffi::Record)]
 pub struct PrivacyReport {
     /// The consent in force.
