@@ -217,7 +217,8 @@ mod tests {
 
     #[test]
     fn unusable_settings_are_refused_with_a_config_error() {
-        let cases: Vec<Box<dyn Fn(&mut DeviceConfig)>> = vec![
+        type Edit = Box<dyn Fn(&mut DeviceConfig)>;
+        let cases: Vec<Edit> = vec![
             Box::new(|c| c.model_family = "resnet".into()),
             Box::new(|c| c.storage_key = Some(vec![1; 31])),
             Box::new(|c| c.storage_dir = Some(String::new())),

@@ -163,6 +163,18 @@ impl StarlingDevice {
         guard(|| Ok(self.client.forget()?))
     }
 
+    /// "Forget me" and rotate the storage key: as `forget`, and the new, empty store's data key
+    /// is wrapped by `new_key` (32 bytes, a fresh key from the Keystore/Keychain), so that what
+    /// was stored under the old key cannot be read even from a backup of the key. Open the device
+    /// with `new_key` from now on.
+    pub fn forget_with_key(&self, new_key: Vec<u8>) -> Result<(), StarlingError> {
+        guard(|| {
+            let key = starling_sdk::StorageKey::from_slice(&new_key)
+                .map_err(|e| StarlingError::invalid_input(format!("new_key: {e}")))?;
+            Ok(self.client.forget_with_key(&key)?)
+        })
+    }
+
     /// "Show me my data": everything the device stores about the user, as JSON (schema
     /// `starling.sdk.export/2`, documented in docs/sdk.md).
     pub fn export_json(&self) -> Result<String, StarlingError> {

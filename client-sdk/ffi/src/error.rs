@@ -10,8 +10,9 @@ use starling_sdk::store::StoreError;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// Why a call failed. Every variant carries a human-readable `detail` (English, for logs; not for
-/// the user interface). The field is not called `message`: in Kotlin that would clash with
-/// `Throwable.message` (mozilla/uniffi-rs#1434); the exception's own message is the detail.
+/// the user interface): read it as `e.detail` in every language. The field is not called
+/// `message`: in Kotlin that would clash with `Throwable.message` (mozilla/uniffi-rs#1434). The
+/// exception's own message (Kotlin `message`, Python `str(e)`) is UniFFI's `detail=…` rendering.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 #[non_exhaustive]
 pub enum StarlingError {
@@ -137,7 +138,9 @@ impl From<RoundError> for StarlingError {
 }
 
 /// Runs `f`, turning a panic inside it into `StarlingError::Internal` (the process goes on; the
-/// panic is also logged through `tracing`). Every exported function and method runs in it.
+/// panic is also logged through `tracing`). Every exported function and method that can fail runs
+/// in it; the infallible ones (`scheduler_running`, `clear_logger`, `context_at`, `sdk_version`)
+/// only read or swap a value and have no panic path of their own.
 pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, StarlingError>) -> Result<T, StarlingError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,

@@ -243,7 +243,9 @@ pub struct RoundOutcome {
     pub round: Option<u64>,
     /// Whether the device trained and sent an update (or evaluation report).
     pub sent_update: bool,
-    /// How the session ended, in words (`accepted`, `come back later`, `rejected: …`).
+    /// How the session ended: `accepted`, `come back later`, `deadline missed`, `timed out`, or
+    /// `rejected: `, `refused: `, `aborted: `, `withdrawn: `, `version mismatch: `,
+    /// `protocol violation: ` followed by the reason (the prefix is stable, the reason is for logs).
     pub outcome: String,
     /// Bytes sent in the session.
     pub bytes_sent: u64,
@@ -452,7 +454,17 @@ impl From<RoundReport> for RoundOutcome {
         let outcome = match &s.outcome {
             SessionOutcome::Accepted { .. } => "accepted".to_owned(),
             SessionOutcome::ComeBackAt { .. } => "come back later".to_owned(),
-            other => format!("{other:?}"),
+            SessionOutcome::Rejected { reason, .. } => format!("rejected: {reason:?}"),
+            SessionOutcome::Refused(refusal) => format!("refused: {refusal:?}"),
+            SessionOutcome::Aborted { reason, .. } => format!("aborted: {reason:?}"),
+            SessionOutcome::Withdrawn { reason } => format!("withdrawn: {reason:?}"),
+            SessionOutcome::DeadlineMissed { .. } => "deadline missed".to_owned(),
+            SessionOutcome::TimedOut => "timed out".to_owned(),
+            SessionOutcome::VersionMismatch { min, max } => {
+                format!("version mismatch: the coordinator speaks {min}..={max}")
+            }
+            SessionOutcome::ProtocolViolation(what) => format!("protocol violation: {what}"),
+            other => format!("other: {other:?}"),
         };
         RoundOutcome {
             accepted: r.accepted(),

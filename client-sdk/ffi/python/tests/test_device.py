@@ -110,6 +110,21 @@ def test_the_store_persists_across_reopen_and_refuses_a_wrong_key(tmp_path):
         s.StarlingDevice.open(config(model_family="transformer"))
 
 
+def test_forget_with_a_new_key_rotates_the_storage_key(tmp_path):
+    old, new = bytes([1] * 32), bytes([2] * 32)
+    d = s.StarlingDevice.open(config(default_consent=CONSENTED, storage_dir=str(tmp_path), storage_key=old))
+    d.record(event(3))
+    with pytest.raises(s.StarlingError.InvalidInput):
+        d.forget_with_key(b"too short")
+    assert d.privacy_report().events_stored == 1, "a refused rotation forgets nothing"
+    d.forget_with_key(new)
+    assert d.privacy_report().events_stored == 0
+    del d
+    with pytest.raises(s.StarlingError.Storage):
+        s.StarlingDevice.open(config(storage_dir=str(tmp_path), storage_key=old))
+    assert s.StarlingDevice.open(config(storage_dir=str(tmp_path), storage_key=new)).privacy_report().events_stored == 0
+
+
 def test_conditions_come_from_the_host_and_gate_rounds():
     d = s.StarlingDevice.open(config(default_consent=CONSENTED))
 
