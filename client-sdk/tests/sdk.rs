@@ -254,6 +254,39 @@ fn retention_purges_old_events_and_caps_the_count() {
 }
 
 #[test]
+fn a_device_at_its_cap_keeps_exactly_the_newest_events_with_a_true_count() {
+    let mut cfg = config(7, Storage::InMemory);
+    cfg.retention = Retention { max_age: None, max_events: Some(20) };
+    let mut d = Device::open(&cfg).unwrap();
+    d.set_consent(ALL_IN).unwrap();
+    // Singles and batches, some at equal times and some out of order: the oldest by time (then
+    // by insertion) go first, and the count the report gives is the table's.
+    let mut all = Vec::new();
+    for k in 0..90u32 {
+        let at = NOW - 1_000 + i64::from(k / 3) * 10 - if k % 7 == 0 { 500 } else { 0 };
+        all.push(ev(k % 40, at, EventKind::Click));
+    }
+    for chunk in all.chunks(9) {
+        if chunk[0].item % 2 == 0 {
+            d.record_batch(chunk, NOW).unwrap();
+        } else {
+            for e in chunk {
+                d.record(e, NOW).unwrap();
+            }
+        }
+    }
+    let mut expected: Vec<(i64, usize)> = all.iter().enumerate().map(|(i, e)| (e.at_ms, i)).collect();
+    expected.sort();
+    let newest: Vec<(i64, u32)> =
+        expected[expected.len() - 20..].iter().map(|&(at, i)| (at, all[i].item)).collect();
+    let kept: Vec<(i64, u32)> = d.events().unwrap().iter().map(|e| (e.at_ms, e.item)).collect();
+    assert_eq!(kept, newest);
+    assert_eq!(d.event_count(), 20);
+    assert_eq!(d.privacy_report().unwrap().events_stored, 20);
+    assert_eq!(d.export(NOW).unwrap().events.len(), 20);
+}
+
+#[test]
 fn a_restart_restores_events_model_user_vector_consent_and_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(8, Storage::Dir(dir.path().to_path_buf()));

@@ -1,5 +1,5 @@
 //! The SDK's calls from Rust through `StarlingDevice` (the object the bindings wrap), to compare
-//! with the same calls from Python (`client-sdk/ffi/python/bench.py`): the difference is what the
+//! with the same calls from Python (`client-sdk/ffi/python/examples/bench.py`): the difference is what the
 //! binding layer (UniFFI lowering, ctypes) costs per call.
 //!
 //! `cargo bench --workspace --bench ffi_calls`

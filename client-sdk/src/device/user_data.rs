@@ -197,10 +197,11 @@ impl Device {
         if let Some(cap) = self.retention.max_events
             && self.event_count.saturating_sub(deleted as u64) > cap
         {
-            deleted += self.store.enforce_cap(cap)?;
+            deleted += self.store.enforce_cap(cap, self.event_count.saturating_sub(deleted as u64))?;
         }
         if deleted > 0 {
-            self.event_count = self.store.event_count()?;
+            // Exact (every delete reports its rows), and O(1) where `COUNT(*)` scans the table.
+            self.event_count = self.event_count.saturating_sub(deleted as u64);
             self.examples = None;
         }
         Ok(deleted)
