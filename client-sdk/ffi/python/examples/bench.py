@@ -3,7 +3,7 @@
 (`cargo bench --workspace --bench ffi_calls`): record, recommend(10), privacy_report, on an
 in-memory device with 1,000 items of dimension 32.
 
-    python bench.py [--seconds 3]
+    python bench.py [--seconds 3] [--storage DIR]
 """
 
 import argparse
@@ -32,11 +32,13 @@ def per_call(fn, seconds: float) -> float:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--storage", help="a directory for the database (default: in memory)")
     args = p.parse_args()
     d = s.StarlingDevice.open(
         s.DeviceConfig(
             client_id=1, credential="", model_family="bpr-mf", items=1000, dim=32,
             default_consent=s.Consent(personalization=True, training=True),
+            storage_dir=args.storage,
         )
     )
     ctx = s.context_now(s.DeviceClass.PHONE)
