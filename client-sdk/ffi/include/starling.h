@@ -216,6 +216,30 @@ enum StarlingStatus starling_privacy_report_json(const StarlingDevice *device, c
 // `device` is a live device.
 enum StarlingStatus starling_forget(const StarlingDevice *device);
 
+// "Forget me" and rotate the storage key: as `starling_forget`, and the new store's data key is
+// wrapped by the `key_len` (= 32) bytes at `new_key`. Open the device with the new key from now on.
+//
+// # Safety
+// `device` is a live device; `new_key` points to `key_len` bytes.
+enum StarlingStatus starling_forget_with_key(const StarlingDevice *device,
+                                             const uint8_t *new_key,
+                                             size_t key_len);
+
+// The consent in force, into `*personalization` and `*training`.
+//
+// # Safety
+// `device` is a live device; both out-pointers are valid for a write.
+enum StarlingStatus starling_consent(const StarlingDevice *device,
+                                     bool *personalization,
+                                     bool *training);
+
+// Deletes the events past the retention limits now; `*out_deleted` (if not null) receives how
+// many.
+//
+// # Safety
+// `device` is a live device; `out_deleted` is null or valid for a write.
+enum StarlingStatus starling_enforce_retention(const StarlingDevice *device, uint64_t *out_deleted);
+
 // Reports the device's conditions.
 //
 // # Safety

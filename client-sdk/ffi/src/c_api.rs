@@ -531,6 +531,77 @@ pub unsafe extern "C" fn starling_forget(device: *const StarlingDevice) -> Starl
     })
 }
 
+/// "Forget me" and rotate the storage key: as `starling_forget`, and the new store's data key is
+/// wrapped by the `key_len` (= 32) bytes at `new_key`. Open the device with the new key from now on.
+///
+/// # Safety
+/// `device` is a live device; `new_key` points to `key_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn starling_forget_with_key(
+    device: *const StarlingDevice,
+    new_key: *const u8,
+    key_len: usize,
+) -> StarlingStatus {
+    call(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { self::device(device) }?;
+        if new_key.is_null() {
+            return Err(CallError::Null("new_key"));
+        }
+        // SAFETY: non-null, `key_len` readable bytes by the caller's contract.
+        let key = unsafe { std::slice::from_raw_parts(new_key, key_len) }.to_vec();
+        Ok(d.forget_with_key(key)?)
+    })
+}
+
+/// The consent in force, into `*personalization` and `*training`.
+///
+/// # Safety
+/// `device` is a live device; both out-pointers are valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn starling_consent(
+    device: *const StarlingDevice,
+    personalization: *mut bool,
+    training: *mut bool,
+) -> StarlingStatus {
+    call(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { self::device(device) }?;
+        if personalization.is_null() || training.is_null() {
+            return Err(CallError::Null("personalization or training"));
+        }
+        let c = d.consent()?;
+        // SAFETY: non-null, valid for a write.
+        unsafe {
+            *personalization = c.personalization;
+            *training = c.training;
+        }
+        Ok(())
+    })
+}
+
+/// Deletes the events past the retention limits now; `*out_deleted` (if not null) receives how
+/// many.
+///
+/// # Safety
+/// `device` is a live device; `out_deleted` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn starling_enforce_retention(
+    device: *const StarlingDevice,
+    out_deleted: *mut u64,
+) -> StarlingStatus {
+    call(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { self::device(device) }?;
+        let n = d.enforce_retention()?;
+        if !out_deleted.is_null() {
+            // SAFETY: non-null, valid for a write.
+            unsafe { *out_deleted = n };
+        }
+        Ok(())
+    })
+}
+
 /// Reports the device's conditions.
 ///
 /// # Safety
@@ -678,6 +749,54 @@ mod tests {
             assert_eq!(export["events"].as_array().unwrap().len(), 1, "only the valid event was stored");
             starling_device_free(d);
         }
+    }
+
+    #[test]
+    fn consent_and_key_rotation_through_the_c_abi() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = [7u8; 32];
+        let json = |key: &[u8; 32]| {
+            format!(
+                r#"{{"client_id": 1, "credential": "t", "model_family": "bpr-mf", "items": 20, "dim": 4,
+                    "storage_dir": {:?}, "storage_key": {:?}}}"#,
+                dir.path().to_str().unwrap(),
+                key.to_vec()
+            )
+        };
+        let (s, d) = open(&json(&old));
+        assert_eq!(s, StarlingStatus::Ok, "{}", last_error());
+        let (mut p, mut t) = (true, true);
+        // SAFETY: a live device and valid pointers throughout.
+        unsafe {
+            assert_eq!(starling_consent(d, &mut p, &mut t), StarlingStatus::Ok);
+            assert!(!p && !t, "consent starts off");
+            assert_eq!(starling_set_consent(d, true, false), StarlingStatus::Ok);
+            assert_eq!(starling_consent(d, &mut p, &mut t), StarlingStatus::Ok);
+            assert!(p && !t);
+            assert_eq!(starling_consent(d, &mut p, ptr::null_mut()), StarlingStatus::NullArgument);
+            let mut deleted = 9;
+            assert_eq!(starling_enforce_retention(d, &mut deleted), StarlingStatus::Ok);
+            assert_eq!(deleted, 0);
+            let short = [1u8; 31];
+            assert_eq!(
+                starling_forget_with_key(d, short.as_ptr(), short.len()),
+                StarlingStatus::InvalidInput
+            );
+            assert_eq!(starling_forget_with_key(d, ptr::null(), 32), StarlingStatus::NullArgument);
+            let new = [9u8; 32];
+            assert_eq!(
+                starling_forget_with_key(d, new.as_ptr(), new.len()),
+                StarlingStatus::Ok,
+                "{}",
+                last_error()
+            );
+            starling_device_free(d);
+        }
+        assert_eq!(open(&json(&old)).0, StarlingStatus::Storage, "the old key no longer opens the store");
+        let (s, d) = open(&json(&[9u8; 32]));
+        assert_eq!(s, StarlingStatus::Ok, "{}", last_error());
+        // SAFETY: a live device.
+        unsafe { starling_device_free(d) };
     }
 
     #[test]
