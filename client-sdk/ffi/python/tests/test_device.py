@@ -222,6 +222,35 @@ def test_the_logger_receives_the_sdks_records():
     assert len(records) == n
 
 
+def test_the_log_never_carries_the_users_events():
+    """The host's log may end up in crash reports: at every level, what the SDK logs about local
+    calls must not name the user's items or what they did with them."""
+    records = []
+
+    class Collect(s.HostLogger):
+        def log(self, level, target, message):
+            records.append(message)
+
+    s.set_logger(Collect(), s.LogLevel.TRACE)
+    try:
+        d = s.StarlingDevice.open(config(default_consent=CONSENTED))
+        d.record_batch([event(31, kind=s.EventKind.VIEW(dwell_ms=41_234)), event(37, kind=s.EventKind.RATING(stars=5))])
+        d.record(event(33, kind=s.EventKind.SKIP()))
+        d.recommend(5, s.context_now())
+        d.similar_items(31, 3)
+        d.export_json()
+        d.privacy_report_json()
+        with pytest.raises(s.StarlingError.InvalidInput):
+            d.record(event(ITEMS + 3))
+        d.forget()
+    finally:
+        s.clear_logger()
+    assert records, "the SDK logged nothing at TRACE"
+    for m in records:
+        for secret in ("41234", "41_234", "dwell", "stars", "item 31", "item=31", "item: 31", "37", "skip"):
+            assert secret not in m.lower(), (secret, m)
+
+
 def test_calls_from_many_threads_are_safe():
     d = s.StarlingDevice.open(config(default_consent=CONSENTED))
     errors = []
