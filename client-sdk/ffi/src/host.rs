@@ -4,7 +4,7 @@
 //!
 //! A host implementation must not raise or throw: UniFFI reports an exception from a method that
 //! declares none as a panic in Rust, which the SDK's boundary turns into
-//! [`StarlingError::Internal`](crate::StarlingError::Internal) for the call that was running.
+//! [`StarlingError::Internal`] for the call that was running.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
