@@ -641,3 +641,33 @@ pub(crate) mod packed {
         }
     }
 }
+
+/// Why stored strategy-state bytes could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("strategy state: {0}")]
+pub struct StateBytesError(String);
+
+/// Encodes a [`StrategyState`](crate::strategy::StrategyState) for a checkpoint (bincode, the
+/// wire's encoding; the store adds its own checksum).
+pub fn encode_strategy_state(state: &crate::strategy::StrategyState) -> Vec<u8> {
+    bincode::serde::encode_to_vec(state, config()).unwrap_or_default()
+}
+
+/// Decodes [`encode_strategy_state`]'s bytes, refusing more than `limit` bytes of input and any
+/// trailing bytes (stored bytes are not trusted more than a peer's: a corrupt file must give an
+/// error, not an allocation of its claimed size).
+pub fn decode_strategy_state(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<crate::strategy::StrategyState, StateBytesError> {
+    if bytes.len() > limit {
+        return Err(StateBytesError(format!("{} bytes exceed the limit of {limit}", bytes.len())));
+    }
+    let (state, used): (crate::strategy::StrategyState, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<BINCODE_LIMIT>())
+            .map_err(|e| StateBytesError(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(StateBytesError(format!("{} trailing bytes", bytes.len() - used)));
+    }
+    Ok(state)
+}

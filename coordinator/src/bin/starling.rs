@@ -31,6 +31,9 @@ enum Command {
     /// Enrollment tokens: issue, revoke, list.
     #[command(subcommand)]
     Token(cli::serve::TokenCommand),
+    /// Operate a running coordinator: pause, resume, start a round, roll back, export the model,
+    /// reload revocations, drain, read the audit trail.
+    Admin(cli::admin::AdminArgs),
     /// Print the protocol and build versions.
     Version,
 }
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             cli::serve::run_serve(&args)?
         }
         Command::Token(cmd) => cli::serve::run_token(&cmd)?,
+        Command::Admin(args) => cli::admin::run(&args)?,
         Command::Version => {
             println!(
                 "starling {} (protocol versions {}..={})",

@@ -91,6 +91,14 @@ pub struct StatusSnapshot {
     pub connections: usize,
     /// Why no more rounds are started, if so.
     pub halted: Option<String>,
+    /// The schedule is paused by an operator (`starling admin pause`): rounds start only on
+    /// command.
+    pub paused: bool,
+    /// The node is draining (`starling admin drain`): new connections are refused.
+    pub draining: bool,
+    /// The checkpoint version whose strategy state (server-optimizer moments, an adaptive clip
+    /// norm) was restored at start-up, if one was.
+    pub strategy_state_restored_from: Option<u64>,
     /// The most recent failures, newest last.
     pub recent_failures: Vec<FailureRecord>,
     /// Federated evaluation: the newest figures and their history.
@@ -129,6 +137,8 @@ pub struct Telemetry {
     pub eval_reports: Gauge,
     /// Evaluation rounds that released their figures since the process started.
     pub eval_rounds: Counter,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_unauthorized: Counter,
     status: Mutex<StatusSnapshot>,
     failures: Mutex<VecDeque<FailureRecord>>,
 }
@@ -158,6 +168,7 @@ impl Telemetry {
             eval_loss: Gauge::default(),
             eval_reports: Gauge::default(),
             eval_rounds: Counter::default(),
+            admin_unauthorized: Counter::default(),
             status: Mutex::default(),
             failures: Mutex::default(),
             registry: Registry::default(),
@@ -171,6 +182,11 @@ impl Telemetry {
         );
         registry.register("updates_rejected", "Updates rejected, by reason", t.updates_rejected.clone());
         registry.register("rounds", "Rounds ended, by outcome", t.rounds.clone());
+        registry.register(
+            "admin_unauthorized",
+            "Admin requests refused for a missing or wrong token",
+            t.admin_unauthorized.clone(),
+        );
         registry.register("model_version", "Model version served", t.model_version.clone());
         registry.register(
             "epsilon_spent",
@@ -272,7 +288,8 @@ pub fn router(state: AdminState) -> Router {
     Router::new().route("/status", get(status)).route("/metrics", get(metrics)).with_state(state)
 }
 
-fn authorized(headers: &HeaderMap, token: &str) -> bool {
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
+pub(crate) fn authorized(headers: &HeaderMap, token: &str) -> bool {
     let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -284,6 +301,7 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 
 async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &state.token) {
+        state.telemetry.admin_unauthorized.inc();
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
     }
     (state.refresh)(&state.telemetry);
@@ -292,6 +310,7 @@ async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &state.token) {
+        state.telemetry.admin_unauthorized.inc();
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
     }
     (state.refresh)(&state.telemetry);

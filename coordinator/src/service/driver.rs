@@ -116,6 +116,14 @@ pub struct RoundSchedule {
     /// Run a federated-evaluation round after every this many committed training rounds
     /// (0 = never). Evaluation rounds do not count towards `max_rounds`.
     pub evaluate_every: u64,
+    /// Training rounds already begun before this start (a restart continues the count that
+    /// `max_rounds` limits; the service reads it from its store).
+    pub already_started: u64,
+    /// Training rounds committed since the last evaluation round, before this start.
+    pub committed_since_evaluation: u64,
+    /// Start paused: no round starts by itself until [`CoordinatorHandle::set_paused`] resumes
+    /// (an operator's pause survives restarts).
+    pub paused: bool,
 }
 
 /// What the driver reports about itself.
@@ -145,6 +153,10 @@ pub struct DriverStatus {
     pub halted: Option<String>,
     /// N, the enrolled population the engine was last told ([`CoordinatorHandle::set_population`]).
     pub population: Option<u64>,
+    /// The schedule is paused: rounds start only on command.
+    pub paused: bool,
+    /// The node is draining: new connections are refused and no round starts.
+    pub draining: bool,
 }
 
 /// Receives every engine event in order, before the driver handles its next input.
@@ -157,6 +169,18 @@ pub trait EventHook: Send + 'static {
     /// blocking pool, and the driver waits for them before its next input.
     fn blocking(&self, _event: &RoundEvent) -> bool {
         false
+    }
+
+    /// Records durably that checkpoint `source` is served again as `version` (an operator's
+    /// rollback) and returns its model and strategy state. Called by the driver between rounds;
+    /// the default refuses (no store).
+    fn install_checkpoint(
+        &mut self,
+        version: ModelVersion,
+        source: ModelVersion,
+    ) -> Result<(Vec<f32>, Option<starling_proto::strategy::StrategyState>), String> {
+        let _ = (version, source);
+        Err("this coordinator keeps no checkpoints".into())
     }
 }
 
@@ -202,6 +226,9 @@ pub enum DriverError {
     /// The driver halted after a storage (hook) failure and starts no rounds.
     #[error("the coordinator is halted: {0}")]
     Halted(String),
+    /// A rollback was refused (a round is running, the checkpoint is not kept, …).
+    #[error("cannot install the checkpoint: {0}")]
+    Install(String),
 }
 
 type ConnId = u64;
@@ -213,6 +240,9 @@ enum Command {
     StartRound { reply: oneshot::Sender<Result<RoundId, DriverError>> },
     Reverify { reply: oneshot::Sender<usize> },
     SetPopulation { n: u64 },
+    SetPaused { paused: bool },
+    Drain,
+    Install { source: ModelVersion, reply: oneshot::Sender<Result<ModelVersion, DriverError>> },
     Shutdown { reply: oneshot::Sender<()> },
 }
 
@@ -274,6 +304,26 @@ impl CoordinatorHandle {
         self.tx.send(Command::SetPopulation { n }).await.map_err(|_| DriverError::Stopped)
     }
 
+    /// Pauses (or resumes) the schedule: while paused no round starts by itself (a running
+    /// round finishes; `start_round` still works).
+    pub async fn set_paused(&self, paused: bool) -> Result<(), DriverError> {
+        self.tx.send(Command::SetPaused { paused }).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Drains the node: new connections are refused, no round starts (a running one finishes);
+    /// the operator stops the process once `status().round` is `None`.
+    pub async fn drain(&self) -> Result<(), DriverError> {
+        self.tx.send(Command::Drain).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Serves checkpoint `source` again, as the next version (an operator's rollback), between
+    /// rounds: the hook records it durably first. Returns the new version.
+    pub async fn install_checkpoint(&self, source: ModelVersion) -> Result<ModelVersion, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Install { source, reply }).await.map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
     /// The latest status.
     pub fn status(&self) -> DriverStatus {
         self.status.borrow().clone()
@@ -328,6 +378,8 @@ pub fn spawn_with_auth(
         revoked: 0,
         halted: None,
         population: None,
+        paused: config.schedule.as_ref().is_some_and(|s| s.paused),
+        draining: false,
     };
     let (status_tx, status_rx) = watch::channel(status);
     let (events, _) = broadcast::channel(1024);
@@ -335,8 +387,8 @@ pub fn spawn_with_auth(
         engine,
         codec: Codec::new(config.max_frame_bytes),
         schedule: config.schedule.clone(),
-        scheduled: 0,
-        committed_since_evaluation: 0,
+        scheduled: config.schedule.as_ref().map_or(0, |s| s.already_started),
+        committed_since_evaluation: config.schedule.as_ref().map_or(0, |s| s.committed_since_evaluation),
         next_start: config.schedule.as_ref().map(|_| Instant::now()),
         epoch: Instant::now(),
         conns: HashMap::new(),
@@ -401,12 +453,14 @@ impl Driver {
         let mut shutdown_reply = None;
         loop {
             let engine_timer = self.engine.poll_timeout().map(|t| self.at(t));
-            let start_timer =
-                if self.engine.current_round().is_none() && self.status.borrow().halted.is_none() {
+            let start_timer = {
+                let s = self.status.borrow();
+                if self.engine.current_round().is_none() && s.halted.is_none() && !s.paused && !s.draining {
                     self.next_start
                 } else {
                     None
-                };
+                }
+            };
             let timer = match (engine_timer, start_timer) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -444,7 +498,7 @@ impl Driver {
         let now = self.now();
         match cmd {
             Command::Attach { conn, out, reply } => {
-                if self.conns.len() >= self.max_connections {
+                if self.conns.len() >= self.max_connections || self.status.borrow().draining {
                     let _ = reply.send(false);
                     return;
                 }
@@ -493,6 +547,16 @@ impl Driver {
             Command::SetPopulation { n } => {
                 self.engine.set_population(n);
                 self.status.send_modify(|s| s.population = Some(n));
+            }
+            Command::SetPaused { paused } => {
+                self.status.send_modify(|s| s.paused = paused);
+                if !paused && self.next_start.is_none() && self.schedule.is_some() {
+                    self.next_start = Some(Instant::now());
+                }
+            }
+            Command::Drain => self.status.send_modify(|s| s.draining = true),
+            Command::Install { source, reply } => {
+                let _ = reply.send(self.install(source));
             }
             Command::Shutdown { .. } => unreachable!("handled by the run loop"),
         }
@@ -589,6 +653,47 @@ impl Driver {
             let _ = c.out.try_send(Outbound::Frame { bytes: Bytes::from(frame), upload: false });
         }
         let _ = c.out.try_send(Outbound::Close("unauthenticated".into()));
+    }
+
+    /// An operator's rollback: recorded by the hook, then served. See
+    /// [`CoordinatorHandle::install_checkpoint`].
+    fn install(&mut self, source: ModelVersion) -> Result<ModelVersion, DriverError> {
+        if let Some(r) = self.engine.current_round() {
+            return Err(DriverError::Install(format!(
+                "{r} is running: pause, wait for it to end, then roll back"
+            )));
+        }
+        if let Some(why) = self.status.borrow().halted.clone() {
+            return Err(DriverError::Halted(why));
+        }
+        let (current, _) = self.engine.model();
+        let version = current.next();
+        let Some(hook) = self.hook.as_mut() else {
+            return Err(DriverError::Install("the event hook was lost after a panic".into()));
+        };
+        let (model, state) = hook.install_checkpoint(version, source).map_err(DriverError::Install)?;
+        // Recorded: from here the engine must serve it. The model was validated by the store
+        // (shape, finite values); a state that no longer fits the configured strategy is
+        // dropped (the optimizer starts afresh), which cannot make the install fail.
+        let installed = match self.engine.install_model(model.clone(), state.as_ref()) {
+            Err(starling_proto::round::InstallError::State(e)) => {
+                tracing::warn!(error = %e, "the checkpoint's strategy state does not fit; starting it afresh");
+                self.engine.install_model(model, None)
+            }
+            other => other,
+        };
+        match installed {
+            Ok(v) => {
+                self.status.send_modify(|s| s.model_version = v);
+                Ok(v)
+            }
+            Err(e) => {
+                // Recorded but not served: nothing may be committed over it.
+                let why = format!("rollback recorded as {version} but not served: {e}");
+                self.status.send_modify(|s| s.halted = Some(why.clone()));
+                Err(DriverError::Install(why))
+            }
+        }
     }
 
     fn scheduled_start(&mut self) {

@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod quic;
 pub mod server;

@@ -37,11 +37,11 @@ use super::quic::{self, QuicError, QuicLimits, QuicStats};
 use super::tls::{self, LocalPki, TlsError};
 use super::tokens::{SecretError, TokenAuthority, unix_now_s};
 use super::unix_ms;
-use crate::store::{EvaluationRecord, RoundCommit, Store, StoreError};
+use crate::store::{EvaluationRecord, RoundCommit, RoundFigures, Store, StoreError};
 use starling_proto::dp::{LedgerEntry, Mechanism, NoiseMultiplier, PrivacyLedger, SamplingRate};
 use starling_proto::ids::ModelVersion;
-use starling_proto::message::{Refusal, RejectReason};
-use starling_proto::round::{Orchestrator, RoundEvent};
+use starling_proto::message::{Refusal, RejectReason, TaskKind};
+use starling_proto::round::{Orchestrator, RoundEvent, RoundStats};
 use starling_proto::update::ModelShape;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -137,6 +137,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let mut store = Store::open(&config.storage.path)?;
     let recovery = store.recover(unix_ms())?;
     let shape = config.shape()?;
+    let saved_state = recovery.latest.as_ref().and_then(|c| c.strategy_state.clone());
     let (model, version) = match recovery.latest {
         Some(c) if c.shape != shape => {
             return Err(ServeError::ShapeMismatch {
@@ -194,6 +195,30 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let mut engine =
         Orchestrator::new(config.orchestrator_config()?, strategy, model, version, recovery.next_round)?;
     engine.set_evaluation_target(config.evaluation_target())?;
+    // The strategy's carried state (optimizer moments, an adaptive clip norm) from the newest
+    // checkpoint: the restart continues exactly. A state of another strategy (the operator
+    // changed `[strategy]`) or a damaged one starts the strategy afresh, with a warning.
+    if let Some(bytes) = &saved_state {
+        let limit = shape.len().saturating_mul(16).saturating_add(1 << 20);
+        let restored = starling_proto::codec::decode_strategy_state(bytes, limit)
+            .map_err(|e| e.to_string())
+            .and_then(|state| engine.restore_strategy_state(&state).map_err(|e| e.to_string()));
+        match restored {
+            Ok(()) => {
+                tracing::info!(version = version.0, "strategy state restored from the checkpoint");
+                telemetry.update_status(|s| s.strategy_state_restored_from = Some(version.0));
+            }
+            Err(e) => {
+                tracing::warn!(version = version.0, error = %e, "strategy state not restored; the strategy starts afresh");
+                telemetry.failure("storage", format!("strategy state of v{} not restored: {e}", version.0));
+            }
+        }
+    }
+    let (already_started, committed_since_evaluation) = store.schedule_counters()?;
+    let paused = store.service_state("paused")?.as_deref() == Some("true");
+    if paused {
+        tracing::warn!("the schedule is paused (by an operator); `starling admin resume` resumes it");
+    }
     for record in store.evaluations(super::admin::EVALUATION_HISTORY)? {
         telemetry.evaluation(record, false);
     }
@@ -239,6 +264,9 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
             gap: Duration::from_millis(config.round.interval_ms),
             max_rounds: (config.round.max_rounds > 0).then_some(config.round.max_rounds),
             evaluate_every: config.evaluation_every(),
+            already_started,
+            committed_since_evaluation,
+            paused,
         }),
         ..DriverConfig::default()
     };
@@ -284,11 +312,23 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
                 s.rounds_evaluated = d.rounds_evaluated;
                 s.connections = d.connections;
                 s.halted = d.halted.clone();
+                s.paused = d.paused;
+                s.draining = d.draining;
             });
         })
     };
-    let app = super::admin::router(AdminState { telemetry: telemetry.clone(), token: admin_token, refresh });
+    let control = super::control::Control {
+        handle: handle.clone(),
+        store: Arc::new(std::sync::Mutex::new(Store::open(&config.storage.path)?)),
+        authority: authority.clone(),
+        token: admin_token.clone(),
+        family: config.model.family.clone(),
+        telemetry: telemetry.clone(),
+    };
+    let app = super::admin::router(AdminState { telemetry: telemetry.clone(), token: admin_token, refresh })
+        .merge(super::control::router(control));
     tasks.push(tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin endpoint failed");
         }
@@ -368,6 +408,36 @@ impl driver::Authenticator for TokenAuth {
 }
 
 impl driver::EventHook for Persist {
+    fn install_checkpoint(
+        &mut self,
+        version: ModelVersion,
+        source: ModelVersion,
+    ) -> Result<(Vec<f32>, Option<starling_proto::strategy::StrategyState>), String> {
+        let c = self
+            .store
+            .install_checkpoint(version, source, unix_ms(), self.keep)
+            .map_err(|e| e.to_string())?;
+        if c.shape != self.shape {
+            return Err(format!(
+                "checkpoint v{} has shape {:?}, the service {:?}",
+                source.0, c.shape, self.shape
+            ));
+        }
+        let limit = self.shape.len().saturating_mul(16).saturating_add(1 << 20);
+        let state = match &c.strategy_state {
+            Some(bytes) => starling_proto::codec::decode_strategy_state(bytes, limit).ok(),
+            None => None,
+        };
+        self.telemetry.model_version.set(version.0 as i64);
+        self.telemetry.update_status(|s| s.model_version = version.0);
+        tracing::warn!(
+            source = source.0,
+            version = version.0,
+            "rolled back: checkpoint served again as a new version"
+        );
+        Ok((c.model, state))
+    }
+
     fn blocking(&self, event: &RoundEvent) -> bool {
         matches!(
             event,
@@ -381,15 +451,17 @@ impl driver::EventHook for Persist {
     fn on_event(&mut self, event: &RoundEvent) -> Result<(), String> {
         let t = &self.telemetry;
         match event {
-            RoundEvent::Started { round, version } => {
+            RoundEvent::Started { round, version, kind } => {
                 t.update_status(|s| {
                     s.participants_selected = 0;
                     s.participants_reported = 0;
                 });
-                self.store.begin_round(*round, *version, unix_ms()).map_err(|e| {
-                    t.failure("storage", e.to_string());
-                    e.to_string()
-                })?;
+                self.store.begin_round(*round, *version, *kind == TaskKind::Evaluate, unix_ms()).map_err(
+                    |e| {
+                        t.failure("storage", e.to_string());
+                        e.to_string()
+                    },
+                )?;
             }
             RoundEvent::SelectionClosed { selected, .. } => {
                 t.update_status(|s| s.participants_selected = *selected)
@@ -413,12 +485,15 @@ impl driver::EventHook for Persist {
                     Some(p) => Some(ledger_entry(c.round.0, p)?),
                     None => None,
                 };
+                let state = starling_proto::codec::encode_strategy_state(&c.strategy_state);
                 let commit = RoundCommit {
                     round: c.round,
                     version: c.version,
                     shape: self.shape,
                     model: &c.model,
                     ledger: entry.as_ref(),
+                    strategy_state: Some(&state),
+                    figures: figures(&c.stats),
                 };
                 self.store.commit_round(&commit, unix_ms(), self.keep).map_err(|e| {
                     t.failure("storage", format!("{}: {e}; the model is not released", c.round));
@@ -461,7 +536,7 @@ impl driver::EventHook for Persist {
                     noise_std: m.noise_std,
                     at: unix_ms(),
                 };
-                self.store.record_evaluation(&record, entry.as_ref()).map_err(|err| {
+                self.store.record_evaluation(&record, entry.as_ref(), &figures(&e.stats)).map_err(|err| {
                     t.failure("storage", format!("{}: {err}; the evaluation is not released", e.round));
                     err.to_string()
                 })?;
@@ -484,15 +559,28 @@ impl driver::EventHook for Persist {
                 );
                 t.evaluation(record, true);
             }
-            RoundEvent::Failed { round, reason, .. } => {
+            RoundEvent::Failed { round, reason, stats } => {
                 t.rounds.get_or_create(&[("outcome", "failed")]).inc();
                 t.failure("round", format!("{round}: {reason}"));
                 tracing::info!(round = round.0, %reason, "round failed");
-                self.store.fail_round(*round, &reason.to_string(), unix_ms()).map_err(|e| e.to_string())?;
+                self.store
+                    .fail_round(*round, &reason.to_string(), &figures(stats), unix_ms())
+                    .map_err(|e| e.to_string())?;
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A round's participation figures, as the store keeps them.
+fn figures(s: &RoundStats) -> RoundFigures {
+    RoundFigures {
+        selected: s.selected as u64,
+        reported: s.reported as u64,
+        dropped: s.dropped as u64,
+        unfinished: s.unfinished as u64,
+        rejected: s.rejected as u64,
     }
 }
 

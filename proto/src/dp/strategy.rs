@@ -512,4 +512,32 @@ impl<S: Strategy> Strategy for DpFedAvg<S> {
         }
         self.ledger.record(LedgerEntry { round: ctx.round.0, mechanism });
     }
+
+    /// The inner strategy's state, plus the clip norm under adaptive clipping (`dp.clip`). The
+    /// ledger is not part of it: the host replays it from its own durable ledger.
+    fn save_state(&self) -> crate::strategy::StrategyState {
+        let mut s = self.inner.save_state();
+        if self.config.adaptive.is_some() {
+            s.scalars.push(("dp.clip".into(), self.clip));
+        }
+        s
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &crate::strategy::StrategyState,
+        model_len: usize,
+    ) -> Result<(), crate::strategy::StateError> {
+        let clip = match (self.config.adaptive, state.scalar("dp.clip")) {
+            (Some(_), Some(c)) if c.is_finite() && c > 0.0 => Some(c),
+            (Some(_), Some(_)) => return Err(crate::strategy::StateError::Invalid("dp.clip".into())),
+            // Saved without adaptive clipping (or it is off now): the configured clip norm.
+            _ => None,
+        };
+        self.inner.restore_state(&state.without("dp."), model_len)?;
+        if let Some(c) = clip {
+            self.clip = c;
+        }
+        Ok(())
+    }
 }

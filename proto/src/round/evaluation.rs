@@ -150,7 +150,11 @@ impl Orchestrator {
             min_reports,
             eval: Some(Box::new(EvalState { sums: [0.0; 4], noise })),
         });
-        self.events.push_back(RoundEvent::Started { round: id, version: self.version });
+        self.events.push_back(RoundEvent::Started {
+            round: id,
+            version: self.version,
+            kind: TaskKind::Evaluate,
+        });
         Ok(id)
     }
 

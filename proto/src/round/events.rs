@@ -58,6 +58,29 @@ pub enum FailReason {
     SecureAggregation(String),
 }
 
+/// Why [`Orchestrator::install_model`](super::Orchestrator::install_model) refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    /// A round is running: install between rounds.
+    #[error("{0} is running")]
+    Busy(RoundId),
+    /// The model has another length.
+    #[error("the model has {got} values, the served one {want}")]
+    Shape {
+        /// Its length.
+        got: usize,
+        /// The served model's length.
+        want: usize,
+    },
+    /// A value is not finite.
+    #[error("the model has a value that is not finite")]
+    NonFinite,
+    /// The strategy state does not fit this strategy.
+    #[error("strategy state: {0}")]
+    State(crate::strategy::StateError),
+}
+
 /// Why a round could not start.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[non_exhaustive]
@@ -129,6 +152,9 @@ pub struct CommittedRound {
     pub model: Arc<[f32]>,
     /// Privacy cost to record durably before releasing the model, if a DP layer produced it.
     pub privacy: Option<PrivacyCharge>,
+    /// The strategy's state after this round (server-optimizer moments, an adaptive clip norm):
+    /// the host checkpoints it with the model, so that a restart continues exactly.
+    pub strategy_state: Arc<crate::strategy::StrategyState>,
     /// Figures of the round.
     pub stats: RoundStats,
 }
@@ -157,8 +183,10 @@ pub enum RoundEvent {
     Started {
         /// The round.
         round: RoundId,
-        /// The model version it trains from.
+        /// The model version it trains from (or evaluates).
         version: ModelVersion,
+        /// Training or federated evaluation.
+        kind: crate::message::TaskKind,
     },
     /// Selection closed and tasks were sent.
     SelectionClosed {

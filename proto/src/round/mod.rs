@@ -45,7 +45,8 @@ mod secure;
 pub use config::{ConfigError, Eligibility, OrchestratorConfig, RoundConfig, Weighting};
 pub use evaluation::{FederatedEval, MAX_EVAL_CASES};
 pub use events::{
-    CommittedRound, EvaluatedRound, FailReason, Phase, RoundEvent, RoundStats, StartError, Transmit,
+    CommittedRound, EvaluatedRound, FailReason, InstallError, Phase, RoundEvent, RoundStats, StartError,
+    Transmit,
 };
 pub use secure::SecureAggregation;
 
@@ -104,7 +105,7 @@ pub struct Orchestrator {
     population: Option<u64>,
     authenticate: Authenticator,
     /// The model replaced by the last commit, until the next round starts (for [`Orchestrator::revert_commit`]).
-    replaced: Option<(ModelVersion, Arc<[f32]>)>,
+    replaced: Option<(ModelVersion, Arc<[f32]>, crate::strategy::StrategyState)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<RoundEvent>,
     /// Reports an evaluation round aims for (`None`: the training target).
@@ -292,7 +293,11 @@ impl Orchestrator {
             min_reports: cfg.min_reports,
             eval: None,
         });
-        self.events.push_back(RoundEvent::Started { round: id, version: self.version });
+        self.events.push_back(RoundEvent::Started {
+            round: id,
+            version: self.version,
+            kind: TaskKind::Train,
+        });
         Ok(id)
     }
 
@@ -381,21 +386,71 @@ impl Orchestrator {
     /// Undoes the last commit: the model and version go back to what they were before it, so a
     /// model the host failed to record is never served. Possible only until the next round
     /// starts (no client can have received the reverted model before then); returns whether a
-    /// commit was undone. The strategy's own state (server optimiser moments, a DP ledger held in
-    /// memory) is not rewound: the host is expected to stop starting rounds after a storage
-    /// failure, and an over-counted privacy charge is the safe side.
+    /// commit was undone. The strategy's carried state (server-optimizer moments, an adaptive
+    /// clip norm) is rewound with it; a DP ledger held in memory is not (an over-counted privacy
+    /// charge is the safe side, and the host stops starting rounds after a storage failure).
     pub fn revert_commit(&mut self) -> bool {
         if self.round.is_some() {
             return false;
         }
-        let Some((version, model)) = self.replaced.take() else { return false };
+        let Some((version, model, state)) = self.replaced.take() else { return false };
         if self.history.back().is_some_and(|(v, _)| *v == version) {
             self.history.pop_back();
         }
         self.model = model;
         self.version = version;
+        // It was saved by this very strategy a moment ago: restoring it cannot fail.
+        let _ = self.strategy.restore_state(&state, self.model.len());
         self.last_phase = Phase::Failed;
         true
+    }
+
+    /// The strategy's carried state now (what the last commit's
+    /// [`CommittedRound::strategy_state`] holds).
+    pub fn strategy_state(&self) -> crate::strategy::StrategyState {
+        self.strategy.save_state()
+    }
+
+    /// Puts back a checkpointed strategy state (at start-up, before any round). On error nothing
+    /// changes.
+    pub fn restore_strategy_state(
+        &mut self,
+        state: &crate::strategy::StrategyState,
+    ) -> Result<(), crate::strategy::StateError> {
+        self.strategy.restore_state(state, self.model.len())
+    }
+
+    /// Serves `model` as the next version (an operator's rollback to an earlier checkpoint: the
+    /// version number still only grows, so every device sees a new version) and, if given, puts
+    /// back the strategy state saved with it. Only between rounds; the host records it durably
+    /// first. Returns the new version.
+    pub fn install_model(
+        &mut self,
+        model: Vec<f32>,
+        state: Option<&crate::strategy::StrategyState>,
+    ) -> Result<ModelVersion, InstallError> {
+        if let Some(r) = &self.round {
+            return Err(InstallError::Busy(r.id));
+        }
+        if model.len() != self.model.len() {
+            return Err(InstallError::Shape { got: model.len(), want: self.model.len() });
+        }
+        if model.iter().any(|v| !v.is_finite()) {
+            return Err(InstallError::NonFinite);
+        }
+        if let Some(state) = state {
+            self.strategy.restore_state(state, model.len()).map_err(InstallError::State)?;
+        }
+        if self.config.history > 0 {
+            self.history.push_back((self.version, self.model.clone()));
+            while self.history.len() > self.config.history {
+                self.history.pop_front();
+            }
+        }
+        self.replaced = None;
+        self.model = model.into();
+        self.version = self.version.next();
+        Ok(self.version)
     }
 
     /// The next message to send, in order.
@@ -743,6 +798,7 @@ impl Orchestrator {
         r.phase = Phase::Aggregating;
         let aggregator = r.aggregator.take().expect("collecting rounds have an aggregator");
         let ctx = r.ctx.clone();
+        let before = self.strategy.save_state();
         let result = aggregator.finish(&mut self.rng).and_then(|agg| {
             let mut next = self.model.to_vec();
             self.strategy.apply(&ctx, &mut next, &agg)?;
@@ -755,7 +811,7 @@ impl Orchestrator {
             Err(e) => self.fail(now, FailReason::Aggregation(e)),
             Ok((next, privacy)) => {
                 let Some(mut r) = self.round.take() else { return };
-                self.replaced = Some((self.version, self.model.clone()));
+                self.replaced = Some((self.version, self.model.clone(), before));
                 if self.config.history > 0 {
                     self.history.push_back((self.version, self.model.clone()));
                     while self.history.len() > self.config.history {
@@ -777,6 +833,7 @@ impl Orchestrator {
                     version: self.version,
                     model: self.model.clone(),
                     privacy,
+                    strategy_state: Arc::new(self.strategy.save_state()),
                     stats: r.stats,
                 })));
             }

@@ -99,4 +99,16 @@ impl Strategy for Federated {
         }
         self.optimizer.step(global, &aggregate.delta)
     }
+
+    fn save_state(&self) -> super::StrategyState {
+        self.optimizer.save_state()
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &super::StrategyState,
+        model_len: usize,
+    ) -> Result<(), super::StateError> {
+        self.optimizer.restore_state(state, model_len)
+    }
 }

@@ -293,6 +293,25 @@ pub trait Strategy: Send {
     fn record_evaluation(&mut self, ctx: &RoundContext, charge: &PrivacyCharge) {
         let _ = (ctx, charge);
     }
+
+    /// What the strategy carries from round to round (server-optimizer moments, an adaptive clip
+    /// norm), saved after each commit and checkpointed with the model. Stateless strategies save
+    /// an empty state (the default). Decorators must add their own part to their inner
+    /// strategy's.
+    fn save_state(&self) -> StrategyState {
+        StrategyState::default()
+    }
+
+    /// Puts back a state [`save_state`](Self::save_state) gave, for a model of `model_len`
+    /// values. On error nothing changes. The default accepts only an empty state.
+    fn restore_state(&mut self, state: &StrategyState, model_len: usize) -> Result<(), StateError> {
+        let _ = model_len;
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::OtherStrategy { saved: "a stateful strategy".into(), current: self.name() })
+        }
+    }
 }
 
 impl Strategy for Box<dyn Strategy> {
@@ -339,6 +358,14 @@ impl Strategy for Box<dyn Strategy> {
         (**self).apply(ctx, global, aggregate)
     }
 
+    fn save_state(&self) -> StrategyState {
+        (**self).save_state()
+    }
+
+    fn restore_state(&mut self, state: &StrategyState, model_len: usize) -> Result<(), StateError> {
+        (**self).restore_state(state, model_len)
+    }
+
     fn evaluation_release(&mut self, ctx: &RoundContext) -> Result<Option<EvalNoise>, AdmissionError> {
         (**self).evaluation_release(ctx)
     }
@@ -362,11 +389,13 @@ mod aggregate;
 mod fed;
 pub mod norm;
 mod server_opt;
+pub mod state;
 
 pub use aggregate::{AggregationRule, Coordinatewise, WeightedMean};
 pub use fed::Federated;
 pub use norm::NormBound;
 pub use server_opt::ServerOptimizer;
+pub use state::{StateError, StrategyState};
 
 #[cfg(test)]
 mod tests;

@@ -129,6 +129,16 @@ impl<S: Strategy> Strategy for NormBound<S> {
     ) -> Result<(), AggregateError> {
         self.inner.apply(ctx, global, aggregate)
     }
+    fn save_state(&self) -> super::StrategyState {
+        self.inner.save_state()
+    }
+    fn restore_state(
+        &mut self,
+        state: &super::StrategyState,
+        model_len: usize,
+    ) -> Result<(), super::StateError> {
+        self.inner.restore_state(state, model_len)
+    }
     fn evaluation_release(
         &mut self,
         ctx: &RoundContext,

@@ -9,6 +9,7 @@
 //! As in the paper, there is no bias correction and the moments start at zero.
 
 use super::AggregateError;
+use super::state::{StateError, StrategyState};
 
 /// A server optimizer with its state.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,6 +90,53 @@ impl ServerOptimizer {
             ServerOptimizer::Adam { .. } => "adam",
             ServerOptimizer::Yogi { .. } => "yogi",
         }
+    }
+
+    /// The optimizer's moments as a [`StrategyState`] (`optimizer.kind` names the optimizer;
+    /// plain SGD has no moments).
+    pub fn save_state(&self) -> StrategyState {
+        let mut s = StrategyState {
+            labels: vec![("optimizer.kind".into(), self.name().into())],
+            ..Default::default()
+        };
+        match self {
+            ServerOptimizer::Sgd { .. } => {}
+            ServerOptimizer::Momentum { velocity, .. } => {
+                s.vectors.push(("optimizer.velocity".into(), velocity.clone()))
+            }
+            ServerOptimizer::Adam { m, v, .. } | ServerOptimizer::Yogi { m, v, .. } => {
+                s.vectors.push(("optimizer.m".into(), m.clone()));
+                s.vectors.push(("optimizer.v".into(), v.clone()));
+            }
+        }
+        s
+    }
+
+    /// Puts back moments [`save_state`](Self::save_state) gave, for a model of `model_len`
+    /// values; the hyper-parameters (learning rate, β) stay as configured. On error nothing
+    /// changes.
+    pub fn restore_state(&mut self, state: &StrategyState, model_len: usize) -> Result<(), StateError> {
+        let saved = state.label("optimizer.kind").unwrap_or("none");
+        if saved != self.name() {
+            return Err(StateError::OtherStrategy { saved: saved.into(), current: self.name().into() });
+        }
+        match self {
+            ServerOptimizer::Sgd { .. } => {}
+            ServerOptimizer::Momentum { velocity, .. } => {
+                *velocity = state.checked_vector("optimizer.velocity", model_len)?;
+            }
+            ServerOptimizer::Adam { m, v, .. } | ServerOptimizer::Yogi { m, v, .. } => {
+                let (new_m, new_v) = (
+                    state.checked_vector("optimizer.m", model_len)?,
+                    state.checked_vector("optimizer.v", model_len)?,
+                );
+                if new_m.len() != new_v.len() || new_v.iter().any(|x| *x < 0.0) {
+                    return Err(StateError::Invalid("optimizer.v".into()));
+                }
+                (*m, *v) = (new_m, new_v);
+            }
+        }
+        Ok(())
     }
 
     /// Applies `delta` to `x` in place. Leaves `x` and the optimizer state untouched if the result
