@@ -297,34 +297,45 @@ async fn the_control_plane_pauses_exports_rolls_back_and_audits_and_refuses_with
     running.shutdown().await;
 }
 
+/// Waits until `n` rounds have ended (committed or failed) and none is running.
+async fn wait_ended(running: &server::Running, n: u64, within: Duration) {
+    let mut handle = running.handle.clone();
+    tokio::time::timeout(within, async {
+        loop {
+            let s = handle.status();
+            if s.rounds_committed + s.rounds_failed >= n && s.round.is_none() {
+                return;
+            }
+            handle.status_changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} rounds did not end: {:?}", running.handle.status()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_continues_the_schedule_count_the_pause_and_the_optimizer_state() {
+    const MAX_ROUNDS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
-    let path = service_dir(dir.path(), &config_text("max_rounds = 3"));
+    let path = service_dir(dir.path(), &config_text(&format!("max_rounds = {MAX_ROUNDS}")));
     let config = load(&path);
     let tokens: Vec<Vec<u8>> = (1..=3).map(|id| issue(&config, id, 3600).1).collect();
     let admin = std::fs::read_to_string(dir.path().join("secrets/admin.token")).unwrap();
     let admin = admin.trim().to_owned();
 
-    // First life: two rounds commit, then the operator pauses and the process stops.
+    // First life: a round commits, then the operator pauses and the process stops.
     let running = server::start(&config).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = fleet(&running, dir.path(), &tokens, stop.clone());
-    wait_committed(&running, 2, Duration::from_secs(120)).await;
+    wait_committed(&running, 1, Duration::from_secs(120)).await;
     assert_eq!(http(running.admin_addr, "POST", "/admin/pause", Some(&admin)).await.0, 200);
-    let mut handle = running.handle.clone();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while handle.status().round.is_some() {
-            handle.status_changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    wait_ended(&running, 1, Duration::from_secs(60)).await;
     stop.store(true, Ordering::Relaxed);
     clients.abort_all();
     running.shutdown().await;
     let store = Store::open(&config.storage.path).unwrap();
     let first_life = store.rounds().unwrap().iter().filter(|r| r.kind == "train").count();
+    assert!(first_life < MAX_ROUNDS, "paused before the schedule ran out ({first_life} rounds)");
     let saved = store.latest_checkpoint().unwrap().unwrap();
     let state =
         starling_proto::codec::decode_strategy_state(saved.strategy_state.as_deref().unwrap(), 1 << 24)
@@ -333,7 +344,8 @@ async fn a_restart_continues_the_schedule_count_the_pause_and_the_optimizer_stat
     assert_eq!(state.vector("optimizer.m").unwrap().len(), 160, "the moments are checkpointed");
     drop(store);
 
-    // Second life: still paused; once resumed, only what remains of max_rounds = 3 runs.
+    // Second life: still paused, with the optimizer's state restored; once resumed, only what
+    // remains of max_rounds runs.
     let running = server::start(&config).await.unwrap();
     let status = json(&http(running.admin_addr, "GET", "/status", Some(&admin)).await.1);
     assert_eq!(status["paused"], true, "the pause survived the restart: {status}");
@@ -344,18 +356,107 @@ async fn a_restart_continues_the_schedule_count_the_pause_and_the_optimizer_stat
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = fleet(&running, dir.path(), &tokens, stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(running.handle.status().rounds_committed, 0, "nothing ran while paused");
+    let s = running.handle.status();
+    assert_eq!(s.rounds_committed + s.rounds_failed, 0, "nothing ran while paused");
     assert_eq!(http(running.admin_addr, "POST", "/admin/resume", Some(&admin)).await.0, 200);
-    let remaining = 3u64.saturating_sub(first_life as u64);
-    if remaining > 0 {
-        wait_committed(&running, remaining, Duration::from_secs(120)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let remaining = (MAX_ROUNDS - first_life) as u64;
+    wait_ended(&running, remaining, Duration::from_secs(180)).await;
+    // The schedule is done: nothing more starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     clients.abort_all();
     let s = running.handle.status();
     running.shutdown().await;
+    assert_eq!(s.rounds_committed + s.rounds_failed, remaining, "only what remained ran ({s:?})");
     let store = Store::open(&config.storage.path).unwrap();
     let trained = store.rounds().unwrap().iter().filter(|r| r.kind == "train").count();
-    assert_eq!(trained, 3, "max_rounds counts across the restart ({s:?})");
+    assert_eq!(trained, MAX_ROUNDS, "max_rounds counts across the restart ({s:?})");
+}
+
+/// `starling serve --log-format json` writes one JSON object per line; `starling admin` drives
+/// the control plane of that process (status, pause, export, audit).
+#[test]
+fn json_logs_and_the_admin_cli_against_the_real_binary() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let path = service_dir(dir.path(), &config_text(""));
+    let log = dir.path().join("serve.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let admin = loop {
+        let line = lines.next().expect("serve printed its addresses").unwrap();
+        if let Some(a) = line.strip_prefix("admin listening on ") {
+            break a.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["admin", "--config"])
+            .arg(&path)
+            .args(["--url", &format!("http://{admin}"), "--operator", "cli-test"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, status, err) = cli(&["status"]);
+    assert!(ok, "{err}");
+    assert_eq!(json(status.as_bytes())["paused"], false);
+    let (ok, out, err) = cli(&["pause"]);
+    assert!(ok && out.contains("\"paused\":true"), "{out}{err}");
+    let file = dir.path().join("model.bin");
+    let (ok, _, err) = cli(&["export", "--out", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (version, rows, row_len, _, values) = read_export(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!((version, rows, row_len, values.len()), (0, 40, 4, 160));
+    let (ok, _, err) = cli(&["rollback", "--version", "77"]);
+    assert!(!ok && err.contains("409"), "a refused action fails the command: {err}");
+    let (ok, out, _) = cli(&["audit"]);
+    assert!(ok);
+    let audit = json(out.as_bytes());
+    let actions: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["pause", "export", "rollback"]);
+    assert!(audit["audit"][0]["actor"].as_str().unwrap().contains("cli-test"));
+    // A wrong token: refused, nothing recorded.
+    let bad = dir.path().join("bad.token");
+    std::fs::write(&bad, "nope").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["admin", "--url", &format!("http://{admin}"), "--token-file", bad.to_str().unwrap(), "resume"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"));
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    assert!(!records.is_empty());
+    for r in &records {
+        assert!(r["timestamp"].is_string() && r["level"].is_string() && r["target"].is_string(), "{r}");
+        assert!(r["fields"]["message"].is_string(), "{r}");
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r["fields"]["message"] == "control-plane action" && r["fields"]["action"] == "pause"),
+        "{text}"
+    );
 }

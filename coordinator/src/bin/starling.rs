@@ -47,14 +47,16 @@ fn main() -> anyhow::Result<()> {
         Command::Privacy(cmd) => cli::privacy::run(&cmd)?,
         Command::Init(args) => cli::serve::run_init(&args)?,
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let logs = tracing_subscriber::fmt()
+                .with_env_filter(filter)
                 .with_writer(std::io::stderr)
-                .with_ansi(false)
-                .init();
+                .with_ansi(false);
+            match args.log_format {
+                cli::serve::LogFormat::Text => logs.init(),
+                cli::serve::LogFormat::Json => logs.json().with_current_span(false).init(),
+            }
             cli::serve::run_serve(&args)?
         }
         Command::Token(cmd) => cli::serve::run_token(&cmd)?,

@@ -30,6 +30,19 @@ pub struct ServeArgs {
     /// The configuration file.
     #[arg(long, default_value = "starling.toml")]
     pub config: PathBuf,
+    /// Log lines on standard error: `text` (for people) or `json` (one JSON object a line, with
+    /// `timestamp`, `level`, `target` and the event's `fields`, for log collectors).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How `starling serve` writes its log.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `starling token …`

@@ -1,7 +1,10 @@
 //! The admin HTTP endpoint and the service's telemetry.
 //!
-//! Two routes, on a separate TCP port, both requiring `Authorization: Bearer <admin token>`
-//! (compared in constant time; a missing or wrong token gets `401`):
+//! Routes on a separate TCP port; all but the dashboard page require
+//! `Authorization: Bearer <admin token>` (compared in constant time; a missing or wrong token
+//! gets `401`):
+//! - `GET /`: the dashboard, a self-contained page that reads the routes below with the token the
+//!   operator gives it (it carries no data itself);
 //! - `GET /status`: JSON — phase, current round, participants of the current round, model
 //!   version, rounds committed and failed, ε spent and budget, open connections, the most
 //!   recent failures (bounded list), and `evaluation`: the last federated-evaluation round's
@@ -283,9 +286,36 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// The admin router (`/status`, `/metrics`).
+/// The admin router (`/` the dashboard, `/status`, `/metrics`).
 pub fn router(state: AdminState) -> Router {
-    Router::new().route("/status", get(status)).route("/metrics", get(metrics)).with_state(state)
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The operator's dashboard: one self-contained page (no external resource; the policy below
+/// forbids loading any) that reads `/status` and `/history` with the token the operator gives it.
+/// It carries no data itself, so it is served without the token.
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; \
+                 img-src data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        DASHBOARD_HTML,
+    )
+        .into_response()
 }
 
 /// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
