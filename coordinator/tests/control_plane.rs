@@ -460,3 +460,66 @@ fn json_logs_and_the_admin_cli_against_the_real_binary() {
         "{text}"
     );
 }
+
+/// `admin_tls = true`: the admin endpoint speaks only TLS 1.3, with the service's certificate;
+/// `starling admin` trusts the service's CA (and only it).
+#[test]
+fn the_admin_endpoint_over_tls_refuses_plain_http_and_trusts_only_its_ca() {
+    use std::io::{BufRead, Read, Write};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text("")
+        .replace("admin_listen = \"127.0.0.1:0\"", "admin_listen = \"127.0.0.1:0\"\nadmin_tls = true");
+    let path = service_dir(dir.path(), &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let admin: SocketAddr = loop {
+        let line = lines.next().expect("serve printed its addresses").unwrap();
+        if let Some(a) = line.strip_prefix("admin listening on ") {
+            break a.trim().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let token = std::fs::read_to_string(dir.path().join("secrets/admin.token")).unwrap();
+
+    // Plain HTTP gets no HTTP answer (the server wants a TLS handshake and hangs up).
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(
+        format!("GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n", token.trim())
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"), "plain HTTP was served");
+
+    let cli = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["admin", "--config"])
+            .arg(&path)
+            .args(["--url", &format!("https://{admin}")])
+            .args(extra)
+            .arg("status")
+            .output()
+            .unwrap()
+    };
+    // The service's CA (found beside the configuration): served.
+    let out = cli(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out.stdout)["paused"], false);
+    // Another CA: the certificate is refused, nothing is sent.
+    let other = tempfile::tempdir().unwrap();
+    server::init(other.path(), &["localhost", "127.0.0.1"], false).unwrap();
+    let out = cli(&["--ca", other.path().join("tls/ca.pem").to_str().unwrap()]);
+    assert!(!out.status.success(), "a foreign CA was trusted");
+    child.kill().unwrap();
+    let _ = child.wait();
+}

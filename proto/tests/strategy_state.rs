@@ -37,7 +37,9 @@ fn delta(rng: &mut rand_chacha::ChaCha8Rng) -> Aggregate {
     }
 }
 
-fn strategies() -> Vec<(&'static str, fn() -> Federated)> {
+type Make = fn() -> Federated;
+
+fn strategies() -> Vec<(&'static str, Make)> {
     vec![
         ("fedavg", Federated::fedavg),
         ("fedavgm", || Federated::fedavgm(0.7, 0.9)),

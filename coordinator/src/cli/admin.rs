@@ -22,6 +22,10 @@ pub struct AdminArgs {
     /// A file holding the admin token (default: from the configuration).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) to trust for an admin endpoint over TLS (default, when the
+    /// configuration has `admin_tls = true`: `tls/ca.pem` beside it).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
     /// The name recorded in the audit trail (claimed, not authenticated; default `$USER`).
     #[arg(long)]
     pub operator: Option<String>,
@@ -79,9 +83,28 @@ pub enum AdminCommand {
 
 /// Runs `starling admin`.
 pub fn run(args: &AdminArgs) -> anyhow::Result<()> {
-    let (base, token) = endpoint(args)?;
+    let (base, token, ca) = endpoint(args)?;
     let operator = args.operator.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_default();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing {}", ca.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no certificate", ca.display());
+        }
+        // Only this CA: not the public web's roots.
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::Specific(certs.into())).build(),
+        );
+    }
+    let agent: ureq::Agent = config.build().into();
     let call = |method: &str, path: &str| -> anyhow::Result<(u16, Vec<u8>)> {
         let url = format!("{base}{path}");
         let auth = format!("Bearer {token}");
@@ -129,7 +152,7 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn endpoint(args: &AdminArgs) -> anyhow::Result<(String, String)> {
+fn endpoint(args: &AdminArgs) -> anyhow::Result<(String, String, Option<PathBuf>)> {
     let config = if args.url.is_none() || args.token_file.is_none() {
         Some(
             ServiceConfig::load(&args.config)
@@ -138,9 +161,10 @@ fn endpoint(args: &AdminArgs) -> anyhow::Result<(String, String)> {
     } else {
         None
     };
+    let tls = config.as_ref().is_some_and(|c| c.server.admin_tls);
     let base = match (&args.url, &config) {
         (Some(u), _) => u.trim_end_matches('/').to_owned(),
-        (None, Some(c)) => format!("http://{}", c.server.admin_listen),
+        (None, Some(c)) => format!("{}://{}", if tls { "https" } else { "http" }, c.server.admin_listen),
         (None, None) => unreachable!("the configuration is read when --url is missing"),
     };
     let token_file = match (&args.token_file, &config) {
@@ -150,5 +174,8 @@ fn endpoint(args: &AdminArgs) -> anyhow::Result<(String, String)> {
     };
     let token =
         std::fs::read_to_string(&token_file).with_context(|| format!("reading {}", token_file.display()))?;
-    Ok((base, token.trim().to_owned()))
+    let ca = args.ca.clone().or_else(|| {
+        tls.then(|| args.config.parent().unwrap_or(std::path::Path::new(".")).join("tls/ca.pem"))
+    });
+    Ok((base, token.trim().to_owned(), ca))
 }

@@ -14,6 +14,7 @@
 //!   hook, and the wiring of the pieces above.
 
 pub mod admin;
+pub mod admin_tls;
 pub mod config;
 pub mod control;
 pub mod driver;

@@ -327,9 +327,27 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     };
     let app = super::admin::router(AdminState { telemetry: telemetry.clone(), token: admin_token, refresh })
         .merge(super::control::router(control));
+    let admin_tls = if s.admin_tls {
+        let (certs, key) = tls::load_cert_and_key(&s.cert, &s.key)?;
+        let config = super::admin_tls::server_config(certs, key).map_err(|e| ServeError::Io {
+            what: "admin TLS configuration".into(),
+            source: std::io::Error::other(e),
+        })?;
+        Some(config)
+    } else {
+        None
+    };
     tasks.push(tokio::spawn(async move {
+        use axum::serve::ListenerExt;
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match admin_tls {
+            Some(config) => match super::admin_tls::TlsListener::new(listener, config) {
+                Ok(tls) => axum::serve(tls.tap_io(|_| {}), app).await,
+                Err(e) => Err(e),
+            },
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin endpoint failed");
         }
     }));

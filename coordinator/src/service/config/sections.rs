@@ -19,6 +19,8 @@ pub struct ServerSection {
     pub key: PathBuf,
     /// File holding the admin bearer token.
     pub admin_token_file: PathBuf,
+    /// Serve the admin endpoint over TLS 1.3 with `cert` and `key` (the QUIC endpoint's).
+    pub admin_tls: bool,
     /// File holding the secret enrollment tokens are signed with.
     pub token_secret_file: PathBuf,
     /// Most open client connections; further handshakes are refused.
@@ -65,6 +67,7 @@ impl Default for ServerSection {
             cert: "tls/server.pem".into(),
             key: "tls/server.key".into(),
             admin_token_file: "secrets/admin.token".into(),
+            admin_tls: false,
             token_secret_file: "secrets/token.key".into(),
             max_connections: 20_000,
             max_connections_per_ip: 64,

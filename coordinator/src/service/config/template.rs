@@ -18,6 +18,7 @@ cert = "tls/server.pem"
 key = "tls/server.key"
 # Bearer token of the admin endpoint, and the secret enrollment tokens are signed with.
 admin_token_file = "secrets/admin.token"
+admin_tls = false                # true: the admin endpoint speaks TLS 1.3 with cert/key (starling admin --ca tls/ca.pem)
 token_secret_file = "secrets/token.key"
 # Limits. A round start is a burst of handshakes: they are paced by max_concurrent_handshakes
 # and absorbed by a large UDP receive buffer (the kernel caps it at net.core.rmem_max).
