@@ -9,10 +9,13 @@
 //!   clock — and its reports (`results.json`, `report.html`).
 //! - [`service`]: the coordinator service (`starling serve`): driver, QUIC, tokens, admin HTTP, recovery.
 //! - [`store`]: the embedded SQLite store (privacy ledger, checkpoints, rounds, clients, tokens).
+//! - [`cluster`]: groundwork for several coordinator nodes on one PostgreSQL database: the
+//!   leader lease with its fencing epoch (not yet used by `starling serve`).
 //! - [`privacy`]: the durable ledger over the store (and opendp's Gaussian sampler, re-exported
 //!   from `starling_proto::dp::opendp`).
 
 pub mod cli;
+pub mod cluster;
 pub mod privacy;
 pub mod service;
 pub mod sim;
