@@ -59,44 +59,6 @@ every_rounds = 0
     )
 }
 
-/// An HTTP/1.1 request to the admin endpoint: `(status, body)`.
-async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}X-Starling-Operator: test-operator\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        let split = out.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response");
-        let head = String::from_utf8_lossy(&out[..split]).to_string();
-        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut body = out[split + 4..].to_vec();
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            body = unchunk(&body);
-        }
-        (status, body)
-    })
-    .await
-    .unwrap()
-}
-
-fn unchunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line_end + 2..line_end + 2 + n]);
-        b = &b[line_end + 2 + n + 2..];
-    }
-}
-
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
 }

@@ -67,22 +67,6 @@ fn chromium() -> Option<PathBuf> {
     })
 }
 
-async fn post(addr: std::net::SocketAddr, path: &str, token: &str) -> String {
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_a_round_that_committed_after_it_loaded() {
     let have_node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -126,7 +110,7 @@ async fn the_dashboard_shows_a_round_that_committed_after_it_loaded() {
     })
     .await
     .expect("a first round commits");
-    assert!(post(running.admin_addr, "/admin/pause", &admin).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(http(running.admin_addr, "POST", "/admin/pause", Some(&admin)).await.0, 200);
     tokio::time::timeout(Duration::from_secs(60), async {
         while handle.status().round.is_some() {
             handle.status_changed().await.unwrap();
@@ -172,7 +156,7 @@ async fn the_dashboard_shows_a_round_that_committed_after_it_loaded() {
     assert_eq!(loaded, committed_at_load, "the page shows the service's count");
 
     // Now a round commits; the page must show it by itself.
-    assert!(post(running.admin_addr, "/admin/round", &admin).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(http(running.admin_addr, "POST", "/admin/round", Some(&admin)).await.0, 200);
     let line = tokio::time::timeout(Duration::from_secs(90), rx.recv()).await.ok().flatten();
     let status = node.wait().unwrap();
     stop.store(true, Ordering::Relaxed);
