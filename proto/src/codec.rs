@@ -653,6 +653,29 @@ pub fn encode_strategy_state(state: &crate::strategy::StrategyState) -> Vec<u8> 
     bincode::serde::encode_to_vec(state, config()).unwrap_or_default()
 }
 
+/// Encodes a node's share of a round for the leader (the cluster's database carries it).
+pub fn encode_shard_outcome(outcome: &crate::round::ShardOutcome) -> Vec<u8> {
+    bincode::serde::encode_to_vec(outcome, config()).unwrap_or_default()
+}
+
+/// Decodes [`encode_shard_outcome`]'s bytes, refusing more than `limit` bytes of input and any
+/// trailing bytes. The leader checks the partial's shape and values before merging it.
+pub fn decode_shard_outcome(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<crate::round::ShardOutcome, StateBytesError> {
+    if bytes.len() > limit {
+        return Err(StateBytesError(format!("{} bytes exceed the limit of {limit}", bytes.len())));
+    }
+    let (outcome, used): (crate::round::ShardOutcome, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<BINCODE_LIMIT>())
+            .map_err(|e| StateBytesError(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(StateBytesError(format!("{} trailing bytes", bytes.len() - used)));
+    }
+    Ok(outcome)
+}
+
 /// Decodes [`encode_strategy_state`]'s bytes, refusing more than `limit` bytes of input and any
 /// trailing bytes (stored bytes are not trusted more than a peer's: a corrupt file must give an
 /// error, not an allocation of its claimed size).

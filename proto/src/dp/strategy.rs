@@ -339,6 +339,29 @@ impl Aggregator for DpAggregator {
         self.count
     }
 
+    /// The clipped sum and the clipping indicators, unnoised: the noise is added once, by the
+    /// node that finishes the merged aggregate.
+    fn into_partial(self: Box<Self>) -> Result<crate::strategy::PartialAggregate, AggregateError> {
+        Ok(crate::strategy::PartialAggregate {
+            sum: self.sum,
+            row_weights: None,
+            total_weight: self.count as f64,
+            count: self.count as u64,
+            centred_bits: self.centred_bits,
+        })
+    }
+
+    /// Each update in `partial` was clipped to `C` by the node that accepted it (the same clip:
+    /// every node serves the leader's checkpointed strategy state), so the merged sum keeps
+    /// sensitivity `C` per client.
+    fn merge_partial(&mut self, partial: crate::strategy::PartialAggregate) -> Result<(), AggregateError> {
+        partial.check(self.sum.len(), None)?;
+        crate::strategy::partial::add_into(&mut self.sum, &partial.sum);
+        self.count += partial.count as usize;
+        self.centred_bits += partial.centred_bits;
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError> {
         // A Poisson-sampled round releases even with no report (the noise alone): whether a round
         // releases must not depend on who was sampled.

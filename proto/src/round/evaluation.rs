@@ -96,6 +96,9 @@ impl Orchestrator {
         if let Some(r) = &self.round {
             return Err(StartError::Busy(r.id));
         }
+        if self.cluster_nodes.is_some() {
+            return Err(StartError::EvaluationUnsupported("across several coordinator nodes (yet)"));
+        }
         match &self.halted {
             Some(Refusal::ShuttingDown) => return Err(StartError::ShutDown),
             Some(reason) => return Err(StartError::Halted(reason.clone())),
@@ -149,6 +152,8 @@ impl Orchestrator {
             target,
             min_reports,
             eval: Some(Box::new(EvalState { sums: [0.0; 4], noise })),
+            share: super::shard::Share::Alone,
+            shares_failed: 0,
         });
         self.events.push_back(RoundEvent::Started {
             round: id,

@@ -17,6 +17,9 @@ pub enum Phase {
     Collecting,
     /// Combining updates (transient: happens within one input).
     Aggregating,
+    /// The leader of a cluster: its own part of the round is over and it waits for the other
+    /// nodes' shares ([`Orchestrator::handle_shares`](super::Orchestrator::handle_shares)).
+    Combining,
     /// The last round committed a new model.
     Committed,
     /// The last round failed; the model is unchanged.
@@ -79,6 +82,14 @@ pub enum InstallError {
     /// The strategy state does not fit this strategy.
     #[error("strategy state: {0}")]
     State(crate::strategy::StateError),
+    /// The version is older than the one served (versions only grow).
+    #[error("{got} is older than the served {serving}")]
+    Older {
+        /// The version offered.
+        got: ModelVersion,
+        /// The version served.
+        serving: ModelVersion,
+    },
 }
 
 /// Why a round could not start.
@@ -102,6 +113,15 @@ pub enum StartError {
     /// local-DP plan); the text says which. Training is unaffected.
     #[error("federated evaluation is not supported {0}")]
     EvaluationUnsupported(&'static str),
+    /// A follower was asked to serve a round of another model version than it serves (it must
+    /// adopt the leader's checkpoint first).
+    #[error("the round trains from {wanted}, this node serves {serving}")]
+    VersionMismatch {
+        /// The version served.
+        serving: ModelVersion,
+        /// The round's version.
+        wanted: ModelVersion,
+    },
 }
 
 /// Counts and figures of one finished round.
@@ -231,6 +251,21 @@ pub enum RoundEvent {
     Committed(Box<CommittedRound>),
     /// An evaluation round released its figures (the model is unchanged).
     Evaluated(Box<EvaluatedRound>),
+    /// A follower started its share of the leader's round.
+    ShardStarted {
+        /// The round.
+        round: RoundId,
+        /// The model version it trains from.
+        version: ModelVersion,
+    },
+    /// A follower's share of a round is over: the host hands it to the leader.
+    ShardDone(Box<super::ShardOutcome>),
+    /// The leader's own part of the round is over: the host gathers the other nodes' shares
+    /// and hands them over ([`Orchestrator::handle_shares`](super::Orchestrator::handle_shares)).
+    AwaitingShares {
+        /// The round.
+        round: RoundId,
+    },
     /// The round failed; the model is unchanged.
     Failed {
         /// The round.

@@ -41,6 +41,7 @@ mod config;
 mod evaluation;
 mod events;
 mod secure;
+mod shard;
 
 pub use config::{ConfigError, Eligibility, OrchestratorConfig, RoundConfig, Weighting};
 pub use evaluation::{FederatedEval, MAX_EVAL_CASES};
@@ -49,6 +50,7 @@ pub use events::{
     Transmit,
 };
 pub use secure::SecureAggregation;
+pub use shard::{ShardOutcome, ShardSpec, ShardStats, SharesError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Participant {
@@ -85,6 +87,10 @@ struct Round {
     min_reports: usize,
     /// An evaluation round's running sums and release.
     eval: Option<Box<evaluation::EvalState>>,
+    /// Alone, a follower's share, or the leader's round of a cluster.
+    share: shard::Share,
+    /// Other nodes' shares that failed or did not fit (the leader's round).
+    shares_failed: usize,
 }
 
 /// The credential check applied to every check-in: `(claimed client, credential) -> accepted`.
@@ -110,6 +116,8 @@ pub struct Orchestrator {
     events: VecDeque<RoundEvent>,
     /// Reports an evaluation round aims for (`None`: the training target).
     evaluation_target: Option<usize>,
+    /// The coordinator nodes of the cluster this engine leads (`None`: it serves alone).
+    cluster_nodes: Option<usize>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -175,6 +183,7 @@ impl Orchestrator {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             evaluation_target: None,
+            cluster_nodes: None,
         })
     }
 
@@ -260,6 +269,38 @@ impl Orchestrator {
             }
             return Err(e.into());
         }
+        self.next_round = id.next();
+        let (target, min_reports, share) = match self.cluster_nodes {
+            None => (cfg.target_participants, cfg.min_reports, shard::Share::Alone),
+            Some(nodes) => (
+                cfg.target_participants.div_ceil(nodes).max(1),
+                0,
+                shard::Share::Leader {
+                    min_total: cfg.min_reports,
+                    on_check_ins: self.strategy.selection_policy() == SelectionPolicy::Poisson,
+                },
+            ),
+        };
+        self.begin_round(now, ctx, TaskKind::Train, target, min_reports, share);
+        self.events.push_back(RoundEvent::Started {
+            round: id,
+            version: self.version,
+            kind: TaskKind::Train,
+        });
+        Ok(id)
+    }
+
+    /// Sets up a training round (or a follower's share of one) and configures its plan.
+    fn begin_round(
+        &mut self,
+        now: Instant,
+        ctx: RoundContext,
+        kind: TaskKind,
+        target: usize,
+        min_reports: usize,
+        share: shard::Share,
+    ) {
+        let cfg = &self.config.round;
         let mut plan = cfg.plan.clone();
         self.strategy.configure(&ctx, &mut plan);
         if let Some(secure) = &cfg.secure {
@@ -269,9 +310,8 @@ impl Orchestrator {
         let clip_norm = plan.clip_norm;
         // From here on the last commit's model may be shipped: it can no longer be reverted.
         self.replaced = None;
-        self.next_round = id.next();
         self.round = Some(Round {
-            id,
+            id: ctx.round,
             phase: Phase::Selecting,
             ctx,
             plan,
@@ -288,17 +328,13 @@ impl Orchestrator {
             hit_sum: 0.0,
             hit_count: 0,
             secure: None,
-            kind: TaskKind::Train,
-            target: cfg.target_participants,
-            min_reports: cfg.min_reports,
+            kind,
+            target,
+            min_reports,
             eval: None,
+            share,
+            shares_failed: 0,
         });
-        self.events.push_back(RoundEvent::Started {
-            round: id,
-            version: self.version,
-            kind: TaskKind::Train,
-        });
-        Ok(id)
     }
 
     /// Handles one decoded message from `client`.
@@ -795,6 +831,23 @@ impl Orchestrator {
         if r.kind == TaskKind::Evaluate {
             return self.finish_evaluation(now);
         }
+        match r.share {
+            shard::Share::Alone => {}
+            shard::Share::Shard => return self.finish_shard(now, None),
+            shard::Share::Leader { .. } => {
+                // This node's part is over; the other nodes' shares come from the host.
+                r.phase = Phase::Combining;
+                self.events.push_back(RoundEvent::AwaitingShares { round });
+                return;
+            }
+        }
+        self.aggregate_and_commit(now);
+    }
+
+    /// Finishes the aggregate, applies it and commits (a single node's round, or the leader's
+    /// once every share is merged).
+    fn aggregate_and_commit(&mut self, now: Instant) {
+        let Some(r) = &mut self.round else { return };
         r.phase = Phase::Aggregating;
         let aggregator = r.aggregator.take().expect("collecting rounds have an aggregator");
         let ctx = r.ctx.clone();
@@ -841,6 +894,10 @@ impl Orchestrator {
     }
 
     fn fail(&mut self, now: Instant, reason: FailReason) {
+        if self.round.as_ref().is_some_and(|r| r.share == shard::Share::Shard) {
+            // A follower's share fails alone: the leader's round goes on without its updates.
+            return self.finish_shard(now, Some(reason.to_string()));
+        }
         let Some(mut r) = self.round.take() else { return };
         r.stats.duration = now.saturating_duration_since(r.started);
         self.last_phase = Phase::Failed;

@@ -106,6 +106,27 @@ impl Aggregator for WeightedMean {
         self.count
     }
 
+    fn into_partial(self: Box<Self>) -> Result<super::PartialAggregate, AggregateError> {
+        Ok(super::PartialAggregate {
+            sum: self.acc,
+            row_weights: self.row_weights,
+            total_weight: self.total_weight,
+            count: self.count as u64,
+            centred_bits: 0.0,
+        })
+    }
+
+    fn merge_partial(&mut self, p: super::PartialAggregate) -> Result<(), AggregateError> {
+        p.check(self.acc.len(), self.row_weights.as_ref().map(Vec::len))?;
+        super::partial::add_into(&mut self.acc, &p.sum);
+        if let (Some(rw), Some(add)) = (&mut self.row_weights, &p.row_weights) {
+            super::partial::add_into(rw, add);
+        }
+        self.total_weight += p.total_weight;
+        self.count += p.count as usize;
+        Ok(())
+    }
+
     fn finish(self: Box<Self>, _rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError> {
         if self.count == 0 {
             return Err(AggregateError::Empty);

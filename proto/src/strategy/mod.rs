@@ -185,6 +185,10 @@ pub enum AggregateError {
     /// The aggregation rule needs individual updates and cannot aggregate a secure sum.
     #[error("this aggregation rule needs individual updates; it cannot run on a securely aggregated sum")]
     SumUnsupported,
+    /// The aggregation rule cannot be split across coordinator nodes (it needs every update in
+    /// one place: median, trimmed mean).
+    #[error("this aggregation rule cannot be split into partial aggregates across nodes")]
+    PartialUnsupported,
     /// A strategy-specific failure.
     #[error("{0}")]
     Other(String),
@@ -218,6 +222,18 @@ pub trait Aggregator: Send {
     fn accepted(&self) -> usize;
     /// Finishes the round. `rng` is the round machine's seeded RNG (used by noise-adding layers).
     fn finish(self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError>;
+    /// Hands over the running state instead of finishing (a node's share of a round served by
+    /// several nodes; see [`partial`]). Nothing is noised or divided. The default refuses.
+    fn into_partial(self: Box<Self>) -> Result<PartialAggregate, AggregateError> {
+        Err(AggregateError::PartialUnsupported)
+    }
+    /// Folds another node's [`PartialAggregate`] of the same round into this one (the leader,
+    /// before [`finish`](Self::finish)). The partial is checked first; on error nothing changes.
+    /// The default refuses.
+    fn merge_partial(&mut self, partial: PartialAggregate) -> Result<(), AggregateError> {
+        let _ = partial;
+        Err(AggregateError::PartialUnsupported)
+    }
 }
 
 /// A server-side federated-learning strategy. See the module docs for the hook order.
@@ -388,12 +404,14 @@ pub fn sample_uniform(candidates: &[ClientId], wanted: usize, rng: &mut dyn rand
 mod aggregate;
 mod fed;
 pub mod norm;
+pub mod partial;
 mod server_opt;
 pub mod state;
 
 pub use aggregate::{AggregationRule, Coordinatewise, WeightedMean};
 pub use fed::Federated;
 pub use norm::NormBound;
+pub use partial::PartialAggregate;
 pub use server_opt::ServerOptimizer;
 pub use state::{StateError, StrategyState};
 

@@ -89,6 +89,13 @@ impl Aggregator for Clipping {
     fn finish(self: Box<Self>, rng: &mut dyn rand::Rng) -> Result<Aggregate, AggregateError> {
         self.inner.finish(rng)
     }
+    /// Every update in a partial was clipped on the node that accepted it.
+    fn into_partial(self: Box<Self>) -> Result<super::PartialAggregate, AggregateError> {
+        self.inner.into_partial()
+    }
+    fn merge_partial(&mut self, partial: super::PartialAggregate) -> Result<(), AggregateError> {
+        self.inner.merge_partial(partial)
+    }
 }
 
 impl<S: Strategy> Strategy for NormBound<S> {
