@@ -5,3 +5,4 @@
 //! another can take it, and a commit made with a stale lease is refused by the database itself.
 
 pub mod lease;
+pub mod node;

@@ -48,8 +48,9 @@ use bytes::Bytes;
 use starling_proto::codec::Codec;
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::message::{ClientMessage, CoordinatorMessage, Refusal};
-use starling_proto::round::{Orchestrator, Phase, RoundEvent, StartError};
+use starling_proto::round::{Orchestrator, Phase, RoundEvent, ShardOutcome, ShardSpec, StartError};
 use starling_proto::secagg::{SecAggClientMessage, SecAggServerMessage};
+use starling_proto::strategy::StrategyState;
 use starling_proto::time::Instant as ProtoInstant;
 use starling_sdk::transport::Connection;
 use std::collections::HashMap;
@@ -229,21 +230,86 @@ pub enum DriverError {
     /// A rollback was refused (a round is running, the checkpoint is not kept, …).
     #[error("cannot install the checkpoint: {0}")]
     Install(String),
+    /// The leader's shares could not be handed to the engine.
+    #[error(transparent)]
+    Shares(#[from] starling_proto::round::SharesError),
+}
+
+/// What a node of a cluster runs: its engine, its event hook and its schedule (the leader's) or
+/// none (a follower's). See [`CoordinatorHandle::replace`].
+pub struct Role {
+    /// The engine.
+    pub engine: Orchestrator,
+    /// The hook its events go to.
+    pub hook: Box<dyn EventHook>,
+    /// Automatic rounds (the leader's), if any.
+    pub schedule: Option<RoundSchedule>,
 }
 
 type ConnId = u64;
 
 enum Command {
-    Attach { conn: ConnId, out: mpsc::Sender<Outbound>, reply: oneshot::Sender<bool> },
-    Message { conn: ConnId, message: ClientMessage },
-    Closed { conn: ConnId, reason: Option<String> },
-    StartRound { reply: oneshot::Sender<Result<RoundId, DriverError>> },
-    Reverify { reply: oneshot::Sender<usize> },
-    SetPopulation { n: u64 },
-    SetPaused { paused: bool },
+    Attach {
+        conn: ConnId,
+        out: mpsc::Sender<Outbound>,
+        reply: oneshot::Sender<bool>,
+    },
+    Message {
+        conn: ConnId,
+        message: ClientMessage,
+    },
+    Closed {
+        conn: ConnId,
+        reason: Option<String>,
+    },
+    StartRound {
+        reply: oneshot::Sender<Result<RoundId, DriverError>>,
+    },
+    Reverify {
+        reply: oneshot::Sender<usize>,
+    },
+    SetPopulation {
+        n: u64,
+    },
+    SetPaused {
+        paused: bool,
+    },
     Drain,
-    Install { source: ModelVersion, reply: oneshot::Sender<Result<ModelVersion, DriverError>> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Install {
+        source: ModelVersion,
+        reply: oneshot::Sender<Result<ModelVersion, DriverError>>,
+    },
+    StartShard {
+        spec: ShardSpec,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    ShardSpec {
+        reply: oneshot::Sender<Option<ShardSpec>>,
+    },
+    Shares {
+        round: RoundId,
+        shares: Vec<ShardOutcome>,
+        reply: oneshot::Sender<Result<usize, DriverError>>,
+    },
+    Adopt {
+        version: ModelVersion,
+        model: Vec<f32>,
+        state: Option<StrategyState>,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    ClusterNodes {
+        nodes: Option<usize>,
+    },
+    Replace {
+        role: Box<Role>,
+        reply: oneshot::Sender<()>,
+    },
+    Demote {
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 enum Outbound {
@@ -308,6 +374,76 @@ impl CoordinatorHandle {
     /// round finishes; `start_round` still works).
     pub async fn set_paused(&self, paused: bool) -> Result<(), DriverError> {
         self.tx.send(Command::SetPaused { paused }).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Whether the driver task has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), DriverError> {
+        self.tx.send(cmd).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Starts this node's share of the leader's round (a follower of a cluster).
+    pub async fn start_shard(&self, spec: ShardSpec) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::StartShard { spec, reply }).await?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// The running round's spec for the followers, when this node leads a cluster round.
+    pub async fn shard_spec(&self) -> Result<Option<ShardSpec>, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ShardSpec { reply }).await?;
+        rx.await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Hands the other nodes' shares of `round` to the leader's engine, which then finishes it.
+    pub async fn deliver_shares(
+        &self,
+        round: RoundId,
+        shares: Vec<ShardOutcome>,
+    ) -> Result<usize, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Shares { round, shares, reply }).await?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Serves the leader's checkpoint `version` exactly (a follower keeping up; between rounds).
+    pub async fn adopt(
+        &self,
+        version: ModelVersion,
+        model: Vec<f32>,
+        state: Option<StrategyState>,
+    ) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Adopt { version, model, state, reply }).await?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Tells the engine it leads a cluster of `nodes` nodes (`None`: alone).
+    pub async fn set_cluster_nodes(&self, nodes: Option<usize>) -> Result<(), DriverError> {
+        self.send(Command::ClusterNodes { nodes }).await
+    }
+
+    /// Swaps the engine, hook and schedule (a node that became leader, or stopped being one).
+    /// The running round, if any, is dropped: its training clients are told it was aborted and
+    /// nothing of it is recorded by either hook. Connections stay open. A halt is lifted.
+    pub async fn replace(&self, role: Role) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Replace { role: Box::new(role), reply }).await?;
+        rx.await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Stops leading at once, without touching the database (a leader whose lease lapsed): the
+    /// running round is dropped (its training clients are told; nothing of it reaches the hook),
+    /// no round starts by itself any more and the engine no longer waits for shares. The engine
+    /// keeps serving its model and can serve followers' shares.
+    pub async fn demote(&self) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Demote { reply }).await?;
+        rx.await.map_err(|_| DriverError::Stopped)
     }
 
     /// Drains the node: new connections are refused, no round starts (a running one finishes);
@@ -557,6 +693,72 @@ impl Driver {
             Command::Drain => self.status.send_modify(|s| s.draining = true),
             Command::Install { source, reply } => {
                 let _ = reply.send(self.install(source));
+            }
+            Command::StartShard { spec, reply } => {
+                let r = match self.status.borrow().halted.clone() {
+                    Some(why) => Err(DriverError::Halted(why)),
+                    None => self.engine.start_shard(now, &spec).map_err(DriverError::from),
+                };
+                let _ = reply.send(r);
+            }
+            Command::ShardSpec { reply } => {
+                let _ = reply.send(self.engine.shard_spec());
+            }
+            Command::Shares { round, shares, reply } => {
+                let _ = reply.send(self.engine.handle_shares(now, round, shares).map_err(DriverError::from));
+            }
+            Command::Adopt { version, model, state, reply } => {
+                let r = self
+                    .engine
+                    .adopt_model(version, model, state.as_ref())
+                    .map_err(|e| DriverError::Install(e.to_string()));
+                if r.is_ok() {
+                    self.shared_frames.clear();
+                    self.status.send_modify(|s| s.model_version = version);
+                }
+                let _ = reply.send(r);
+            }
+            Command::ClusterNodes { nodes } => self.engine.set_cluster_nodes(nodes),
+            Command::Replace { role, reply } => {
+                // The old engine's round ends here: its training clients are told, and nothing
+                // of it reaches either hook (the new role's store decides what it was).
+                self.engine.abort_round(now, "this node's role in the cluster changed");
+                self.send_transmits();
+                while self.engine.poll_event().is_some() {}
+                let Role { engine, hook, schedule } = *role;
+                self.engine = engine;
+                self.hook = Some(hook);
+                self.scheduled = schedule.as_ref().map_or(0, |s| s.already_started);
+                self.committed_since_evaluation =
+                    schedule.as_ref().map_or(0, |s| s.committed_since_evaluation);
+                self.next_start = schedule.as_ref().map(|_| Instant::now());
+                let paused = schedule.as_ref().is_some_and(|s| s.paused);
+                self.schedule = schedule;
+                self.shared_frames.clear();
+                let (version, _) = self.engine.model();
+                let (phase, round) = (self.engine.phase(), self.engine.current_round());
+                self.status.send_modify(|s| {
+                    s.halted = None;
+                    s.paused = paused;
+                    s.model_version = version;
+                    s.phase = phase;
+                    s.round = round;
+                });
+                let _ = reply.send(());
+            }
+            Command::Demote { reply } => {
+                self.engine.abort_round(now, "this node is no longer the cluster's leader");
+                self.send_transmits();
+                while self.engine.poll_event().is_some() {}
+                self.engine.set_cluster_nodes(None);
+                self.schedule = None;
+                self.next_start = None;
+                let (phase, round) = (self.engine.phase(), self.engine.current_round());
+                self.status.send_modify(|s| {
+                    s.phase = phase;
+                    s.round = round;
+                });
+                let _ = reply.send(());
             }
             Command::Shutdown { .. } => unreachable!("handled by the run loop"),
         }

@@ -29,8 +29,17 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "STARLING_";
 
 /// The sections of the file (and of the environment overrides).
-pub const SECTIONS: [&str; 8] =
-    ["server", "model", "round", "strategy", "privacy", "secure_aggregation", "evaluation", "storage"];
+pub const SECTIONS: [&str; 9] = [
+    "server",
+    "model",
+    "round",
+    "strategy",
+    "privacy",
+    "secure_aggregation",
+    "evaluation",
+    "storage",
+    "cluster",
+];
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +106,8 @@ pub struct ServiceConfig {
     pub evaluation: EvaluationSection,
     /// `[storage]`.
     pub storage: StorageSection,
+    /// `[cluster]`.
+    pub cluster: ClusterSection,
 }
 
 impl ServiceConfig {
@@ -142,6 +153,7 @@ impl ServiceConfig {
 
     /// Checks every range the engine would otherwise refuse later, with the key's name.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_cluster()?;
         let s = &self.server;
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
@@ -263,6 +275,46 @@ impl ServiceConfig {
         Ok(())
     }
 
+    /// `[cluster]`: what several nodes can and cannot do together.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if !c.enabled {
+            return Ok(());
+        }
+        if matches!(self.strategy.kind.as_str(), "median" | "trimmed_mean") {
+            return Err(invalid(
+                "strategy.kind",
+                "a median or trimmed mean needs every update in one place; across several nodes \
+                 use fedavg, fedavg_row, fedavgm, fedadam or fedyogi",
+            ));
+        }
+        if self.evaluation.every_rounds.is_some_and(|n| n > 0) {
+            return Err(invalid(
+                "evaluation.every_rounds",
+                "federated evaluation does not run across several nodes yet",
+            ));
+        }
+        if c.lease_margin_ms >= c.lease_ttl_ms || c.lease_ttl_ms == 0 {
+            return Err(invalid("cluster.lease_margin_ms", "must be below cluster.lease_ttl_ms"));
+        }
+        for (key, v) in [
+            ("cluster.heartbeat_ms", c.heartbeat_ms),
+            ("cluster.tick_ms", c.tick_ms),
+            ("cluster.db_timeout_ms", c.db_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if c.population.is_empty() || c.population.len() > 200 {
+            return Err(invalid("cluster.population", "must be 1 to 200 characters"));
+        }
+        if c.node.len() > 200 {
+            return Err(invalid("cluster.node", "must be at most 200 characters"));
+        }
+        Ok(())
+    }
+
     /// The shape of the global parameters: the known family's (`bpr-mf`: `rows × row_len`;
     /// `two-tower`: `rows` item rows of `row_len`, then its dense rows), else `rows × row_len`.
     pub fn shape(&self) -> Result<ModelShape, ConfigError> {
@@ -289,7 +341,7 @@ impl ServiceConfig {
     pub fn evaluation_every(&self) -> u64 {
         match self.evaluation.every_rounds {
             Some(n) => n,
-            None if self.secure_aggregation.enabled || self.local_dp() => 0,
+            None if self.secure_aggregation.enabled || self.local_dp() || self.cluster.enabled => 0,
             None => DEFAULT_EVALUATION_EVERY,
         }
     }

@@ -334,3 +334,48 @@ impl Default for StorageSection {
         Self { path: "data/coordinator.db".into(), keep_checkpoints: 8 }
     }
 }
+
+/// `[cluster]`: several `starling serve` nodes sharing one PostgreSQL store (`[storage]
+/// postgres`). Every node serves clients; one, the leader, runs the schedule and commits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Run as a node of a cluster (needs `storage.postgres`).
+    pub enabled: bool,
+    /// This node's name, unique in the cluster (default: the host name and the QUIC port).
+    pub node: String,
+    /// The population the nodes serve together (one lease, one schedule).
+    pub population: String,
+    /// The QUIC address clients reach this node at, published for discovery (default: the
+    /// bound address).
+    pub advertise: String,
+    /// Lease duration, on the database's clock.
+    pub lease_ttl_ms: u64,
+    /// How much earlier than the database a leader gives its lease up.
+    pub lease_margin_ms: u64,
+    /// Heartbeat interval (a node is live while its heartbeat is younger than three of these).
+    pub heartbeat_ms: u64,
+    /// How often a node looks at the database (leadership, rounds, shares).
+    pub tick_ms: u64,
+    /// How long the leader waits for shares beyond the selection and report timeouts.
+    pub share_grace_ms: u64,
+    /// Every database call of the node task is given up after this.
+    pub db_timeout_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node: String::new(),
+            population: "default".into(),
+            advertise: String::new(),
+            lease_ttl_ms: 3_000,
+            lease_margin_ms: 1_000,
+            heartbeat_ms: 1_000,
+            tick_ms: 200,
+            share_grace_ms: 2_000,
+            db_timeout_ms: 2_000,
+        }
+    }
+}
