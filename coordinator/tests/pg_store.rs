@@ -2,13 +2,14 @@
 //! `STARLING_TEST_PG`; `.ci/run` starts one): SDK clients over QUIC take part in rounds, the
 //! rounds, the privacy ledger and the checkpoints land in PostgreSQL (no SQLite file is made),
 //! and a restart on the same schema continues from the last version with round ids above every
-//! earlier one. Prints SKIPPED without a server (fails under `CI=true`).
+//! earlier one; a rollback over the control plane is written there as well. Prints SKIPPED without a server (fails under `CI=true`).
 
 mod common;
 
 use common::*;
 use starling_coordinator::service::server;
 use starling_coordinator::store::Store;
+use starling_proto::ids::ModelVersion;
 use starling_sdk::RoundError;
 use starling_sdk::transport::quic::QuicTransport;
 use std::sync::Arc;
@@ -124,15 +125,17 @@ fn fleet(
     set
 }
 
-/// Starts the service, runs the fleet until `rounds` more rounds committed, shuts down; returns
-/// the model version the service started from.
+/// Starts the service, runs the fleet until `rounds` more rounds committed, then (with
+/// `rollback`) pauses and rolls back to that version over the control plane, and shuts down.
+/// Returns the model version the service started from, and the version the rollback served.
 fn serve_rounds(
     rt: &tokio::runtime::Runtime,
     config: &starling_coordinator::service::config::ServiceConfig,
     dir: &std::path::Path,
     tokens: &[Vec<u8>],
     rounds: u64,
-) -> u64 {
+    rollback: Option<u64>,
+) -> (u64, Option<u64>) {
     rt.block_on(async {
         let running = server::start(config).await.unwrap();
         let started_from = running.handle.status().model_version.0;
@@ -146,11 +149,29 @@ fn serve_rounds(
         })
         .await
         .unwrap_or_else(|_| panic!("{rounds} rounds did not commit: {:?}", running.handle.status()));
+        let mut served = None;
+        if let Some(version) = rollback {
+            let admin = std::fs::read_to_string(dir.join("secrets/admin.token")).unwrap();
+            let (addr, admin) = (running.admin_addr, Some(admin.trim()));
+            let (code, body) = http(addr, "POST", "/admin/pause", admin).await;
+            assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while handle.status().round.is_some() {
+                    handle.status_changed().await.unwrap();
+                }
+            })
+            .await
+            .expect("the running round ends");
+            // The hook writes the rollback from the driver's task: off the async threads.
+            let (code, body) = http(addr, "POST", &format!("/admin/rollback?version={version}"), admin).await;
+            assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+            served = Some(running.handle.status().model_version.0);
+        }
         stop.store(true, Ordering::Relaxed);
         running.shutdown().await;
         set.abort_all();
         while set.join_next().await.is_some() {}
-        started_from
+        (started_from, served)
     })
 }
 
@@ -167,7 +188,7 @@ fn serve_on_postgresql_commits_rounds_and_a_restart_continues_above_every_round_
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
 
     // First run: the initial model is seeded, two rounds commit.
-    assert_eq!(serve_rounds(&rt, &config, dir.path(), &tokens, 2), 0);
+    assert_eq!(serve_rounds(&rt, &config, dir.path(), &tokens, 2, None).0, 0);
     let store = Store::open_config(&config.storage).unwrap();
     assert!(store.describe().starts_with("postgresql "), "{}", store.describe());
     let first = store.rounds().unwrap();
@@ -187,7 +208,8 @@ fn serve_on_postgresql_commits_rounds_and_a_restart_continues_above_every_round_
     assert!(!config.storage.path.exists(), "no SQLite file is made when [storage] postgres is set");
 
     // Restart on the same schema: it continues from the last version, with new round ids.
-    assert_eq!(serve_rounds(&rt, &config, dir.path(), &tokens, 1), latest.version.0);
+    let (started_from, served) = serve_rounds(&rt, &config, dir.path(), &tokens, 1, Some(1));
+    assert_eq!(started_from, latest.version.0);
     let store = Store::open_config(&config.storage).unwrap();
     let all = store.rounds().unwrap();
     for r in first.iter().filter(|r| r.state == "started") {
@@ -197,8 +219,14 @@ fn serve_on_postgresql_commits_rounds_and_a_restart_continues_above_every_round_
     let later: Vec<_> = all.iter().filter(|r| r.round.0 > max_first).collect();
     assert!(later.iter().any(|r| r.state == "committed"), "{all:?}");
     assert_eq!(all.len(), first.len() + later.len(), "the earlier rounds are all still there");
+    // The rollback (written by the hook, audited by the control plane) is in PostgreSQL too.
     let newest = store.latest_checkpoint().unwrap().unwrap();
+    assert_eq!(Some(newest.version.0), served);
     assert!(newest.version > latest.version);
+    assert_eq!(newest.model, store.checkpoint(ModelVersion(1)).unwrap().unwrap().model);
+    let actions: Vec<String> = store.audit(10).unwrap().into_iter().map(|a| a.action).collect();
+    assert_eq!(actions, ["pause", "rollback"]);
+    assert_eq!(store.service_state("paused").unwrap().as_deref(), Some("true"));
     let ledger_after = store.ledger_entries().unwrap();
     assert!(ledger_after.len() > ledger.len());
     assert_eq!(&ledger_after[..ledger.len()], &ledger[..], "what was spent stays spent");
