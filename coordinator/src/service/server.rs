@@ -1,7 +1,7 @@
 //! `starling serve` and `starling init`: the pieces of the service wired together.
 //!
 //! Start-up ([`start`]):
-//! 1. open the store and [`recover`](crate::store::Store::recover): rounds left `started` by a
+//! 1. open the store and [`recover`](crate::store::StoreBackend::recover): rounds left `started` by a
 //!    crash are recorded `abandoned` (their clients get `Late`/`WrongRound` rejections and retry),
 //!    the newest committed checkpoint is served, and round ids continue above every id ever used;
 //!    on a fresh store the seeded initial model is stored as version 0;

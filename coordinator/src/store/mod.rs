@@ -167,7 +167,7 @@ pub struct Checkpoint {
     pub strategy_state: Option<Vec<u8>>,
 }
 
-/// What [`Store::commit_round`] writes.
+/// What [`StoreBackend::commit_round`] writes.
 #[derive(Clone, Copy, Debug)]
 pub struct RoundCommit<'a> {
     /// The round.
@@ -201,7 +201,7 @@ pub struct RoundFigures {
     pub rejected: u64,
 }
 
-/// What a restart finds: see [`Store::recover`].
+/// What a restart finds: see [`StoreBackend::recover`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recovery {
     /// The newest committed model, if any round (or the initial model) was ever stored.
@@ -658,8 +658,8 @@ fn next_round(max_round: Option<i64>, max_ledger: Option<i64>) -> RoundId {
     RoundId(max_round.unwrap_or(0).max(max_ledger.unwrap_or(0)).max(0) as u64 + 1)
 }
 
-mod postgres;
-mod sqlite;
+pub mod postgres;
+pub mod sqlite;
 
 pub use self::postgres::{PG_SCHEMA_VERSION, PgStore};
 pub use sqlite::SqliteStore;
