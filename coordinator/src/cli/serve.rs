@@ -130,11 +130,10 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The service's store (SQLite or PostgreSQL, as `[storage]` says). Blocking: `starling token`
+/// runs no async runtime.
 fn open_store(config: &ServiceConfig) -> anyhow::Result<Store> {
-    if let Some(dir) = config.storage.path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    Ok(Store::open(&config.storage.path)?)
+    Ok(Store::open_config(&config.storage)?)
 }
 
 /// Runs `starling token …`.

@@ -1,7 +1,7 @@
 //! `starling serve` and `starling init`: the pieces of the service wired together.
 //!
 //! Start-up ([`start`]):
-//! 1. open the store and [`recover`](crate::store::Store::recover): rounds left `started` by a
+//! 1. open the store and [`recover`](crate::store::StoreBackend::recover): rounds left `started` by a
 //!    crash are recorded `abandoned` (their clients get `Late`/`WrongRound` rejections and retry),
 //!    the newest committed checkpoint is served, and round ids continue above every id ever used;
 //!    on a fresh store the seeded initial model is stored as version 0;
@@ -130,12 +130,16 @@ impl Running {
 /// Starts the service described by `config` (see the module docs). Must run in a tokio runtime.
 pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let telemetry = Arc::new(Telemetry::new());
-    // 1. The store: recover, or seed the initial model.
-    if let Some(dir) = config.storage.path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    }
-    let mut store = Store::open(&config.storage.path)?;
-    let recovery = store.recover(unix_ms())?;
+    // 1. The store: recover, or seed the initial model. Store work runs on the blocking pool
+    // (the PostgreSQL client must never block an async worker thread).
+    let storage = config.storage.clone();
+    let (mut store, recovery) = blocking(move || {
+        let mut store = Store::open_config(&storage)?;
+        let recovery = store.recover(unix_ms())?;
+        Ok((store, recovery))
+    })
+    .await?;
+    tracing::info!(store = %store.describe(), "store opened");
     let shape = config.shape()?;
     let saved_state = recovery.latest.as_ref().and_then(|c| c.strategy_state.clone());
     let (model, version) = match recovery.latest {
@@ -149,10 +153,28 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         Some(c) => (c.model, c.version),
         None => {
             let m = config.initial_model()?;
-            store.init_model(ModelVersion(0), shape, &m, unix_ms())?;
+            let (s, m) = blocking(move || {
+                store.init_model(ModelVersion(0), shape, &m, unix_ms())?;
+                Ok((store, m))
+            })
+            .await?;
+            store = s;
             (m, ModelVersion(0))
         }
     };
+    // Everything else start-up reads from the store, in one trip to the blocking pool.
+    let (store, saved) = blocking(move || {
+        let saved = Saved {
+            ledger: store.ledger_entries()?,
+            revocations: store.revocations()?,
+            schedule: store.schedule_counters()?,
+            paused: store.service_state("paused")?.as_deref() == Some("true"),
+            evaluations: store.evaluations(super::admin::EVALUATION_HISTORY)?,
+            population: store.enrolled_population(unix_now_s())?,
+        };
+        Ok((store, saved))
+    })
+    .await?;
     if !recovery.abandoned.is_empty() {
         tracing::warn!(rounds = ?recovery.abandoned, "rounds interrupted by a restart were recorded as abandoned");
         for r in &recovery.abandoned {
@@ -161,7 +183,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     }
     // 2. The ledger, replayed.
     let budget = config.budget()?;
-    let ledger = PrivacyLedger::replay(budget, store.ledger_entries()?);
+    let ledger = PrivacyLedger::replay(budget, saved.ledger);
     if config.privacy.mode == "off"
         && !ledger.entries().is_empty()
         && !config.privacy.allow_release_without_dp
@@ -183,7 +205,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let secret = std::fs::read_to_string(&config.server.token_secret_file)
         .map_err(io(format!("reading {}", config.server.token_secret_file.display())))?;
     let authority = Arc::new(TokenAuthority::from_secret_file_text(&secret)?);
-    let (tokens, clients) = store.revocations()?;
+    let (tokens, clients) = saved.revocations;
     authority.reload_revocations(tokens, clients);
     let admin_token = std::fs::read_to_string(&config.server.admin_token_file)
         .map_err(io(format!("reading {}", config.server.admin_token_file.display())))?;
@@ -214,17 +236,17 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
             }
         }
     }
-    let (already_started, committed_since_evaluation) = store.schedule_counters()?;
-    let paused = store.service_state("paused")?.as_deref() == Some("true");
+    let (already_started, committed_since_evaluation) = saved.schedule;
+    let paused = saved.paused;
     if paused {
         tracing::warn!("the schedule is paused (by an operator); `starling admin resume` resumes it");
     }
-    for record in store.evaluations(super::admin::EVALUATION_HISTORY)? {
+    for record in saved.evaluations {
         telemetry.evaluation(record, false);
     }
     // Selection (and Poisson sampling under DP) must not be predictable from the config file.
     engine.reseed(os_seed()?);
-    let population = store.enrolled_population(unix_now_s())?;
+    let population = saved.population;
     engine.set_population(population);
     let auth = Arc::new(TokenAuth { authority: authority.clone(), telemetry: telemetry.clone() });
     let central = config.central_dp();
@@ -317,9 +339,11 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
             });
         })
     };
+    let storage = config.storage.clone();
+    let control_store = blocking(move || Store::open_config(&storage)).await?;
     let control = super::control::Control {
         handle: handle.clone(),
-        store: Arc::new(std::sync::Mutex::new(Store::open(&config.storage.path)?)),
+        store: Arc::new(std::sync::Mutex::new(control_store)),
         authority: authority.clone(),
         token: admin_token.clone(),
         family: config.model.family.clone(),
@@ -354,7 +378,8 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     // Revocations made with `starling token revoke` while running take effect within 2 s: the
     // set is reloaded (off the async threads) and every bound connection is verified again, so a
     // revoked or expired client's connections are closed and it drops out of the running round.
-    let reader = Arc::new(std::sync::Mutex::new(Store::open(&config.storage.path)?));
+    let storage = config.storage.clone();
+    let reader = Arc::new(std::sync::Mutex::new(blocking(move || Store::open_config(&storage)).await?));
     {
         let handle = handle.clone();
         let telemetry_for_reload = telemetry.clone();
@@ -400,6 +425,41 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     })
 }
 
+/// What start-up reads from the store (besides the recovery).
+struct Saved {
+    ledger: Vec<starling_proto::dp::LedgerEntry>,
+    revocations: (Vec<u64>, Vec<u64>),
+    schedule: (u64, u64),
+    paused: bool,
+    evaluations: Vec<EvaluationRecord>,
+    population: u64,
+}
+
+/// Runs store work on the blocking pool (never on an async worker thread: see
+/// [`crate::store::PgStore`]).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ServeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServeError::Io {
+            what: "store task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(ServeError::from)
+}
+
+/// Runs `f` off the async threads when called on one (the driver calls
+/// [`install_checkpoint`](driver::EventHook::install_checkpoint) from its task): on a scoped
+/// thread, waiting for it. Elsewhere (the blocking pool, a plain thread) it runs `f` in place.
+fn off_async<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(f).join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    } else {
+        f()
+    }
+}
+
 /// The persistence hook. See the module docs.
 struct Persist {
     store: Store,
@@ -431,9 +491,8 @@ impl driver::EventHook for Persist {
         version: ModelVersion,
         source: ModelVersion,
     ) -> Result<(Vec<f32>, Option<starling_proto::strategy::StrategyState>), String> {
-        let c = self
-            .store
-            .install_checkpoint(version, source, unix_ms(), self.keep)
+        let (store, keep) = (&mut self.store, self.keep);
+        let c = off_async(move || store.install_checkpoint(version, source, unix_ms(), keep))
             .map_err(|e| e.to_string())?;
         if c.shape != self.shape {
             return Err(format!(

@@ -173,10 +173,7 @@ async fn run(config: &SimConfig, progress: &mut dyn Progress) -> Result<SimRepor
     )
     .map_err(|e| err("token secret")(&e))?;
     let tokens: Vec<Vec<u8>> = {
-        if let Some(parent) = svc.storage.path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| err("storage")(&e))?;
-        }
-        let mut store = Store::open(&svc.storage.path).map_err(|e| err("store")(&e))?;
+        let mut store = Store::open_config(&svc.storage).map_err(|e| err("store")(&e))?;
         let expires = unix_now_s() + 86_400;
         (0..n_users as u64)
             .map(|c| {

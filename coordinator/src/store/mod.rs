@@ -1,9 +1,21 @@
-//! The coordinator's embedded store: one SQLite file (WAL journal, `synchronous = FULL`).
+//! The coordinator's store, behind one trait ([`StoreBackend`]) with two backends:
+//!
+//! - [`SqliteStore`] (the default): one SQLite file (WAL journal, `synchronous = FULL`);
+//! - [`PgStore`] (`[storage] postgres`): PostgreSQL, for a coordinator whose state must outlive
+//!   its machine, and the ground for several nodes with a leader lease ([`Fence`]).
+//!
+//! [`Store`] holds either (`Box<dyn StoreBackend>`) and dereferences to the trait, so callers
+//! write `store.commit_round(…)` whatever the backend. Every method is synchronous: call it from
+//! a blocking context (tokio's blocking pool, a plain thread), never on an async worker thread
+//! (the PostgreSQL client blocks on a runtime of its own and panics there).
+//!
+//! What is stored, by SQLite schema version (PostgreSQL has the same tables, each prefixed
+//! `starling_`, created by its own versioned migrations: see [`postgres`](self::PgStore)):
 //!
 //! Schema version 1 holds the privacy ledger: one row per released round, `(round, q, σ, steps)`.
-//! A row is committed — written and fsynced — before the round's model is released, so after a
-//! crash the ledger never holds less than what was released (it may hold a round whose model was
-//! never published: ε is over-counted then, never under-counted).
+//! A row is committed — written and made durable — before the round's model is released, so after
+//! a crash the ledger never holds less than what was released (it may hold a round whose model
+//! was never published: ε is over-counted then, never under-counted).
 //!
 //! Schema version 2 (the coordinator service) adds:
 //! - `checkpoints`: committed model versions (little-endian `f32` blob with a CRC-32);
@@ -16,9 +28,9 @@
 //! - the `evaluated` state of `rounds` (an evaluation round that released its figures; the
 //!   table is rebuilt to widen its check);
 //! - `evaluations`: one row per released evaluation round (version evaluated, reports, cases,
-//!   HR@10, NDCG@10, loss, the noise's standard deviation under DP). [`Store::record_evaluation`]
-//!   writes it with the round's ledger entry and its `evaluated` state in one transaction, before
-//!   the figures are released.
+//!   HR@10, NDCG@10, loss, the noise's standard deviation under DP).
+//!   [`StoreBackend::record_evaluation`] writes it with the round's ledger entry and its
+//!   `evaluated` state in one transaction, before the figures are released.
 //!
 //! Schema version 4 (operations) adds:
 //! - `checkpoints.strategy_state` (+ `state_crc32`): the strategy's carried state after the
@@ -30,21 +42,27 @@
 //! - `audit`: one row per control-plane action (who, when, what, the outcome);
 //! - `service_state`: small operator switches that survive restarts (`paused`).
 //!
-//! [`Store::commit_round`] writes a round's ledger entry, its checkpoint and its `committed`
-//! state in **one transaction**: after a crash either all three are there or none is, and the
-//! model is only released after that transaction returned. A round is recorded `started`
-//! ([`Store::begin_round`]) before any client gets its task, so a restart always knows which round
-//! ids were used (ids are never reused) and which round was cut short ([`Store::recover`]).
+//! [`StoreBackend::commit_round`] writes a round's ledger entry, its checkpoint and its
+//! `committed` state in **one transaction**: after a crash either all three are there or none is,
+//! and the model is only released after that transaction returned. A round is recorded `started`
+//! ([`StoreBackend::begin_round`]) before any client gets its task, so a restart always knows
+//! which round ids were used (ids are never reused) and which round was cut short
+//! ([`StoreBackend::recover`]).
 //!
-//! Like the SDK's database, the file is marked with SQLite's `application_id` and a schema
-//! version; a foreign, corrupt or newer file is a typed error and is never overwritten. Why SQLite
-//! (and not redb): see `docs/operations.md`.
+//! Like the SDK's database, the SQLite file is marked with SQLite's `application_id` and a schema
+//! version; a foreign, corrupt or newer file is a typed error and is never overwritten. Why
+//! SQLite (and not redb): see `docs/operations.md`. A PostgreSQL database whose `starling_schema`
+//! version is newer than this coordinator's is refused the same way ([`StoreError::TooNew`]).
+//!
+//! Checkpoint and strategy-state checksums, the model's encoding and the ledger rows' validation
+//! are shared by both backends (the helpers at the end of this module).
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use starling_proto::dp::{LedgerEntry, Mechanism, NoiseMultiplier, SamplingRate};
 use starling_proto::ids::{ClientId, ModelVersion, RoundId};
 use starling_proto::update::ModelShape;
 use std::path::{Path, PathBuf};
+
+use crate::service::config::StorageSection;
 
 /// `application_id` of Starling coordinator databases ("STLC").
 pub const APPLICATION_ID: i32 = 0x5354_4C43;
@@ -116,6 +134,20 @@ pub enum StoreError {
     /// Any other SQLite failure (disk full, permissions, …).
     #[error("storage error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Any PostgreSQL failure (connection, query, constraint, …). Its text never holds the
+    /// password.
+    #[error("postgresql error: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// A write was refused by the fence: this node no longer holds the population's lease (or
+    /// its epoch moved on, or the lease expired by the database's clock). Nothing was written.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// The backend cannot do this (e.g. fencing on SQLite).
+    #[error("not supported by this store: {0}")]
+    Unsupported(String),
+    /// The storage settings are unusable (e.g. an unreadable password file).
+    #[error("storage configuration: {0}")]
+    Config(String),
 }
 
 /// A committed model version.
@@ -135,7 +167,7 @@ pub struct Checkpoint {
     pub strategy_state: Option<Vec<u8>>,
 }
 
-/// What [`Store::commit_round`] writes.
+/// What [`StoreBackend::commit_round`] writes.
 #[derive(Clone, Copy, Debug)]
 pub struct RoundCommit<'a> {
     /// The round.
@@ -169,7 +201,7 @@ pub struct RoundFigures {
     pub rejected: u64,
 }
 
-/// What a restart finds: see [`Store::recover`].
+/// What a restart finds: see [`StoreBackend::recover`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recovery {
     /// The newest committed model, if any round (or the initial model) was ever stored.
@@ -243,220 +275,295 @@ pub struct TokenRecord {
     pub revoked_ms: Option<i64>,
 }
 
-/// The coordinator's database.
-#[derive(Debug)]
+/// One control-plane action as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRecord {
+    /// Sequence number.
+    pub id: u64,
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// Who: the credential's name and the peer address.
+    pub actor: String,
+    /// What: `pause`, `resume`, `start_round`, `export`, `rollback`, `reload`, `drain`.
+    pub action: String,
+    /// Its parameters (JSON).
+    pub detail: String,
+    /// `ok` or `refused: …`.
+    pub outcome: String,
+}
+
+/// A leader's fencing token: the lease row (`starling_leases`, see [`crate::cluster::lease`])
+/// this node must still hold for its writes to be accepted.
+///
+/// Once set on a [`PgStore`] ([`StoreBackend::set_fence`]), every write that changes rounds,
+/// checkpoints, the ledger or evaluations first locks that row (`SELECT … FOR UPDATE`, same
+/// population, holder and epoch, `expires_at > now()` by the database's clock) inside its own
+/// transaction, and fails with [`StoreError::Fenced`] — writing nothing — if there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The population whose lease is held.
+    pub population: String,
+    /// This node's name (the lease's `holder`).
+    pub holder: String,
+    /// The epoch of the term held.
+    pub epoch: i64,
+}
+
+/// Everything the coordinator stores, whatever the backend. Object safe: [`Store`] holds a
+/// `Box<dyn StoreBackend>`.
+///
+/// Every method blocks (disk or network I/O): call them from a blocking context (tokio's
+/// blocking pool, a plain thread), never on an async worker thread.
+pub trait StoreBackend: Send {
+    /// At start-up: marks every `started` round `abandoned`, and returns the newest committed
+    /// model (checksum verified) and the next round id (above every id ever begun or charged).
+    fn recover(&mut self, now_ms: i64) -> Result<Recovery, StoreError>;
+
+    /// Stores the initial model as version `version` (round 0) if no checkpoint exists yet;
+    /// returns whether it was stored.
+    fn init_model(
+        &mut self,
+        version: ModelVersion,
+        shape: ModelShape,
+        model: &[f32],
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Records that `round` started from `base_version`; durable on return. Call before any
+    /// client is sent the round's task. A round id already used is refused
+    /// ([`StoreError::RoundState`]).
+    fn begin_round(
+        &mut self,
+        round: RoundId,
+        base_version: ModelVersion,
+        evaluation: bool,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Commits a round atomically: its ledger entry (if DP produced one), the new checkpoint and
+    /// the `committed` state, in one durable transaction; then prunes checkpoints beyond the
+    /// newest `keep`. The model may be released once this returns `Ok`.
+    fn commit_round(&mut self, commit: &RoundCommit<'_>, now_ms: i64, keep: u32) -> Result<(), StoreError>;
+
+    /// Records a released evaluation round atomically: its ledger entry (under DP), its figures
+    /// and its `evaluated` state, in one durable transaction. The figures may be released once
+    /// this returns `Ok`.
+    fn record_evaluation(
+        &mut self,
+        record: &EvaluationRecord,
+        ledger: Option<&LedgerEntry>,
+        figures: &RoundFigures,
+    ) -> Result<(), StoreError>;
+
+    /// The newest `limit` evaluation rounds, oldest first.
+    fn evaluations(&self, limit: usize) -> Result<Vec<EvaluationRecord>, StoreError>;
+
+    /// Records that a started round failed (model unchanged).
+    fn fail_round(
+        &mut self,
+        round: RoundId,
+        detail: &str,
+        figures: &RoundFigures,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The newest checkpoint.
+    fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// The checkpoint of `version`, if kept (checksums verified).
+    fn checkpoint(&self, version: ModelVersion) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// Versions of the kept checkpoints, oldest first.
+    fn checkpoint_versions(&self) -> Result<Vec<ModelVersion>, StoreError>;
+
+    /// Every recorded round, oldest first.
+    fn rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
+        self.recent_rounds(usize::MAX)
+    }
+
+    /// The newest `limit` recorded rounds, oldest first.
+    fn recent_rounds(&self, limit: usize) -> Result<Vec<RoundRecord>, StoreError>;
+
+    /// What the round schedule had done before a restart: training rounds ever begun, and
+    /// training rounds committed since the newest evaluation round (begun) — the counters the
+    /// schedule's `max_rounds` and `evaluate_every` continue from.
+    fn schedule_counters(&self) -> Result<(u64, u64), StoreError>;
+
+    /// An operator's rollback: stores checkpoint `source` again as `version` (its model and
+    /// strategy state, checksums verified), in one transaction, pruning beyond the newest
+    /// `keep`. Returns the new checkpoint; the ledger is untouched (what was spent stays spent).
+    /// A version already stored is never reused (an error).
+    fn install_checkpoint(
+        &mut self,
+        version: ModelVersion,
+        source: ModelVersion,
+        now_ms: i64,
+        keep: u32,
+    ) -> Result<Checkpoint, StoreError>;
+
+    /// Records an issued token (and enrolls its client if new). Returns the token id to embed.
+    fn record_token(&mut self, client: ClientId, expires_unix_s: u64, now_ms: i64)
+    -> Result<u64, StoreError>;
+
+    /// Revokes one token.
+    fn revoke_token(&mut self, token_id: u64, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Revokes a client: every token it holds, now and later, is refused.
+    fn revoke_client(&mut self, client: ClientId, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Revoked token ids and revoked client ids.
+    fn revocations(&self) -> Result<(Vec<u64>, Vec<u64>), StoreError>;
+
+    /// N, the enrolled population: clients not revoked that hold at least one token neither
+    /// revoked nor expired at `now_unix_s`. Central DP derives its sampling rate from it.
+    fn enrolled_population(&self, now_unix_s: u64) -> Result<u64, StoreError>;
+
+    /// Every issued token, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Appends a ledger entry and returns once it is durable. A round already charged is
+    /// [`StoreError::DuplicateRound`].
+    fn append_ledger(&mut self, entry: &LedgerEntry, recorded_ms: i64) -> Result<(), StoreError>;
+
+    /// Every ledger entry, oldest round first, validated.
+    fn ledger_entries(&self) -> Result<Vec<LedgerEntry>, StoreError>;
+
+    /// Appends an audit row (durable on return); returns its id.
+    fn record_audit(
+        &mut self,
+        at_ms: i64,
+        actor: &str,
+        action: &str,
+        detail: &str,
+        outcome: &str,
+    ) -> Result<u64, StoreError>;
+
+    /// The newest `limit` audit rows, oldest first.
+    fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Sets an operator switch (durable on return).
+    fn set_service_state(&mut self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// An operator switch, if set.
+    fn service_state(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// The schema version of the open database (SQLite: `user_version`, up to
+    /// [`SCHEMA_VERSION`]; PostgreSQL: `starling_schema`, up to [`PG_SCHEMA_VERSION`]).
+    fn schema_version(&self) -> Result<i32, StoreError>;
+
+    /// The file this store lives in (`None` in memory and on PostgreSQL).
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+
+    /// Where the store lives, for logs and errors: the file's path, or
+    /// `postgresql user@host:port/dbname` (never a password).
+    fn describe(&self) -> String;
+
+    /// Sets (or clears) the fence checked by every write to rounds, checkpoints, the ledger and
+    /// evaluations (see [`Fence`]). Only [`PgStore`] supports a fence; SQLite refuses
+    /// `Some(_)` with [`StoreError::Unsupported`].
+    fn set_fence(&mut self, fence: Option<Fence>) -> Result<(), StoreError>;
+
+    /// Runs raw SQL (tests tamper with rows through it).
+    #[cfg(test)]
+    fn execute_raw(&mut self, sql: &str) -> Result<(), StoreError>;
+}
+
+/// The coordinator's database: a [`StoreBackend`] chosen at open time, used through
+/// `Deref`/`DerefMut` (`store.commit_round(…)`).
 pub struct Store {
-    conn: Connection,
-    path: Option<PathBuf>,
+    backend: Box<dyn StoreBackend>,
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path`, checking that it is ours and migrating it.
+    /// Opens (or creates) the SQLite database at `path`, checking that it is ours and migrating
+    /// it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
-        let existed = std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(false);
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        Self::init(conn, Some(path), existed)
+        Ok(Self::from_backend(SqliteStore::open(path)?))
     }
 
-    /// A database in memory (simulations and tests): same schema, nothing on disk.
+    /// A SQLite database in memory (simulations and tests): same schema, nothing on disk.
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        Self::init(Connection::open_in_memory()?, None, false)
+        Ok(Self::from_backend(SqliteStore::open_in_memory()?))
     }
 
-    fn init(conn: Connection, path: Option<PathBuf>, existed: bool) -> Result<Self, StoreError> {
-        let shown = path.clone().unwrap_or_else(|| PathBuf::from(":memory:"));
-        let corrupt = |e: rusqlite::Error| StoreError::Corrupt { path: shown.clone(), detail: e.to_string() };
-        // Reading the header fails on a file that is not SQLite at all.
-        let app_id: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(corrupt)?;
-        let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(corrupt)?;
-        if existed {
-            if app_id != APPLICATION_ID {
-                return Err(StoreError::Foreign { path: shown, found: app_id });
+    /// Connects to PostgreSQL (`conn_str`: a libpq-style `key=value` string) and migrates its
+    /// schema. Blocks: call it from a blocking context, not on an async worker thread.
+    pub fn connect_postgres(conn_str: &str) -> Result<Self, StoreError> {
+        Ok(Self::from_backend(PgStore::connect(conn_str, None)?))
+    }
+
+    /// The store `[storage]` describes: PostgreSQL if `postgres` is set (the password read from
+    /// `postgres_password_file`, if set), else the SQLite file at `path` (its directory created
+    /// if missing). Blocks: call it from a blocking context.
+    pub fn open_config(storage: &StorageSection) -> Result<Self, StoreError> {
+        match &storage.postgres {
+            Some(conn_str) => {
+                let password = match &storage.postgres_password_file {
+                    Some(file) => Some(
+                        std::fs::read_to_string(file)
+                            .map_err(|e| {
+                                StoreError::Config(format!(
+                                    "reading the password file {}: {e}",
+                                    file.display()
+                                ))
+                            })?
+                            .trim()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                Ok(Self::from_backend(PgStore::connect(conn_str, password.as_deref())?))
             }
-            let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(corrupt)?;
-            if check != "ok" {
-                return Err(StoreError::Corrupt { path: shown, detail: check });
+            None => {
+                if let Some(dir) = storage.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| StoreError::Config(format!("creating {}: {e}", dir.display())))?;
+                }
+                Self::open(&storage.path)
             }
-            if version > SCHEMA_VERSION {
-                return Err(StoreError::TooNew { found: version, supported: SCHEMA_VERSION });
-            }
         }
-        // WAL with synchronous = FULL: every commit is fsynced before it returns.
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-        // Several connections write (the round hook, the control plane, `starling token`): wait
-        // for a lock instead of failing at once.
-        conn.execute_batch(
-            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
-        )?;
-        let mut store = Self { conn, path };
-        store.migrate(if existed { version } else { 0 })?;
-        Ok(store)
     }
 
-    /// The file this store lives in (`None` in memory).
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    fn migrate(&mut self, from: i32) -> Result<(), StoreError> {
-        if from < 1 {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(
-                "CREATE TABLE IF NOT EXISTS privacy_ledger (
-                     round       INTEGER PRIMARY KEY,
-                     q           REAL    NOT NULL,
-                     sigma       REAL    NOT NULL,
-                     steps       INTEGER NOT NULL,
-                     recorded_ms INTEGER NOT NULL
-                 );",
-            )?;
-            tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1;"))?;
-            tx.commit()?;
-        }
-        if from < 2 {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(
-                "CREATE TABLE checkpoints (
-                     version    INTEGER PRIMARY KEY,
-                     round      INTEGER NOT NULL,
-                     rows       INTEGER NOT NULL,
-                     row_len    INTEGER NOT NULL,
-                     model      BLOB    NOT NULL,
-                     crc32      INTEGER NOT NULL,
-                     created_ms INTEGER NOT NULL
-                 );
-                 CREATE TABLE rounds (
-                     round          INTEGER PRIMARY KEY,
-                     base_version   INTEGER NOT NULL,
-                     state          TEXT    NOT NULL
-                                    CHECK (state IN ('started', 'committed', 'failed', 'abandoned')),
-                     started_ms     INTEGER NOT NULL,
-                     finished_ms    INTEGER,
-                     result_version INTEGER,
-                     detail         TEXT
-                 );
-                 CREATE TABLE clients (
-                     client_id   INTEGER PRIMARY KEY,
-                     enrolled_ms INTEGER NOT NULL,
-                     revoked_ms  INTEGER
-                 );
-                 CREATE TABLE tokens (
-                     token_id   INTEGER PRIMARY KEY,
-                     client_id  INTEGER NOT NULL REFERENCES clients (client_id),
-                     expires_s  INTEGER NOT NULL,
-                     issued_ms  INTEGER NOT NULL,
-                     revoked_ms INTEGER
-                 );
-                 CREATE INDEX tokens_by_client ON tokens (client_id);
-                 PRAGMA user_version = 2;",
-            )?;
-            tx.commit()?;
-        }
-        if from < 3 {
-            let tx = self.conn.transaction()?;
-            // SQLite cannot alter a CHECK: the rounds table is rebuilt with the wider one.
-            tx.execute_batch(
-                "CREATE TABLE rounds_v3 (
-                     round          INTEGER PRIMARY KEY,
-                     base_version   INTEGER NOT NULL,
-                     state          TEXT    NOT NULL
-                                    CHECK (state IN ('started', 'committed', 'failed', 'abandoned', 'evaluated')),
-                     started_ms     INTEGER NOT NULL,
-                     finished_ms    INTEGER,
-                     result_version INTEGER,
-                     detail         TEXT
-                 );
-                 INSERT INTO rounds_v3 SELECT round, base_version, state, started_ms, finished_ms, result_version, detail FROM rounds;
-                 DROP TABLE rounds;
-                 ALTER TABLE rounds_v3 RENAME TO rounds;
-                 CREATE TABLE evaluations (
-                     round       INTEGER PRIMARY KEY,
-                     version     INTEGER NOT NULL,
-                     reports     INTEGER NOT NULL,
-                     cases       REAL    NOT NULL,
-                     hr_at_10    REAL    NOT NULL,
-                     ndcg_at_10  REAL    NOT NULL,
-                     loss        REAL    NOT NULL,
-                     noise_std   REAL,
-                     recorded_ms INTEGER NOT NULL
-                 );
-                 PRAGMA user_version = 3;",
-            )?;
-            tx.commit()?;
-        }
-        if from < 4 {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(
-                "ALTER TABLE checkpoints ADD COLUMN strategy_state BLOB;
-                 ALTER TABLE checkpoints ADD COLUMN state_crc32 INTEGER;
-                 ALTER TABLE rounds ADD COLUMN kind TEXT NOT NULL DEFAULT 'train'
-                     CHECK (kind IN ('train', 'evaluate'));
-                 UPDATE rounds SET kind = 'evaluate' WHERE state = 'evaluated';
-                 ALTER TABLE rounds ADD COLUMN selected INTEGER;
-                 ALTER TABLE rounds ADD COLUMN reported INTEGER;
-                 ALTER TABLE rounds ADD COLUMN dropped INTEGER;
-                 ALTER TABLE rounds ADD COLUMN unfinished INTEGER;
-                 ALTER TABLE rounds ADD COLUMN rejected INTEGER;
-                 CREATE TABLE audit (
-                     id      INTEGER PRIMARY KEY AUTOINCREMENT,
-                     at_ms   INTEGER NOT NULL,
-                     actor   TEXT    NOT NULL,
-                     action  TEXT    NOT NULL,
-                     detail  TEXT    NOT NULL,
-                     outcome TEXT    NOT NULL
-                 );
-                 CREATE TABLE service_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 PRAGMA user_version = 4;",
-            )?;
-            tx.commit()?;
-        }
-        // Later schema versions add `if from < N { … }` steps here, each in its own transaction.
-        Ok(())
-    }
-
-    /// The schema version of the open database.
-    pub fn schema_version(&self) -> Result<i32, StoreError> {
-        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    /// Wraps a backend.
+    pub fn from_backend(backend: impl StoreBackend + 'static) -> Self {
+        Self { backend: Box::new(backend) }
     }
 }
+
+impl std::ops::Deref for Store {
+    type Target = dyn StoreBackend;
+    fn deref(&self) -> &Self::Target {
+        &*self.backend
+    }
+}
+
+impl std::ops::DerefMut for Store {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut *self.backend
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("backend", &self.backend.describe()).finish()
+    }
+}
+
+// ---- Helpers shared by both backends: ids, the model's encoding, checksums, row validation.
 
 fn to_i64(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::BadRow { round: v, detail: "id does not fit in 63 bits".into() })
 }
 
-fn insert_ledger(
-    tx: &rusqlite::Transaction<'_>,
-    entry: &LedgerEntry,
-    recorded_ms: i64,
-) -> Result<(), StoreError> {
-    let m = entry.mechanism;
-    let round = to_i64(entry.round)?;
-    let steps = i64::try_from(m.steps).unwrap_or(i64::MAX);
-    let inserted = tx.execute(
-        "INSERT OR IGNORE INTO privacy_ledger (round, q, sigma, steps, recorded_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![round, m.q.get(), m.sigma.get(), steps, recorded_ms],
-    )?;
-    if inserted == 0 {
-        return Err(StoreError::DuplicateRound(entry.round));
-    }
-    Ok(())
+/// A CRC-32 as stored (a non-negative integer column).
+fn crc(bytes: &[u8]) -> i64 {
+    i64::from(crc32fast::hash(bytes))
 }
 
-fn insert_checkpoint(
-    tx: &rusqlite::Transaction<'_>,
-    version: ModelVersion,
-    round: RoundId,
-    shape: ModelShape,
-    model: &[f32],
-    strategy_state: Option<&[u8]>,
-    now_ms: i64,
-) -> Result<(), StoreError> {
+/// The stored form of a model: validated (length, finite values), little-endian `f32`s.
+fn encode_model(version: ModelVersion, shape: ModelShape, model: &[f32]) -> Result<Vec<u8>, StoreError> {
     if model.len() != shape.len() || model.iter().any(|v| !v.is_finite()) {
         return Err(StoreError::BadCheckpoint {
             version: version.0,
@@ -467,29 +574,95 @@ fn insert_checkpoint(
     for v in model {
         blob.extend_from_slice(&v.to_le_bytes());
     }
-    tx.execute(
-        "INSERT INTO checkpoints (version, round, rows, row_len, model, crc32, created_ms, strategy_state, state_crc32)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            to_i64(version.0)?,
-            to_i64(round.0)?,
-            i64::from(shape.rows),
-            i64::from(shape.row_len),
-            blob,
-            i64::from(crc32fast::hash(&blob)),
-            now_ms,
-            strategy_state,
-            strategy_state.map(|s| i64::from(crc32fast::hash(s)))
-        ],
-    )?;
-    Ok(())
+    Ok(blob)
 }
 
-mod operations;
-mod rounds;
-mod tokens;
+/// A checkpoint row as read from either backend, before its checks.
+struct CheckpointRow {
+    round: i64,
+    rows: i64,
+    row_len: i64,
+    model: Vec<u8>,
+    crc32: i64,
+    strategy_state: Option<Vec<u8>>,
+    state_crc32: Option<i64>,
+}
 
-pub use operations::AuditRecord;
+/// Verifies a checkpoint row (checksums, shape, length, finite values) and decodes it.
+fn decode_checkpoint(version: ModelVersion, row: CheckpointRow) -> Result<Checkpoint, StoreError> {
+    let CheckpointRow { round, rows, row_len, model: blob, crc32, strategy_state: state, state_crc32 } = row;
+    let bad = |detail: String| StoreError::BadCheckpoint { version: version.0, detail };
+    if crc(&blob) != crc32 {
+        return Err(bad("checksum mismatch".into()));
+    }
+    match (&state, state_crc32) {
+        (None, _) => {}
+        (Some(s), Some(c)) if crc(s) == c => {}
+        (Some(_), _) => return Err(bad("strategy state checksum mismatch".into())),
+    }
+    let shape = ModelShape::new(
+        u32::try_from(rows).map_err(|_| bad(format!("rows {rows}")))?,
+        u32::try_from(row_len).map_err(|_| bad(format!("row_len {row_len}")))?,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if blob.len() != shape.len() * 4 {
+        return Err(bad(format!("{} bytes for {} values", blob.len(), shape.len())));
+    }
+    let model: Vec<f32> =
+        blob.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    if model.iter().any(|v| !v.is_finite()) {
+        return Err(bad("non-finite value".into()));
+    }
+    Ok(Checkpoint { version, round: RoundId(round as u64), shape, model, strategy_state: state })
+}
+
+/// A ledger row's columns, validated.
+fn ledger_entry(round: i64, q: f64, sigma: f64, steps: i64) -> Result<LedgerEntry, StoreError> {
+    let round = round as u64;
+    let bad = |detail: String| StoreError::BadRow { round, detail };
+    let q = SamplingRate::new(q).map_err(|e| bad(e.to_string()))?;
+    let sigma = NoiseMultiplier::new(sigma).map_err(|e| bad(e.to_string()))?;
+    let steps = u64::try_from(steps).map_err(|_| bad(format!("negative step count {steps}")))?;
+    Ok(LedgerEntry { round, mechanism: Mechanism { q, sigma, steps } })
+}
+
+/// A ledger entry's columns: `(round, q, σ, steps)`.
+fn ledger_columns(entry: &LedgerEntry) -> Result<(i64, f64, f64, i64), StoreError> {
+    let m = entry.mechanism;
+    Ok((to_i64(entry.round)?, m.q.get(), m.sigma.get(), i64::try_from(m.steps).unwrap_or(i64::MAX)))
+}
+
+/// A round's figures as columns (`selected`, `reported`, `dropped`, `unfinished`, `rejected`).
+fn figure_columns(f: &RoundFigures) -> Result<[i64; 5], StoreError> {
+    Ok([
+        to_i64(f.selected)?,
+        to_i64(f.reported)?,
+        to_i64(f.dropped)?,
+        to_i64(f.unfinished)?,
+        to_i64(f.rejected)?,
+    ])
+}
+
+/// A round's figures from their columns (all set, or none recorded).
+fn figures_from(columns: [Option<i64>; 5]) -> Option<RoundFigures> {
+    match columns.map(|c| c.map(|v| v as u64)) {
+        [Some(selected), Some(reported), Some(dropped), Some(unfinished), Some(rejected)] => {
+            Some(RoundFigures { selected, reported, dropped, unfinished, rejected })
+        }
+        _ => None,
+    }
+}
+
+/// The next round id: above every round ever begun and every round ever charged.
+fn next_round(max_round: Option<i64>, max_ledger: Option<i64>) -> RoundId {
+    RoundId(max_round.unwrap_or(0).max(max_ledger.unwrap_or(0)).max(0) as u64 + 1)
+}
+
+pub mod postgres;
+pub mod sqlite;
+
+pub use self::postgres::{PG_SCHEMA_VERSION, PgStore};
+pub use sqlite::SqliteStore;
 
 #[cfg(test)]
 mod tests;

@@ -35,13 +35,13 @@ pub fn load(path: &Path) -> ServiceConfig {
 }
 
 /// Issues a token as `starling token issue` does, valid for `ttl_s` seconds (negative: expired).
+/// Opens the service's store as `[storage]` says; on PostgreSQL call it outside the async threads.
 pub fn issue(config: &ServiceConfig, client: u64, ttl_s: i64) -> (u64, Vec<u8>) {
-    std::fs::create_dir_all(config.storage.path.parent().unwrap()).unwrap();
     let authority = TokenAuthority::from_secret_file_text(
         &std::fs::read_to_string(&config.server.token_secret_file).unwrap(),
     )
     .unwrap();
-    let mut store = Store::open(&config.storage.path).unwrap();
+    let mut store = Store::open_config(&config.storage).unwrap();
     let expires = (unix_now_s() as i64 + ttl_s).max(0) as u64;
     let token_id = store.record_token(ClientId(client), expires, 0).unwrap();
     (

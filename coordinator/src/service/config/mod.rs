@@ -149,6 +149,9 @@ impl ServiceConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(p) = self.storage.postgres_password_file.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
     }
 
     /// Checks every range the engine would otherwise refuse later, with the key's name.
@@ -271,6 +274,20 @@ impl ServiceConfig {
         }
         if self.storage.keep_checkpoints == 0 {
             return Err(invalid("storage.keep_checkpoints", "must be at least 1"));
+        }
+        if let Some(conn) = &self.storage.postgres {
+            if conn.trim().is_empty() {
+                return Err(invalid(
+                    "storage.postgres",
+                    "is empty: give a connection string (host=… port=… user=… dbname=…) or remove the key",
+                ));
+            }
+            if let Err(e) = conn.parse::<postgres::Config>() {
+                return Err(invalid("storage.postgres", format!("not a connection string: {e}")));
+            }
+        }
+        if self.storage.postgres_password_file.is_some() && self.storage.postgres.is_none() {
+            return Err(invalid("storage.postgres_password_file", "is set but storage.postgres is not"));
         }
         Ok(())
     }

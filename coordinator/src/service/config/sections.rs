@@ -319,19 +319,30 @@ pub struct EvaluationSection {
 /// `evaluation.every_rounds` when the file does not set it.
 pub const DEFAULT_EVALUATION_EVERY: u64 = 5;
 
-/// `[storage]`: the embedded database.
+/// `[storage]`: the coordinator's database — a SQLite file, or PostgreSQL when `postgres` is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSection {
-    /// The SQLite file (created if missing).
+    /// The SQLite file (created if missing). Not used when `postgres` is set.
     pub path: PathBuf,
     /// Checkpoints kept (older model versions are pruned; the ledger is never pruned).
     pub keep_checkpoints: u32,
+    /// PostgreSQL instead of SQLite: a libpq-style connection string, e.g.
+    /// `host=10.0.0.5 port=5432 user=starling dbname=starling` (no TLS: a private network or a
+    /// local socket). Put the password in `postgres_password_file`, not here.
+    pub postgres: Option<String>,
+    /// A file holding the PostgreSQL password (read at start-up, trimmed, never logged).
+    pub postgres_password_file: Option<PathBuf>,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
-        Self { path: "data/coordinator.db".into(), keep_checkpoints: 8 }
+        Self {
+            path: "data/coordinator.db".into(),
+            keep_checkpoints: 8,
+            postgres: None,
+            postgres_password_file: None,
+        }
     }
 }
 

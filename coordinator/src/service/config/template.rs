@@ -129,4 +129,8 @@ target_participants = 0      # reports an evaluation round aims for; 0 = round.t
 [storage]
 path = "data/coordinator.db" # SQLite (WAL, synchronous=FULL); back it up with `sqlite3 .backup`
 keep_checkpoints = 8
+# PostgreSQL instead of the SQLite file (path is then not used); no TLS: a private network or a
+# local socket. Durable with synchronous_commit = on (the default). See docs/operations.md.
+# postgres = "host=10.0.0.5 port=5432 user=starling dbname=starling"
+# postgres_password_file = "secrets/postgres-password"   # read at start-up, trimmed, never logged
 "#;
