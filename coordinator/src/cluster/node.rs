@@ -231,6 +231,41 @@ struct Node {
     pending: Option<Pending>,
     /// When the running leader round started (the share deadline counts from it).
     round_started: Option<(RoundId, Instant)>,
+    /// Until when this node may lead, for the watchdog (`None`: it does not lead).
+    deadline: tokio::sync::watch::Sender<Option<Instant>>,
+}
+
+/// Demotes the node the moment its lease lapses by its own clock, whatever the node task is
+/// waiting for (a database call can take up to `db_timeout`; the lease's margin need not cover
+/// it).
+async fn watchdog(
+    mut deadline: tokio::sync::watch::Receiver<Option<Instant>>,
+    handle: CoordinatorHandle,
+    view: Arc<Mutex<ClusterView>>,
+) {
+    loop {
+        let until = *deadline.borrow_and_update();
+        let Some(until) = until else {
+            if deadline.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {
+                tracing::warn!("cluster: the lease lapsed by this node's clock; it stops leading now");
+                if let Ok(mut v) = view.lock() {
+                    v.leader = false;
+                    v.stopped_leading_ms = Some(unix_ms());
+                }
+                let _ = handle.demote().await;
+                if deadline.changed().await.is_err() {
+                    return;
+                }
+            }
+            changed = deadline.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Runs the node until the driver stops. `events` receives the cluster's events from the hook
@@ -250,20 +285,16 @@ pub async fn run(
     let lease = Lease::new(cfg.lease.clone())?;
     let db = self::connect(&connect).await?;
     migrate(&db).await?;
-    let last_seen = {
-        let row = db
-            .query_one(
-                "SELECT COALESCE(MAX(round), 0) FROM starling_cluster_rounds WHERE population = $1",
-                &[&cfg.lease.population],
-            )
-            .await?;
-        row.get::<_, i64>(0)
-    };
+    // A node that starts (or restarts) mid-round still joins it, within the join window.
+    let last_seen = 0;
     if let Ok(mut v) = view.lock() {
         v.node.clone_from(&cfg.lease.node);
         v.population.clone_from(&cfg.lease.population);
     }
+    let (deadline, deadline_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(watchdog(deadline_rx, handle.clone(), view.clone()));
     let mut node = Node {
+        deadline,
         db,
         connect,
         broken: false,
@@ -351,7 +382,10 @@ impl Node {
                 let sent = Instant::now();
                 let renewed = tokio::time::timeout(self.cfg.db_timeout, self.lease.renew(&self.db)).await;
                 match renewed {
-                    Ok(Ok(())) => self.last_renewal = sent,
+                    Ok(Ok(())) => {
+                        self.last_renewal = sent;
+                        self.deadline.send_replace(self.lease.valid_until());
+                    }
                     Ok(Err(e)) => tracing::warn!(error = %e, "cluster: lease renewal failed"),
                     Err(_) => tracing::warn!("cluster: lease renewal timed out"),
                 }
@@ -434,6 +468,16 @@ impl Node {
             .await?;
         if self.leading {
             let _ = self.handle.set_cluster_nodes(Some(nodes.len().max(1))).await;
+            // An operator's pause or resume may have been sent to any node: it is in the store.
+            let paused = self
+                .db
+                .query_opt("SELECT value FROM starling_service_state WHERE key = 'paused'", &[])
+                .await?
+                .is_some_and(|r| r.get::<_, String>(0) == "true");
+            if paused != self.handle.status().paused {
+                tracing::info!(paused, "cluster: the operator's pause switch changed");
+                let _ = self.handle.set_paused(paused).await;
+            }
         }
         if let Ok(mut v) = self.view.lock() {
             v.nodes = nodes;
@@ -475,6 +519,7 @@ impl Node {
         self.leading = true;
         self.pending = None;
         self.round_started = None;
+        self.deadline.send_replace(self.lease.valid_until());
         if let Ok(mut v) = self.view.lock() {
             v.leader = true;
             v.terms += 1;
@@ -495,6 +540,7 @@ impl Node {
 
     async fn stop_leading(&mut self, why: &str) {
         tracing::warn!(node = self.name(), reason = why, "cluster: this node stopped leading");
+        self.deadline.send_replace(None);
         // Local and immediate: no database needed.
         let _ = self.handle.demote().await;
         self.leading = false;
@@ -503,7 +549,12 @@ impl Node {
         self.lease_release().await;
         if let Ok(mut v) = self.view.lock() {
             v.leader = false;
-            v.stopped_leading_ms = Some(unix_ms());
+            // The watchdog may have recorded the moment already (it does not wait for the
+            // database); keep the earlier one.
+            let since = v.leading_since_ms.unwrap_or(0);
+            if v.stopped_leading_ms.is_none_or(|t| t < since) {
+                v.stopped_leading_ms = Some(unix_ms());
+            }
         }
     }
 
@@ -585,11 +636,18 @@ impl Node {
         }
     }
 
+    /// Records how the leader's round ended and forgets the shares of rounds long over.
     async fn mark(&self, round: RoundId, state: &str) -> Result<(), NodeError> {
         self.db
             .execute(
                 "UPDATE starling_cluster_rounds SET state = $3 WHERE population = $1 AND round = $2",
                 &[&self.population(), &(round.0 as i64), &state],
+            )
+            .await?;
+        self.db
+            .execute(
+                "DELETE FROM starling_shares WHERE population = $1 AND round <= $2",
+                &[&self.population(), &(round.0 as i64)],
             )
             .await?;
         Ok(())

@@ -106,6 +106,13 @@ pub struct StatusSnapshot {
     pub recent_failures: Vec<FailureRecord>,
     /// Federated evaluation: the newest figures and their history.
     pub evaluation: EvaluationStatus,
+    /// Bytes of frames received from clients since the process started.
+    pub bytes_received: u64,
+    /// Bytes of frames sent to clients since the process started.
+    pub bytes_sent: u64,
+    /// The cluster this node belongs to (`[cluster] enabled`): its role, the leader, the live
+    /// nodes with their connections and bytes.
+    pub cluster: Option<crate::cluster::node::ClusterView>,
 }
 
 /// Counters, gauges and the status the admin endpoint serves.

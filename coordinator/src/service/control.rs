@@ -54,6 +54,33 @@ pub struct Control {
     pub family: String,
     /// The telemetry (unauthorized requests are counted there).
     pub telemetry: Arc<Telemetry>,
+    /// This node's view of its cluster, when it is one node of several: actions on the schedule
+    /// and the model are the leader's.
+    pub cluster: Option<Arc<Mutex<crate::cluster::node::ClusterView>>>,
+}
+
+impl Control {
+    /// Refuses an action only the leader may take, naming the leader.
+    fn leader_only(&self) -> Result<(), Refused> {
+        let Some(view) = &self.cluster else { return Ok(()) };
+        let v = view.lock().unwrap_or_else(|p| p.into_inner());
+        if v.leader {
+            return Ok(());
+        }
+        let leader = v.current_leader.clone();
+        let admin =
+            leader.as_ref().and_then(|l| v.nodes.iter().find(|n| &n.node == l)).map(|n| n.admin_addr.clone());
+        Err(Refused(
+            StatusCode::CONFLICT,
+            match (leader, admin) {
+                (Some(l), Some(a)) => {
+                    format!("this node is not the cluster's leader: send it to {l} (admin {a})")
+                }
+                (Some(l), None) => format!("this node is not the cluster's leader: send it to {l}"),
+                _ => "this node is not the cluster's leader, and no node leads right now".into(),
+            },
+        ))
+    }
 }
 
 impl std::fmt::Debug for Control {
@@ -181,6 +208,7 @@ async fn set_paused(c: Control, paused: bool) -> Result<serde_json::Value, Refus
 
 async fn start_round(State(c): State<Control>, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
     audited(c, headers, peer, "start_round", serde_json::json!({}), |c| async move {
+        c.leader_only()?;
         let round = c.handle.start_round().await?;
         Ok(serde_json::json!({ "round": round.0 }))
     })
@@ -202,6 +230,7 @@ async fn rollback(
 ) -> Response {
     let detail = serde_json::json!({ "version": q.version });
     audited(c, headers, peer, "rollback", detail, |c| async move {
+        c.leader_only()?;
         let Some(source) = q.version else {
             return Err(Refused(StatusCode::BAD_REQUEST, "rollback needs ?version=N".into()));
         };

@@ -185,6 +185,22 @@ pub trait EventHook: Send + 'static {
     }
 }
 
+impl EventHook for Box<dyn EventHook> {
+    fn on_event(&mut self, event: &RoundEvent) -> Result<(), String> {
+        (**self).on_event(event)
+    }
+    fn blocking(&self, event: &RoundEvent) -> bool {
+        (**self).blocking(event)
+    }
+    fn install_checkpoint(
+        &mut self,
+        version: ModelVersion,
+        source: ModelVersion,
+    ) -> Result<(Vec<f32>, Option<starling_proto::strategy::StrategyState>), String> {
+        (**self).install_checkpoint(version, source)
+    }
+}
+
 /// Verifies a check-in's credential for the client it names. `Err` carries the reason, for
 /// logs and metrics; on the wire every failure is `Refusal::Unauthenticated`.
 pub trait Authenticator: Send + Sync + 'static {
@@ -233,6 +249,15 @@ pub enum DriverError {
     /// The leader's shares could not be handed to the engine.
     #[error(transparent)]
     Shares(#[from] starling_proto::round::SharesError),
+}
+
+/// Bytes of frames received from and sent to clients, over every connection.
+#[derive(Debug, Default)]
+pub struct ByteStats {
+    /// Received.
+    pub received: std::sync::atomic::AtomicU64,
+    /// Sent.
+    pub sent: std::sync::atomic::AtomicU64,
 }
 
 /// What a node of a cluster runs: its engine, its event hook and its schedule (the leader's) or
@@ -330,6 +355,7 @@ pub struct CoordinatorHandle {
     status: watch::Receiver<DriverStatus>,
     events: broadcast::Sender<RoundEvent>,
     next_conn: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    bytes: std::sync::Arc<ByteStats>,
     config: std::sync::Arc<DriverConfig>,
 }
 
@@ -339,7 +365,13 @@ impl CoordinatorHandle {
         let id = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tx = self.tx.clone();
         let config = self.config.clone();
-        tokio::spawn(connection::connection_task(conn, id, tx, config));
+        tokio::spawn(connection::connection_task(conn, id, tx, config, self.bytes.clone()));
+    }
+
+    /// Bytes received from and sent to clients so far (frames, over every connection).
+    pub fn bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.bytes.received.load(Relaxed), self.bytes.sent.load(Relaxed))
     }
 
     /// The driver's limits.
@@ -542,6 +574,7 @@ pub fn spawn_with_auth(
         status: status_rx,
         events,
         next_conn: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        bytes: std::sync::Arc::new(ByteStats::default()),
         config: std::sync::Arc::new(config),
     }
 }
@@ -754,9 +787,12 @@ impl Driver {
                 self.schedule = None;
                 self.next_start = None;
                 let (phase, round) = (self.engine.phase(), self.engine.current_round());
+                // A storage failure of the leader's term (a commit the fence refused) is not the
+                // follower's: it writes nothing.
                 self.status.send_modify(|s| {
                     s.phase = phase;
                     s.round = round;
+                    s.halted = None;
                 });
                 let _ = reply.send(());
             }

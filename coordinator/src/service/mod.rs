@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod admin_tls;
+mod cluster;
 pub mod config;
 pub mod control;
 pub mod driver;

@@ -32,7 +32,7 @@
 
 use super::admin::{AdminState, Telemetry};
 use super::config::{ConfigError, ServiceConfig};
-use super::driver::{self, CoordinatorHandle, DriverConfig, RoundSchedule};
+use super::driver::{self, CoordinatorHandle, DriverConfig};
 use super::quic::{self, QuicError, QuicLimits, QuicStats};
 use super::tls::{self, LocalPki, TlsError};
 use super::tokens::{SecretError, TokenAuthority, unix_now_s};
@@ -41,7 +41,7 @@ use crate::store::{EvaluationRecord, RoundCommit, RoundFigures, Store, StoreErro
 use starling_proto::dp::{LedgerEntry, Mechanism, NoiseMultiplier, PrivacyLedger, SamplingRate};
 use starling_proto::ids::ModelVersion;
 use starling_proto::message::{Refusal, RejectReason, TaskKind};
-use starling_proto::round::{Orchestrator, RoundEvent, RoundStats};
+use starling_proto::round::{RoundEvent, RoundStats};
 use starling_proto::update::ModelShape;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,77 +130,66 @@ impl Running {
 /// Starts the service described by `config` (see the module docs). Must run in a tokio runtime.
 pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let telemetry = Arc::new(Telemetry::new());
-    // 1. The store: recover, or seed the initial model. Store work runs on the blocking pool
-    // (the PostgreSQL client must never block an async worker thread).
-    let storage = config.storage.clone();
-    let (mut store, recovery) = blocking(move || {
-        let mut store = Store::open_config(&storage)?;
-        let recovery = store.recover(unix_ms())?;
-        Ok((store, recovery))
-    })
-    .await?;
-    tracing::info!(store = %store.describe(), "store opened");
-    let shape = config.shape()?;
-    let saved_state = recovery.latest.as_ref().and_then(|c| c.strategy_state.clone());
-    let (model, version) = match recovery.latest {
-        Some(c) if c.shape != shape => {
-            return Err(ServeError::ShapeMismatch {
-                version: c.version.0,
-                stored: c.shape,
-                configured: shape,
-            });
+    // 1–2. The store and the engine, on the blocking pool (the PostgreSQL client must never
+    // block an async worker thread). A single node recovers the store (unfinished rounds are
+    // recorded abandoned, an empty store is seeded with the initial model); a cluster node
+    // starts as a follower and only reads it: the node that takes the lease recovers.
+    let cluster = config.cluster.enabled;
+    let cfg = config.clone();
+    let (store, built, saved) = blocking(move || {
+        let mut store = Store::open_config(&cfg.storage)?;
+        if cluster {
+            // A follower records no round: its store refuses every round, checkpoint and ledger
+            // write (a fence no lease row matches). The leader's role gets its own store, fenced
+            // with its term.
+            store.set_fence(Some(crate::store::Fence {
+                population: cfg.cluster.population.clone(),
+                holder: String::new(),
+                epoch: -1,
+            }))?;
         }
-        Some(c) => (c.model, c.version),
-        None => {
-            let m = config.initial_model()?;
-            let (s, m) = blocking(move || {
-                store.init_model(ModelVersion(0), shape, &m, unix_ms())?;
-                Ok((store, m))
-            })
-            .await?;
-            store = s;
-            (m, ModelVersion(0))
-        }
-    };
-    // Everything else start-up reads from the store, in one trip to the blocking pool.
-    let (store, saved) = blocking(move || {
+        let built = super::cluster::build_engine(&cfg, &mut store, !cluster)?;
         let saved = Saved {
-            ledger: store.ledger_entries()?,
             revocations: store.revocations()?,
-            schedule: store.schedule_counters()?,
-            paused: store.service_state("paused")?.as_deref() == Some("true"),
             evaluations: store.evaluations(super::admin::EVALUATION_HISTORY)?,
-            population: store.enrolled_population(unix_now_s())?,
         };
-        Ok((store, saved))
+        Ok::<_, ServeError>((store, built, saved))
     })
     .await?;
-    if !recovery.abandoned.is_empty() {
-        tracing::warn!(rounds = ?recovery.abandoned, "rounds interrupted by a restart were recorded as abandoned");
-        for r in &recovery.abandoned {
+    tracing::info!(store = %store.describe(), cluster, "store opened");
+    let super::cluster::Built {
+        engine,
+        ledger,
+        schedule,
+        version,
+        abandoned,
+        restored_from,
+        restore_error,
+        population,
+    } = built;
+    if !abandoned.is_empty() {
+        tracing::warn!(rounds = ?abandoned, "rounds interrupted by a restart were recorded as abandoned");
+        for r in &abandoned {
             telemetry.failure("round", format!("{r} abandoned: coordinator restarted mid-round"));
         }
     }
-    // 2. The ledger, replayed.
-    let budget = config.budget()?;
-    let ledger = PrivacyLedger::replay(budget, saved.ledger);
-    if config.privacy.mode == "off"
-        && !ledger.entries().is_empty()
-        && !config.privacy.allow_release_without_dp
-    {
-        return Err(ConfigError::Invalid {
-            key: "privacy.mode",
-            detail: format!(
-                "this store's ledger holds {} differentially private rounds (epsilon {:.4} at delta {:e});                  with mode = \"off\" every model released from now on carries no guarantee at all. \
-                 Keep central DP, or set privacy.allow_release_without_dp = true if that is what you want",
-                ledger.entries().len(),
-                ledger.spent(),
-                budget.delta.get()
-            ),
+    match (restored_from, &restore_error) {
+        (Some(v), _) => {
+            tracing::info!(version = v, "strategy state restored from the checkpoint");
+            telemetry.update_status(|s| s.strategy_state_restored_from = Some(v));
         }
-        .into());
+        (None, Some(e)) => {
+            tracing::warn!(version = version.0, error = %e, "strategy state not restored; the strategy starts afresh");
+            telemetry.failure("storage", format!("strategy state of v{} not restored: {e}", version.0));
+        }
+        (None, None) => {}
     }
-    let strategy = config.build_strategy(ledger.clone())?;
+    if schedule.paused && !cluster {
+        tracing::warn!("the schedule is paused (by an operator); `starling admin resume` resumes it");
+    }
+    for record in saved.evaluations {
+        telemetry.evaluation(record, false);
+    }
     // 3. Tokens, engine, driver.
     let secret = std::fs::read_to_string(&config.server.token_secret_file)
         .map_err(io(format!("reading {}", config.server.token_secret_file.display())))?;
@@ -210,49 +199,15 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     let admin_token = std::fs::read_to_string(&config.server.admin_token_file)
         .map_err(io(format!("reading {}", config.server.admin_token_file.display())))?;
     let admin_token: Arc<str> = admin_token.trim().into();
-
     // Credentials are verified by the driver, before a connection is bound to the client it
     // names (the engine's own authenticator is left accepting: the driver never lets an
     // unverified check-in through).
-    let mut engine =
-        Orchestrator::new(config.orchestrator_config()?, strategy, model, version, recovery.next_round)?;
-    engine.set_evaluation_target(config.evaluation_target())?;
-    // The strategy's carried state (optimizer moments, an adaptive clip norm) from the newest
-    // checkpoint: the restart continues exactly. A state of another strategy (the operator
-    // changed `[strategy]`) or a damaged one starts the strategy afresh, with a warning.
-    if let Some(bytes) = &saved_state {
-        let limit = shape.len().saturating_mul(16).saturating_add(1 << 20);
-        let restored = starling_proto::codec::decode_strategy_state(bytes, limit)
-            .map_err(|e| e.to_string())
-            .and_then(|state| engine.restore_strategy_state(&state).map_err(|e| e.to_string()));
-        match restored {
-            Ok(()) => {
-                tracing::info!(version = version.0, "strategy state restored from the checkpoint");
-                telemetry.update_status(|s| s.strategy_state_restored_from = Some(version.0));
-            }
-            Err(e) => {
-                tracing::warn!(version = version.0, error = %e, "strategy state not restored; the strategy starts afresh");
-                telemetry.failure("storage", format!("strategy state of v{} not restored: {e}", version.0));
-            }
-        }
-    }
-    let (already_started, committed_since_evaluation) = saved.schedule;
-    let paused = saved.paused;
-    if paused {
-        tracing::warn!("the schedule is paused (by an operator); `starling admin resume` resumes it");
-    }
-    for record in saved.evaluations {
-        telemetry.evaluation(record, false);
-    }
-    // Selection (and Poisson sampling under DP) must not be predictable from the config file.
-    engine.reseed(os_seed()?);
-    let population = saved.population;
-    engine.set_population(population);
     let auth = Arc::new(TokenAuth { authority: authority.clone(), telemetry: telemetry.clone() });
     let central = config.central_dp();
+    let budget = config.budget()?;
     telemetry.update_status(|s| {
         s.model_version = version.0;
-        s.rounds_abandoned_at_start = recovery.abandoned.iter().map(|r| r.0).collect();
+        s.rounds_abandoned_at_start = abandoned.iter().map(|r| r.0).collect();
         // What was spent stays visible in every mode (it was spent, whatever runs now).
         s.epsilon_spent = ledger.status().epsilon_spent;
         s.epsilon_budget = central.then(|| budget.epsilon.get());
@@ -262,8 +217,16 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         s.population = Some(population);
     });
     telemetry.model_version.set(version.0 as i64);
-    let hook =
+    let shape = config.shape()?;
+    let persist =
         Persist { store, ledger, shape, keep: config.storage.keep_checkpoints, telemetry: telemetry.clone() };
+    // A cluster node's hook also tells the node task about rounds and shares.
+    let (cluster_tx, cluster_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook: Box<dyn driver::EventHook> = if cluster {
+        Box::new(super::cluster::ClusterHook { inner: persist, events: cluster_tx.clone() })
+    } else {
+        Box::new(persist)
+    };
     let s = &config.server;
     let ms = Duration::from_millis;
     let driver_config = DriverConfig {
@@ -282,14 +245,8 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
                 .saturating_add(config.round.report_timeout_ms),
         ),
         max_messages_per_sec: s.rate_burst.max(s.rate_per_second),
-        schedule: Some(RoundSchedule {
-            gap: Duration::from_millis(config.round.interval_ms),
-            max_rounds: (config.round.max_rounds > 0).then_some(config.round.max_rounds),
-            evaluate_every: config.evaluation_every(),
-            already_started,
-            committed_since_evaluation,
-            paused,
-        }),
+        // A cluster node starts as a follower: only the leader's role has a schedule.
+        schedule: (!cluster).then_some(schedule),
         ..DriverConfig::default()
     };
     let handle = driver::spawn_with_auth(engine, driver_config, hook, auth);
@@ -318,8 +275,70 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         .await
         .map_err(io(format!("binding the admin endpoint {}", s.admin_listen)))?;
     let admin_addr = listener.local_addr().map_err(io("reading the admin address"))?;
+    // A cluster node: the node task (discovery, lease, rounds and shares in PostgreSQL).
+    let cluster_view = if cluster {
+        let view = Arc::new(std::sync::Mutex::new(crate::cluster::node::ClusterView::default()));
+        let mut node_config = config.clone();
+        if node_config.cluster.node.is_empty() {
+            node_config.cluster.node = default_node_name(quic_addr);
+        }
+        let c = &node_config.cluster;
+        let pg = postgres_config(&node_config.storage)?;
+        let settings = crate::cluster::node::NodeConfig {
+            lease: crate::cluster::lease::LeaseConfig {
+                population: c.population.clone(),
+                node: c.node.clone(),
+                ttl: ms(c.lease_ttl_ms),
+                margin: ms(c.lease_margin_ms),
+            },
+            heartbeat: ms(c.heartbeat_ms),
+            tick: ms(c.tick_ms),
+            join_window: ms(config.round.selection_timeout_ms),
+            share_deadline: ms(config
+                .round
+                .selection_timeout_ms
+                .saturating_add(config.round.report_timeout_ms)
+                .saturating_add(c.share_grace_ms)),
+            db_timeout: ms(c.db_timeout_ms),
+            quic_addr: if c.advertise.is_empty() { quic_addr.to_string() } else { c.advertise.clone() },
+            admin_addr: admin_addr.to_string(),
+            max_share_bytes: shape.len().saturating_mul(24).saturating_add(1 << 20),
+        };
+        tracing::info!(node = %c.node, population = %c.population, "cluster: starting as a follower");
+        let cfg = node_config.clone();
+        let reader = blocking(move || Store::open_config(&cfg.storage)).await?;
+        let roles = Arc::new(super::cluster::Roles {
+            config: node_config,
+            telemetry: telemetry.clone(),
+            reader: std::sync::Mutex::new(reader),
+        });
+        let bytes: crate::cluster::node::ByteCounters = {
+            let handle = handle.clone();
+            Arc::new(move || handle.bytes())
+        };
+        let (node_handle, node_view) = (handle.clone(), view.clone());
+        tasks.push(tokio::spawn(async move {
+            let run = crate::cluster::node::run(
+                pg,
+                settings,
+                node_handle,
+                roles,
+                cluster_tx,
+                cluster_rx,
+                node_view,
+                bytes,
+            );
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, "cluster: the node task stopped; this node no longer follows or leads");
+            }
+        }));
+        Some(view)
+    } else {
+        drop((cluster_tx, cluster_rx));
+        None
+    };
     let refresh = {
-        let (handle, stats) = (handle.clone(), quic_stats.clone());
+        let (handle, stats, view) = (handle.clone(), quic_stats.clone(), cluster_view.clone());
         Arc::new(move |t: &Telemetry| {
             let d = handle.status();
             t.connections.set(d.connections as i64);
@@ -336,6 +355,8 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
                 s.halted = d.halted.clone();
                 s.paused = d.paused;
                 s.draining = d.draining;
+                (s.bytes_received, s.bytes_sent) = handle.bytes();
+                s.cluster = view.as_ref().map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).clone());
             });
         })
     };
@@ -348,6 +369,7 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
         token: admin_token.clone(),
         family: config.model.family.clone(),
         telemetry: telemetry.clone(),
+        cluster: cluster_view.clone(),
     };
     let app = super::admin::router(AdminState { telemetry: telemetry.clone(), token: admin_token, refresh })
         .merge(super::control::router(control));
@@ -425,20 +447,40 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
     })
 }
 
-/// What start-up reads from the store (besides the recovery).
+/// This node's name when `[cluster] node` is not set: the host name and the QUIC port.
+fn default_node_name(quic: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "starling".into());
+    format!("{host}:{}", quic.port())
+}
+
+/// The cluster node task's connection settings: `[storage] postgres`, with the password file.
+fn postgres_config(storage: &super::config::StorageSection) -> Result<tokio_postgres::Config, ServeError> {
+    let text = storage.postgres.as_deref().unwrap_or_default();
+    let mut config: tokio_postgres::Config = text.parse().map_err(|e| ServeError::Io {
+        what: "storage.postgres".into(),
+        source: std::io::Error::other(format!("{e}")),
+    })?;
+    if let Some(file) = &storage.postgres_password_file {
+        let password = std::fs::read_to_string(file).map_err(io(format!("reading {}", file.display())))?;
+        config.password(password.trim());
+    }
+    Ok(config)
+}
+
+/// What start-up reads from the store besides the engine.
 struct Saved {
-    ledger: Vec<starling_proto::dp::LedgerEntry>,
     revocations: (Vec<u64>, Vec<u64>),
-    schedule: (u64, u64),
-    paused: bool,
     evaluations: Vec<EvaluationRecord>,
-    population: u64,
 }
 
 /// Runs store work on the blocking pool (never on an async worker thread: see
 /// [`crate::store::PgStore`]).
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+async fn blocking<T: Send + 'static, E: Into<ServeError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ServeError> {
     tokio::task::spawn_blocking(f)
         .await
@@ -446,7 +488,7 @@ async fn blocking<T: Send + 'static>(
             what: "store task".into(),
             source: std::io::Error::other(e.to_string()),
         })?
-        .map_err(ServeError::from)
+        .map_err(Into::into)
 }
 
 /// Runs `f` off the async threads when called on one (the driver calls
@@ -461,12 +503,12 @@ fn off_async<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 /// The persistence hook. See the module docs.
-struct Persist {
-    store: Store,
-    ledger: PrivacyLedger,
-    shape: ModelShape,
-    keep: u32,
-    telemetry: Arc<Telemetry>,
+pub(super) struct Persist {
+    pub(super) store: Store,
+    pub(super) ledger: PrivacyLedger,
+    pub(super) shape: ModelShape,
+    pub(super) keep: u32,
+    pub(super) telemetry: Arc<Telemetry>,
 }
 
 /// Verifies enrollment tokens for the driver, counting failures by reason.
@@ -662,7 +704,7 @@ fn figures(s: &RoundStats) -> RoundFigures {
 }
 
 /// 256 bits from the operating system's CSPRNG.
-fn os_seed() -> Result<[u8; 32], ServeError> {
+pub(super) fn os_seed() -> Result<[u8; 32], ServeError> {
     use ring::rand::SecureRandom;
     let mut seed = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| ServeError::Io {

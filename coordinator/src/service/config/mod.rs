@@ -298,6 +298,12 @@ impl ServiceConfig {
         if !c.enabled {
             return Ok(());
         }
+        if self.storage.postgres.is_none() {
+            return Err(invalid(
+                "cluster.enabled",
+                "several nodes share one PostgreSQL database: set storage.postgres",
+            ));
+        }
         if matches!(self.strategy.kind.as_str(), "median" | "trimmed_mean") {
             return Err(invalid(
                 "strategy.kind",

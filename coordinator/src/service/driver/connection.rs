@@ -53,7 +53,9 @@ pub(super) async fn connection_task<C: Connection>(
     id: ConnId,
     driver: mpsc::Sender<Command>,
     config: Arc<DriverConfig>,
+    bytes: Arc<super::ByteStats>,
 ) {
+    let counted = bytes;
     let (out_tx, mut out_rx) = mpsc::channel(config.outbound_queue.max(1));
     let (reply, accepted) = oneshot::channel();
     if driver.send(Command::Attach { conn: id, out: out_tx, reply }).await.is_err() {
@@ -98,9 +100,11 @@ pub(super) async fn connection_task<C: Connection>(
                     // A task lets the peer send one model-sized update; anything else (receipt,
                     // rejection, abort, come back later) takes the permission back.
                     frames.set_max_frame_bytes(if upload { config.max_frame_bytes } else { small });
+                    let n = bytes.len() as u64;
                     if let Err(reason) = send(&mut conn, bytes, config.send_timeout).await {
                         break 'serve Some(reason);
                     }
+                    counted.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
                 Some(Outbound::Authenticated) => checkin_deadline = None,
                 Some(Outbound::Close(reason)) => break 'serve Some(reason),
@@ -112,6 +116,7 @@ pub(super) async fn connection_task<C: Connection>(
                     Ok(None) => break 'serve None,
                     Ok(Some(bytes)) => bytes,
                 };
+                counted.received.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 frames.push(&bytes);
                 loop {
                     match frames.next_client() {
