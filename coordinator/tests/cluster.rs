@@ -363,7 +363,57 @@ async fn three_nodes_commit_the_model_one_node_commits_for_the_same_updates() {
     assert!(v1.model.iter().zip(&config.initial_model().unwrap()).any(|(a, b)| a != b), "the model moved");
 }
 
-/// SDK devices spread over the nodes, running rounds until told to stop.
+/// A device that takes `delay` to train: it checks in, and answers each task after `delay`,
+/// until `stop` (reconnecting while its node is down). It keeps its node's round collecting.
+async fn slow_participant(
+    transport: QuicTransport,
+    id: u64,
+    credential: Vec<u8>,
+    shape: starling_proto::update::ModelShape,
+    delay: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    use starling_proto::codec::Inbound;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut raw) = Raw::try_connect(&transport).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if raw.try_send(&check_in(id, credential.clone())).await.is_err() {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let message = match raw.next().await {
+                Ok(Inbound::Message { message, .. }) => message,
+                _ => break,
+            };
+            let sent = match message {
+                CoordinatorMessage::Task(task) => {
+                    tokio::time::sleep(delay).await;
+                    let values: Vec<f32> =
+                        (0..shape.len() as u64).map(|i| ((id + i) % 5) as f32 * 0.01).collect();
+                    raw.try_send(&ClientMessage::Update(ClientUpdate {
+                        round: task.round,
+                        base_version: task.model_version,
+                        update: EncodedUpdate::Dense { shape, values },
+                        weight: 1.0,
+                        metrics: LocalMetrics::default(),
+                    }))
+                    .await
+                }
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    raw.try_send(&check_in(id, credential.clone())).await
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Per node: two SDK devices running rounds and one slow device, until told to stop.
 fn fleet(
     nodes: &[NodeProc],
     creds: Vec<(u64, Vec<u8>)>,
@@ -371,12 +421,21 @@ fn fleet(
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinSet<()> {
     let mut fleet = tokio::task::JoinSet::new();
+    let shape = load_node(&nodes[0]).shape().unwrap();
     for (i, (id, cred)) in creds.into_iter().enumerate() {
-        let node = &nodes[i % nodes.len()];
-        let t = QuicTransport::with_endpoint(client_endpoint(), &endpoint_for(node.quic, ca, "localhost"))
-            .unwrap();
-        let client = sdk_client(id, cred, 60, 4, t);
+        let node = i % nodes.len();
+        let t =
+            QuicTransport::with_endpoint(client_endpoint(), &endpoint_for(nodes[node].quic, ca, "localhost"))
+                .unwrap();
         let stop = stop.clone();
+        if i / nodes.len() == 0 {
+            // Node k's slow device takes 1.5 + 0.8·k s: a leader that is not the slowest node
+            // waits for the others' shares (the combining phase lasts).
+            let delay = Duration::from_millis(1_500 + 800 * node as u64);
+            fleet.spawn(slow_participant(t, id, cred, shape, delay, stop));
+            continue;
+        }
+        let client = sdk_client(id, cred, 60, 4, t);
         fleet.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match client.run_round().await {
@@ -411,9 +470,13 @@ fn invariants(store: &Store) -> Vec<u64> {
     assert_eq!(versions, want, "one new version per commit, none lost");
     let latest = store.latest_checkpoint().unwrap().unwrap();
     assert_eq!(latest.version.0, versions.len() as u64);
-    for r in all.iter().filter(|r| r.state == "started") {
-        panic!("a round left started after a takeover: {r:?}");
-    }
+    // Only the newest round may be unfinished (it is running, or its leader was just killed):
+    // every earlier one was finished or recorded abandoned by the node that took over.
+    let unfinished: Vec<u64> = all.iter().filter(|r| r.state == "started").map(|r| r.round.0).collect();
+    assert!(
+        unfinished.is_empty() || unfinished == [*ids.last().unwrap()],
+        "rounds left started after a takeover: {unfinished:?} of {ids:?}"
+    );
     committed
 }
 
@@ -424,7 +487,7 @@ async fn killing_the_leader_at_three_phases_hands_over_without_losing_or_double_
     let pg = fresh_schema(&base).await;
     let mut nodes = cluster_dir(dir.path(), &pg, 3, true, &[]);
     let config = load_node(&nodes[0]);
-    let creds = tokens(&config, 1..=12);
+    let creds = tokens(&config, 1..=9);
     for n in &mut nodes {
         n.start();
     }
@@ -568,6 +631,14 @@ async fn a_leader_cut_off_from_the_database_stops_leading_before_another_node_st
     let before = committed_rounds(&store).len();
     wait_for("a commit by the new leader", Duration::from_secs(60), async || {
         (committed_rounds(&store).len() > before).then_some(())
+    })
+    .await;
+    // The cut heals: the old leader reconnects and follows the new one (it serves its model).
+    relay.cut.store(false, Ordering::Relaxed);
+    let newest = bp(|| store.latest_checkpoint().unwrap().unwrap().version.0);
+    wait_for("the old leader to follow again", Duration::from_secs(30), async || {
+        let a = status(&nodes[0], &token).await?;
+        (a["model_version"].as_u64()? >= newest && a["cluster"]["db_error"].is_null()).then_some(())
     })
     .await;
     stop.store(true, Ordering::Relaxed);

@@ -52,6 +52,9 @@ pub enum NodeError {
     Role(String),
 }
 
+/// A checkpoint's model and the strategy state saved with it.
+pub type Checkpointed = (Vec<f32>, Option<StrategyState>);
+
 /// Where a node's roles come from (the service builds them from its configuration and store).
 /// Every method blocks (store I/O): the node calls them on the blocking pool.
 pub trait RoleFactory: Send + Sync + 'static {
@@ -66,7 +69,7 @@ pub trait RoleFactory: Send + Sync + 'static {
     /// The newest checkpoint's version, if any.
     fn latest_version(&self) -> Result<Option<ModelVersion>, String>;
     /// Checkpoint `version`: its model and strategy state.
-    fn checkpoint(&self, version: ModelVersion) -> Result<Option<(Vec<f32>, Option<StrategyState>)>, String>;
+    fn checkpoint(&self, version: ModelVersion) -> Result<Option<Checkpointed>, String>;
 }
 
 /// The settings of one node.
@@ -326,10 +329,13 @@ pub async fn run(
                     node.broken = true;
                 }
                 let failed = r.as_ref().err().map(ToString::to_string);
-                if let Some(e) = &failed {
-                    tracing::warn!(error = %e, "cluster: database step failed");
-                }
                 if let Ok(mut v) = node.view.lock() {
+                    // Logged when it starts failing and when it recovers: not every tick.
+                    match (&v.db_error, &failed) {
+                        (None, Some(e)) => tracing::warn!(error = %e, "cluster: database step failed"),
+                        (Some(_), None) => tracing::info!("cluster: the database answers again"),
+                        _ => {}
+                    }
                     v.db_error = failed;
                 }
                 if node.handle.is_stopped() {

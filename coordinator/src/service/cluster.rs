@@ -235,7 +235,10 @@ impl RoleFactory for Roles {
         Ok(store.checkpoint_versions().map_err(|e| e.to_string())?.into_iter().max())
     }
 
-    fn checkpoint(&self, version: ModelVersion) -> Result<Option<(Vec<f32>, Option<StrategyState>)>, String> {
+    fn checkpoint(
+        &self,
+        version: ModelVersion,
+    ) -> Result<Option<crate::cluster::node::Checkpointed>, String> {
         let store = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let Some(c) = store.checkpoint(version).map_err(|e| e.to_string())? else { return Ok(None) };
         let limit = c.shape.len().saturating_mul(16).saturating_add(1 << 20);

@@ -136,6 +136,8 @@ impl Drop for Conn {
 /// on an async worker thread (the client panics there).
 pub struct PgStore {
     conn: RefCell<Conn>,
+    /// How to connect again when the connection was lost (the password included; never logged).
+    config: Config,
     described: String,
     fence: Option<Fence>,
 }
@@ -181,9 +183,9 @@ impl PgStore {
         }
         let described = describe_config(&config);
         let client = config.connect(NoTls)?;
-        let store = Self { conn: RefCell::new(Conn(Some(client))), described, fence: None };
+        let store = Self { conn: RefCell::new(Conn(Some(client))), config, described, fence: None };
         {
-            let mut db = store.db();
+            let mut db = store.db()?;
             let sync: String = db.query_one("SHOW synchronous_commit", &[])?.get(0);
             if sync == "off" {
                 tracing::warn!(
@@ -197,8 +199,22 @@ impl PgStore {
         Ok(store)
     }
 
-    fn db(&self) -> RefMut<'_, Client> {
-        RefMut::map(self.conn.borrow_mut(), |c| c.0.as_mut().expect("the connection is only taken on drop"))
+    /// The connection; one that was lost (the server restarted, the network cut it) is
+    /// replaced by a new one first, so a store outlives a database outage. A transaction cut by
+    /// the loss was rolled back by the server: nothing half-written survives it.
+    fn db(&self) -> Result<RefMut<'_, Client>, StoreError> {
+        {
+            let mut conn = self.conn.borrow_mut();
+            if conn.0.as_ref().is_none_or(|c| c.is_closed()) {
+                let fresh = self.config.connect(NoTls)?;
+                tracing::info!(db = %self.described, "reconnected to PostgreSQL");
+                let old = conn.0.replace(fresh);
+                drop(Conn(old));
+            }
+        }
+        Ok(RefMut::map(self.conn.borrow_mut(), |c| {
+            c.0.as_mut().expect("the connection is only taken on drop")
+        }))
     }
 
     /// Starts a write transaction, checking the fence (if set) first.
@@ -331,7 +347,7 @@ fn u(row: &Row, i: usize) -> u64 {
 impl StoreBackend for PgStore {
     fn recover(&mut self, now_ms: i64) -> Result<Recovery, StoreError> {
         let (abandoned, next) = {
-            let mut db = self.db();
+            let mut db = self.db()?;
             let mut tx = Self::write(&self.fence, &mut db)?;
             let mut abandoned: Vec<RoundId> = tx
                 .query(
@@ -358,7 +374,7 @@ impl StoreBackend for PgStore {
         model: &[f32],
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = db.transaction()?;
         // Two nodes seeding at once: the second waits, then sees the first's model.
         tx.batch_execute("LOCK TABLE starling_checkpoints IN SHARE ROW EXCLUSIVE MODE")?;
@@ -379,7 +395,7 @@ impl StoreBackend for PgStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let kind = if evaluation { "evaluate" } else { "train" };
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = Self::write(&self.fence, &mut db)?;
         let inserted = tx.execute(
             "INSERT INTO starling_rounds (round, base_version, state, started_ms, kind)
@@ -399,7 +415,7 @@ impl StoreBackend for PgStore {
 
     fn commit_round(&mut self, commit: &RoundCommit<'_>, now_ms: i64, keep: u32) -> Result<(), StoreError> {
         let RoundCommit { round, version, shape, model, ledger, strategy_state, figures } = *commit;
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = Self::write(&self.fence, &mut db)?;
         let r = to_i64(round.0)?;
         let updated = tx.execute(
@@ -430,7 +446,7 @@ impl StoreBackend for PgStore {
         ledger: Option<&LedgerEntry>,
         figures: &RoundFigures,
     ) -> Result<(), StoreError> {
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = Self::write(&self.fence, &mut db)?;
         let r = to_i64(record.round)?;
         let updated = tx.execute(
@@ -470,7 +486,7 @@ impl StoreBackend for PgStore {
     }
 
     fn evaluations(&self, n: usize) -> Result<Vec<EvaluationRecord>, StoreError> {
-        let rows = self.db().query(
+        let rows = self.db()?.query(
             "SELECT round, version, reports, cases, hr_at_10, ndcg_at_10, loss, noise_std, recorded_ms
              FROM (SELECT * FROM starling_evaluations ORDER BY round DESC LIMIT $1) e ORDER BY round",
             &[&limit(n)],
@@ -503,7 +519,7 @@ impl StoreBackend for PgStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let [selected, reported, dropped, unfinished, rejected] = figure_columns(figures)?;
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = Self::write(&self.fence, &mut db)?;
         let updated = tx.execute(
             "UPDATE starling_rounds SET state = 'failed', finished_ms = $2, detail = $3, selected = $4,
@@ -524,7 +540,7 @@ impl StoreBackend for PgStore {
 
     fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         let version: Option<i64> =
-            self.db().query_one("SELECT max(version) FROM starling_checkpoints", &[])?.get(0);
+            self.db()?.query_one("SELECT max(version) FROM starling_checkpoints", &[])?.get(0);
         match version {
             None => Ok(None),
             Some(v) => self.checkpoint(ModelVersion(v as u64)),
@@ -532,7 +548,7 @@ impl StoreBackend for PgStore {
     }
 
     fn checkpoint(&self, version: ModelVersion) -> Result<Option<Checkpoint>, StoreError> {
-        let row = self.db().query_opt(
+        let row = self.db()?.query_opt(
             "SELECT round, rows, row_len, model, crc32, strategy_state, state_crc32
              FROM starling_checkpoints WHERE version = $1",
             &[&to_i64(version.0)?],
@@ -555,12 +571,12 @@ impl StoreBackend for PgStore {
     }
 
     fn checkpoint_versions(&self) -> Result<Vec<ModelVersion>, StoreError> {
-        let rows = self.db().query("SELECT version FROM starling_checkpoints ORDER BY version", &[])?;
+        let rows = self.db()?.query("SELECT version FROM starling_checkpoints ORDER BY version", &[])?;
         Ok(rows.iter().map(|r| ModelVersion(u(r, 0))).collect())
     }
 
     fn recent_rounds(&self, n: usize) -> Result<Vec<RoundRecord>, StoreError> {
-        let rows = self.db().query(
+        let rows = self.db()?.query(
             "SELECT round, base_version, state, result_version, detail, kind, started_ms, finished_ms,
                     selected, reported, dropped, unfinished, rejected
              FROM (SELECT * FROM starling_rounds ORDER BY round DESC LIMIT $1) r ORDER BY round",
@@ -583,7 +599,7 @@ impl StoreBackend for PgStore {
     }
 
     fn schedule_counters(&self) -> Result<(u64, u64), StoreError> {
-        let row = self.db().query_one(
+        let row = self.db()?.query_one(
             "SELECT (SELECT count(*) FROM starling_rounds WHERE kind = 'train'),
                     (SELECT count(*) FROM starling_rounds WHERE kind = 'train' AND state = 'committed'
                        AND round > coalesce((SELECT max(round) FROM starling_rounds WHERE kind = 'evaluate'), 0))",
@@ -602,7 +618,7 @@ impl StoreBackend for PgStore {
         let Some(c) = self.checkpoint(source)? else {
             return Err(StoreError::BadCheckpoint { version: source.0, detail: "not kept".into() });
         };
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = Self::write(&self.fence, &mut db)?;
         insert_checkpoint(&mut tx, version, c.round, c.shape, &c.model, c.strategy_state.as_deref(), now_ms)?;
         prune(&mut tx, keep)?;
@@ -616,7 +632,7 @@ impl StoreBackend for PgStore {
         expires_unix_s: u64,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = db.transaction()?;
         let c = to_i64(client.0)?;
         tx.execute(
@@ -634,7 +650,7 @@ impl StoreBackend for PgStore {
     }
 
     fn revoke_token(&mut self, token_id: u64, now_ms: i64) -> Result<(), StoreError> {
-        let n = self.db().execute(
+        let n = self.db()?.execute(
             "UPDATE starling_tokens SET revoked_ms = coalesce(revoked_ms, $2) WHERE token_id = $1",
             &[&to_i64(token_id)?, &now_ms],
         )?;
@@ -645,7 +661,7 @@ impl StoreBackend for PgStore {
     }
 
     fn revoke_client(&mut self, client: ClientId, now_ms: i64) -> Result<(), StoreError> {
-        self.db().execute(
+        self.db()?.execute(
             "INSERT INTO starling_clients (client_id, enrolled_ms, revoked_ms) VALUES ($1, $2, $2)
              ON CONFLICT (client_id) DO UPDATE SET revoked_ms = coalesce(starling_clients.revoked_ms, $2)",
             &[&to_i64(client.0)?, &now_ms],
@@ -654,7 +670,7 @@ impl StoreBackend for PgStore {
     }
 
     fn revocations(&self) -> Result<(Vec<u64>, Vec<u64>), StoreError> {
-        let mut db = self.db();
+        let mut db = self.db()?;
         let tokens = db.query(
             "SELECT token_id FROM starling_tokens WHERE revoked_ms IS NOT NULL ORDER BY token_id",
             &[],
@@ -668,7 +684,7 @@ impl StoreBackend for PgStore {
 
     fn enrolled_population(&self, now_unix_s: u64) -> Result<u64, StoreError> {
         let n: i64 = self
-            .db()
+            .db()?
             .query_one(
                 "SELECT count(*) FROM starling_clients c WHERE c.revoked_ms IS NULL AND EXISTS (
                      SELECT 1 FROM starling_tokens t
@@ -680,7 +696,7 @@ impl StoreBackend for PgStore {
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let rows = self.db().query(
+        let rows = self.db()?.query(
             "SELECT token_id, client_id, expires_s, issued_ms, revoked_ms FROM starling_tokens ORDER BY token_id",
             &[],
         )?;
@@ -697,7 +713,7 @@ impl StoreBackend for PgStore {
     }
 
     fn append_ledger(&mut self, entry: &LedgerEntry, recorded_ms: i64) -> Result<(), StoreError> {
-        let mut db = self.db();
+        let mut db = self.db()?;
         let mut tx = Self::write(&self.fence, &mut db)?;
         insert_ledger(&mut tx, entry, recorded_ms)?;
         tx.commit()?;
@@ -706,7 +722,7 @@ impl StoreBackend for PgStore {
 
     fn ledger_entries(&self) -> Result<Vec<LedgerEntry>, StoreError> {
         let rows =
-            self.db().query("SELECT round, q, sigma, steps FROM starling_ledger ORDER BY round", &[])?;
+            self.db()?.query("SELECT round, q, sigma, steps FROM starling_ledger ORDER BY round", &[])?;
         rows.iter().map(|r| ledger_entry(r.get(0), r.get(1), r.get(2), r.get(3))).collect()
     }
 
@@ -719,7 +735,7 @@ impl StoreBackend for PgStore {
         outcome: &str,
     ) -> Result<u64, StoreError> {
         let id: i64 = self
-            .db()
+            .db()?
             .query_one(
                 "INSERT INTO starling_audit (at_ms, actor, action, detail, outcome) VALUES ($1, $2, $3, $4, $5)
                  RETURNING id",
@@ -730,7 +746,7 @@ impl StoreBackend for PgStore {
     }
 
     fn audit(&self, n: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = self.db().query(
+        let rows = self.db()?.query(
             "SELECT id, at_ms, actor, action, detail, outcome
              FROM (SELECT * FROM starling_audit ORDER BY id DESC LIMIT $1) a ORDER BY id",
             &[&limit(n)],
@@ -749,7 +765,7 @@ impl StoreBackend for PgStore {
     }
 
     fn set_service_state(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.db().execute(
+        self.db()?.execute(
             "INSERT INTO starling_service_state (key, value) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             &[&key, &value],
@@ -759,13 +775,13 @@ impl StoreBackend for PgStore {
 
     fn service_state(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .db()
+            .db()?
             .query_opt("SELECT value FROM starling_service_state WHERE key = $1", &[&key])?
             .map(|r| r.get(0)))
     }
 
     fn schema_version(&self) -> Result<i32, StoreError> {
-        Ok(self.db().query_one("SELECT version FROM starling_schema", &[])?.get(0))
+        Ok(self.db()?.query_one("SELECT version FROM starling_schema", &[])?.get(0))
     }
 
     fn describe(&self) -> String {
@@ -779,6 +795,6 @@ impl StoreBackend for PgStore {
 
     #[cfg(test)]
     fn execute_raw(&mut self, sql: &str) -> Result<(), StoreError> {
-        Ok(self.db().batch_execute(sql)?)
+        Ok(self.db()?.batch_execute(sql)?)
     }
 }

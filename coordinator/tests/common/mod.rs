@@ -85,8 +85,19 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(transport: &QuicTransport) -> Raw {
-        let conn = transport.connect().await.unwrap();
-        Raw { conn, frames: FrameBuffer::new(Codec::default()), codec: Codec::default() }
+        Self::try_connect(transport).await.unwrap()
+    }
+
+    /// Connects, or says why not (the coordinator may be down).
+    pub async fn try_connect(transport: &QuicTransport) -> Result<Raw, String> {
+        let conn = transport.connect().await.map_err(|e| e.to_string())?;
+        Ok(Raw { conn, frames: FrameBuffer::new(Codec::default()), codec: Codec::default() })
+    }
+
+    /// Sends `m`, or says why not.
+    pub async fn try_send(&mut self, m: &ClientMessage) -> Result<(), String> {
+        let frame = self.codec.encode_client(m).map_err(|e| e.to_string())?;
+        self.conn.send(Bytes::from(frame)).await.map_err(|e| e.to_string())
     }
 
     pub async fn send(&mut self, m: &ClientMessage) {
