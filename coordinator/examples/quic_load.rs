@@ -18,6 +18,14 @@
 //! the round's first connect to its last receipt. The coordinator's peak RSS is its `VmHWM`.
 //! Client and coordinator share the machine's cores.
 //!
+//! `--nodes N --postgres CONN` runs N `starling serve` nodes of one cluster instead (on a fresh
+//! schema of the PostgreSQL database `CONN`, a libpq-style string), spreads the clients over them
+//! round-robin, and reports the nodes' CPU together and each node's peak RSS:
+//! ```text
+//! target/release/examples/quic_load --clients 1000 --rounds 4 --nodes 3 \
+//!     --postgres "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+//! ```
+//!
 //! `--hostile N` first opens N hostile connections, from source addresses 127.0.1.x (32 per
 //! address, one UDP socket each), that complete the QUIC handshake and then never check in;
 //! each one reconnects as soon as the coordinator closes it, so that N are held (or being
@@ -57,6 +65,9 @@ struct Args {
     bin: std::path::PathBuf,
     endpoints: usize,
     hostile: usize,
+    /// Cluster nodes (0: one node on SQLite, no cluster).
+    nodes: usize,
+    postgres: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -67,6 +78,8 @@ fn args() -> anyhow::Result<Args> {
         bin: exe.parent().and_then(|p| p.parent()).context("target dir")?.join("starling"),
         endpoints: 4,
         hostile: 0,
+        nodes: 0,
+        postgres: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -77,10 +90,50 @@ fn args() -> anyhow::Result<Args> {
             "--bin" => a.bin = v.into(),
             "--endpoints" => a.endpoints = v.parse()?,
             "--hostile" => a.hostile = v.parse()?,
+            "--nodes" => a.nodes = v.parse()?,
+            "--postgres" => a.postgres = Some(v),
             other => bail!("unknown option {other}"),
         }
     }
+    if a.nodes > 0 && a.postgres.is_none() {
+        bail!("--nodes needs --postgres");
+    }
+    if a.nodes > 0 && a.hostile > 0 {
+        bail!("--hostile runs against one node");
+    }
     Ok(a)
+}
+
+/// A fresh schema on `base`; returns a connection string whose search path is it.
+async fn fresh_schema(base: &str) -> anyhow::Result<String> {
+    let schema = format!("quic_load_{}_{:x}", std::process::id(), rand::random::<u32>());
+    let (client, conn) = tokio_postgres::connect(base, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await?;
+    Ok(format!("{base} options='-c search_path={schema}'"))
+}
+
+/// Starts `starling serve --config path`; returns the child and its QUIC address.
+fn start_node(
+    bin: &std::path::Path,
+    path: &std::path::Path,
+) -> anyhow::Result<(std::process::Child, String)> {
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let addr = loop {
+        let line = lines.next().context("serve exited")??;
+        if let Some(a) = line.strip_prefix("quic listening on ") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok((child, addr))
 }
 
 fn client_endpoint(ip: [u8; 4]) -> anyhow::Result<quinn::Endpoint> {
@@ -311,8 +364,6 @@ mode = "off"                 # a transport load test: fixed-size rounds, no nois
     );
     let knows_cap = ServiceConfig::from_toml(&capped, Vec::new(), dir.path()).is_ok();
     let config = if knows_cap { capped } else { config };
-    let path = dir.path().join("starling.toml");
-    std::fs::write(&path, config)?;
     let secret = std::fs::read_to_string(dir.path().join("secrets/token.key"))?;
     let authority = TokenAuthority::from_secret_file_text(&secret)?;
     let tokens: Vec<Vec<u8>> = (0..n as u64)
@@ -327,30 +378,58 @@ mode = "off"                 # a transport load test: fixed-size rounds, no nois
         })
         .collect();
 
-    let mut child = std::process::Command::new(&args.bin)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", args.bin.display()))?;
-    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let addr = loop {
-        let line = lines.next().context("serve exited")??;
-        if let Some(a) = line.strip_prefix("quic listening on ") {
-            break a.to_string();
+    // One node, or `--nodes` nodes of one cluster on a fresh PostgreSQL schema. Each node of a
+    // cluster closes its selection once its share of the clients checked in.
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    if args.nodes == 0 {
+        let path = dir.path().join("starling.toml");
+        std::fs::write(&path, &config)?;
+        let (child, addr) = start_node(&args.bin, &path)?;
+        children.push(child);
+        addrs.push(addr);
+    } else {
+        let pg = fresh_schema(args.postgres.as_deref().unwrap_or_default()).await?;
+        let per_node = n.div_ceil(args.nodes);
+        for k in 0..args.nodes {
+            let text = config
+                .replace(&format!("selection_pool = {n}"), &format!("selection_pool = {per_node}"))
+                + &format!(
+                    "[storage]\npostgres = \"{}\"\n[cluster]\nenabled = true\nnode = \"n{k}\"\nheartbeat_ms = 300\ntick_ms = 50\n",
+                    pg.replace('"', "\\\"")
+                );
+            let path = dir.path().join(format!("n{k}.toml"));
+            std::fs::write(&path, text)?;
+            let (child, addr) = start_node(&args.bin, &path)?;
+            children.push(child);
+            addrs.push(addr);
         }
-    };
-    std::thread::spawn(move || for _ in lines {});
+        // Let a leader take the lease and every node's heartbeat be seen.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let pids: Vec<u32> = children.iter().map(std::process::Child::id).collect();
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let ca_pem = std::fs::read(dir.path().join("tls/ca.pem"))?;
-    let coordinator = CoordinatorEndpoint { address: addr, server_name: "localhost".into(), ca_pem };
-    let transports: Vec<QuicTransport> = (0..args.endpoints.max(1))
-        .map(|_| Ok(QuicTransport::with_endpoint(client_endpoint([127, 0, 0, 1])?, &coordinator)?))
+    let coordinators: Vec<CoordinatorEndpoint> = addrs
+        .iter()
+        .map(|a| CoordinatorEndpoint {
+            address: a.clone(),
+            server_name: "localhost".into(),
+            ca_pem: ca_pem.clone(),
+        })
+        .collect();
+    let coordinator = coordinators[0].clone();
+    // `endpoints` client sockets per node; client i uses node i % nodes.
+    let transports: Vec<Vec<QuicTransport>> = coordinators
+        .iter()
+        .map(|c| {
+            (0..args.endpoints.max(1))
+                .map(|_| Ok(QuicTransport::with_endpoint(client_endpoint([127, 0, 0, 1])?, c)?))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
         .collect::<anyhow::Result<_>>()?;
     println!(
-        "coordinator pid {} at {}; {n} clients, {} rounds, model {ROWS}x{ROW_LEN}, {} hostile connections{}",
-        child.id(),
-        coordinator.address,
+        "coordinator pid(s) {pids:?} at {addrs:?}; {n} clients, {} rounds, model {ROWS}x{ROW_LEN}, {} hostile connections{}",
         args.rounds,
         args.hostile,
         if knows_cap { "" } else { " (this build has no max_connections_per_ip)" }
@@ -380,10 +459,12 @@ mode = "off"                 # a transport load test: fixed-size rounds, no nois
     let mut results = Vec::new();
     for round in 0..args.rounds {
         let start = Instant::now();
-        let cpu_before = cpu_seconds(child.id());
+        let cpu_before = cpu(&pids);
         let mut set = tokio::task::JoinSet::new();
         for (i, have) in have.iter().enumerate() {
-            let (transport, tokens, have) = (transports[i % transports.len()].clone(), tokens.clone(), *have);
+            let node = &transports[i % transports.len()];
+            let (transport, tokens, have) =
+                (node[(i / transports.len()) % node.len()].clone(), tokens.clone(), *have);
             set.spawn(async move {
                 // A failed connection is retried (as the SDK does, with backoff), a few times.
                 let mut attempts = 0;
@@ -424,7 +505,7 @@ mode = "off"                 # a transport load test: fixed-size rounds, no nois
             }
         }
         let secs = last.duration_since(start).as_secs_f64();
-        let cpu = cpu_seconds(child.id()) - cpu_before;
+        let cpu = cpu(&pids) - cpu_before;
         let rate = ok as f64 / secs.max(1e-9);
         println!(
             "round {}: {ok} sessions accepted, {failed} failed, {:.2} s, {:.0} sessions/s, {} patches, {:.1} MB of model sent, coordinator CPU {:.2} s ({:.2} ms/session)",
@@ -452,14 +533,18 @@ mode = "off"                 # a transport load test: fixed-size rounds, no nois
             h.closed.load(Ordering::Relaxed)
         );
     }
-    let peak = vm_hwm(child.id()).unwrap_or(0);
-    println!("coordinator peak RSS (VmHWM): {:.1} MiB", peak as f64 / (1 << 20) as f64);
+    for (k, pid) in pids.iter().enumerate() {
+        let peak = vm_hwm(*pid).unwrap_or(0);
+        println!("coordinator node {k} peak RSS (VmHWM): {:.1} MiB", peak as f64 / (1 << 20) as f64);
+    }
     println!(
         "sessions/s: first round (full models) {:.0}; later rounds (patches) mean {:.0}",
         results.first().copied().unwrap_or(0.0),
         if results.len() > 1 { results[1..].iter().sum::<f64>() / (results.len() - 1) as f64 } else { 0.0 }
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     Ok(())
 }

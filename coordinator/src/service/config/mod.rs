@@ -307,8 +307,8 @@ impl ServiceConfig {
         if matches!(self.strategy.kind.as_str(), "median" | "trimmed_mean") {
             return Err(invalid(
                 "strategy.kind",
-                "a median or trimmed mean needs every update in one place; across several nodes \
-                 use fedavg, fedavg_row, fedavgm, fedadam or fedyogi",
+                "a median or trimmed mean needs every update in one place, which several nodes do \
+                 not have; use fedavg, fedavg_row, fedavgm, fedadam or fedyogi",
             ));
         }
         if self.evaluation.every_rounds.is_some_and(|n| n > 0) {

@@ -133,4 +133,19 @@ keep_checkpoints = 8
 # local socket. Durable with synchronous_commit = on (the default). See docs/operations.md.
 # postgres = "host=10.0.0.5 port=5432 user=starling dbname=starling"
 # postgres_password_file = "secrets/postgres-password"   # read at start-up, trimmed, never logged
+
+[cluster]
+# Several `starling serve` nodes serving one population on one PostgreSQL (storage.postgres):
+# every node serves devices, one leader (a lease in the database) runs the schedule, combines the
+# nodes' partial aggregates and commits. See docs/operations.md, "Several nodes".
+enabled = false
+# node = "coord-a"           # unique per node; default: host name and QUIC port
+population = "default"
+# advertise = "quic.example.org:4433"   # how devices reach this node; default: the bound address
+lease_ttl_ms = 3000
+lease_margin_ms = 1000
+heartbeat_ms = 1000
+tick_ms = 200
+share_grace_ms = 2000
+db_timeout_ms = 2000
 "#;

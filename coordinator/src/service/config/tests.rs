@@ -210,3 +210,31 @@ fn weighting_defaults_to_auto_with_a_small_cap_and_is_validated() {
         assert!(matches!(e, ConfigError::Invalid { key: "round.max_weight", .. }), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_cluster_needs_postgres_and_refuses_what_does_not_split() {
+    let base = "[cluster]\nenabled = true\n";
+    let err = |text: &str| ServiceConfig::from_toml(text, env(&[]), Path::new("/x")).unwrap_err().to_string();
+    assert!(err(base).contains("storage.postgres"), "{}", err(base));
+    let pg = "[storage]\npostgres = \"host=127.0.0.1 user=s dbname=s\"\n";
+    let ok = ServiceConfig::from_toml(&format!("{base}{pg}"), env(&[]), Path::new("/x")).unwrap();
+    assert!(ok.cluster.enabled);
+    assert_eq!(ok.evaluation_every(), 0, "evaluation is off by default in a cluster");
+    // DP off: only the cluster's own rule can refuse a robust aggregation here.
+    let off = "[privacy]\nmode = \"off\"\n";
+    for (extra, key) in [
+        (&*format!("{off}[strategy]\nkind = \"median\"\n"), "several nodes"),
+        (&*format!("{off}[strategy]\nkind = \"trimmed_mean\"\n"), "several nodes"),
+        ("[evaluation]\nevery_rounds = 3\n", "evaluation.every_rounds"),
+    ] {
+        let e = err(&format!("{base}{pg}{extra}"));
+        assert!(e.contains(key), "{extra}: {e}");
+    }
+    let e = err(&format!("[cluster]\nenabled = true\nlease_ttl_ms = 1000\nlease_margin_ms = 1000\n{pg}"));
+    assert!(e.contains("cluster.lease_margin_ms"), "{e}");
+    let e = err(&format!("[cluster]\nenabled = true\ntick_ms = 0\n{pg}"));
+    assert!(e.contains("cluster.tick_ms"), "{e}");
+    // Off, none of it is checked (a single node on SQLite may run a median).
+    ServiceConfig::from_toml(&format!("{off}[strategy]\nkind = \"median\"\n"), env(&[]), Path::new("/x"))
+        .unwrap();
+}
