@@ -390,8 +390,9 @@ mode = "off"                 # a transport load test: fixed-size rounds, no nois
         addrs.push(addr);
     } else {
         let pg = fresh_schema(args.postgres.as_deref().unwrap_or_default()).await?;
-        let per_node = n.div_ceil(args.nodes);
         for k in 0..args.nodes {
+            // Client i connects to node i % nodes: each node's pool is exactly its clients.
+            let per_node = (n + args.nodes - 1 - k) / args.nodes;
             let text = config
                 .replace(&format!("selection_pool = {n}"), &format!("selection_pool = {per_node}"))
                 + &format!(

@@ -16,8 +16,8 @@
 //!   its [`ShardSpec`] is published (fenced). Each follower that is free joins it — it adopts the
 //!   round's model version if it has not yet, records that it joined, and runs its share for its
 //!   own clients — and writes its [`ShardOutcome`] when the share ends. When the leader's own
-//!   part is over it waits until every node that joined delivered (and the join window, the
-//!   selection timeout, has passed), or until the share deadline; then hands the delivered
+//!   part is over it waits until every live follower joined (or `join_wait` passed) and every
+//!   node that joined delivered, or until the share deadline; then hands the delivered
 //!   shares to its engine, which merges, noises once and commits (checkpoint + ledger + round in
 //!   one fenced transaction of the store). A node that died mid-round simply never delivers: its
 //!   clients' updates are lost and the round goes on without them.
@@ -83,6 +83,10 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// A follower joins a round at most this long after it started (the selection timeout).
     pub join_window: Duration,
+    /// The leader waits at most this long after its round started for live followers that have
+    /// not joined it (one that is busy, draining or cut off); every follower that joined is
+    /// waited for until `share_deadline`.
+    pub join_wait: Duration,
     /// The leader waits for shares at most this long after its round started (selection and
     /// report timeouts, plus a grace).
     pub share_deadline: Duration,
@@ -677,8 +681,12 @@ impl Node {
             .await?;
         let joined = rows.len();
         let delivered: Vec<Vec<u8>> = rows.iter().filter_map(|r| r.get::<_, Option<Vec<u8>>>(1)).collect();
-        let all_in = delivered.len() == joined && started.elapsed() >= self.cfg.join_window;
-        if !all_in && started.elapsed() < self.cfg.share_deadline {
+        // The live followers, from the last heartbeat round (this node is one of the nodes).
+        let followers = self.view.lock().map(|v| v.nodes.len().saturating_sub(1)).unwrap_or(0);
+        let elapsed = started.elapsed();
+        let everyone_joined = joined >= followers || elapsed >= self.cfg.join_wait;
+        let all_in = delivered.len() == joined && everyone_joined;
+        if !all_in && elapsed < self.cfg.share_deadline {
             return Ok(());
         }
         let mut shares = Vec::with_capacity(delivered.len());

@@ -22,6 +22,7 @@ use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -149,6 +150,8 @@ pub struct Telemetry {
     pub eval_rounds: Counter,
     /// Admin requests refused for a missing or wrong token.
     pub admin_unauthorized: Counter,
+    /// How long a committed round's store transaction (ledger entry + checkpoint + state) took.
+    pub store_commit_seconds: Histogram,
     status: Mutex<StatusSnapshot>,
     failures: Mutex<VecDeque<FailureRecord>>,
 }
@@ -179,10 +182,16 @@ impl Telemetry {
             eval_reports: Gauge::default(),
             eval_rounds: Counter::default(),
             admin_unauthorized: Counter::default(),
+            store_commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             status: Mutex::default(),
             failures: Mutex::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "store_commit_seconds",
+            "Duration of a committed round's store transaction (ledger, checkpoint, round state)",
+            t.store_commit_seconds.clone(),
+        );
         registry.register("check_ins_refused", "Check-ins refused, by reason", t.check_ins_refused.clone());
         registry.register("auth_failures", "Credentials refused, by reason", t.auth_failures.clone());
         registry.register(

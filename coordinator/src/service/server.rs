@@ -294,6 +294,11 @@ pub async fn start(config: &ServiceConfig) -> Result<Running, ServeError> {
             heartbeat: ms(c.heartbeat_ms),
             tick: ms(c.tick_ms),
             join_window: ms(config.round.selection_timeout_ms),
+            // A live follower joins within a tick or two; give it a few heartbeats at most.
+            join_wait: ms(config
+                .round
+                .selection_timeout_ms
+                .min(c.heartbeat_ms.saturating_mul(3).max(c.tick_ms * 5))),
             share_deadline: ms(config
                 .round
                 .selection_timeout_ms
@@ -614,10 +619,13 @@ impl driver::EventHook for Persist {
                     strategy_state: Some(&state),
                     figures: figures(&c.stats),
                 };
+                let began = std::time::Instant::now();
                 self.store.commit_round(&commit, unix_ms(), self.keep).map_err(|e| {
                     t.failure("storage", format!("{}: {e}; the model is not released", c.round));
                     e.to_string()
                 })?;
+                let commit_time = began.elapsed();
+                t.store_commit_seconds.observe(commit_time.as_secs_f64());
                 if let Some(entry) = entry {
                     self.ledger.record(entry);
                 }
@@ -634,6 +642,7 @@ impl driver::EventHook for Persist {
                     version = c.version.0,
                     reported = c.stats.reported,
                     epsilon = spent,
+                    commit_ms = commit_time.as_secs_f64() * 1e3,
                     "round committed"
                 );
             }
