@@ -121,7 +121,7 @@ fn start_node(
     let mut child = std::process::Command::new(bin)
         .args(["serve", "--config"])
         .arg(path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("QUIC_LOAD_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;

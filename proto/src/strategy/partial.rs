@@ -10,7 +10,7 @@
 //!
 //! Only rules whose state is a sum can be split this way (FedAvg's weighted mean, per-row mean,
 //! DP-FedAvg's clipped sum, a secure-aggregation sum). A median or trimmed mean needs every
-//! update in one place and refuses ([`AggregateError::PartialUnsupported`](super::AggregateError::PartialUnsupported)).
+//! update in one place and refuses ([`AggregateError::PartialUnsupported`]).
 
 use super::AggregateError;
 use serde::{Deserialize, Serialize};
