@@ -143,6 +143,18 @@ impl Drop for NodeProc {
 
 /// `n` node configurations in one service directory (shared TLS, token key and admin token).
 fn cluster_dir(dir: &Path, pg: &str, n: usize, dp: bool, db_via: &[Option<u16>]) -> Vec<NodeProc> {
+    cluster_dir_with(dir, pg, n, dp, db_via, "")
+}
+
+/// [`cluster_dir`] with `extra` TOML sections appended to every node's configuration.
+fn cluster_dir_with(
+    dir: &Path,
+    pg: &str,
+    n: usize,
+    dp: bool,
+    db_via: &[Option<u16>],
+    extra: &str,
+) -> Vec<NodeProc> {
     service_dir(dir, "");
     (0..n)
         .map(|i| {
@@ -156,7 +168,7 @@ fn cluster_dir(dir: &Path, pg: &str, n: usize, dp: bool, db_via: &[Option<u16>])
                 "[server]\nlisten = \"127.0.0.1:{udp}\"\nadmin_listen = \"127.0.0.1:{tcp}\"\nrate_per_second = 50\nrate_burst = 50\n\
                  {ROUND}{}\n[storage]\npostgres = \"{}\"\n\
                  [cluster]\nenabled = true\nnode = \"{name}\"\npopulation = \"test\"\nlease_ttl_ms = 2000\n\
-                 lease_margin_ms = 700\nheartbeat_ms = 300\ntick_ms = 100\nshare_grace_ms = 1500\ndb_timeout_ms = 1000\n",
+                 lease_margin_ms = 700\nheartbeat_ms = 300\ntick_ms = 100\nshare_grace_ms = 1500\ndb_timeout_ms = 1000\n{extra}",
                 privacy(dp),
                 url.replace('\\', "\\\\").replace('"', "\\\"")
             );
@@ -648,4 +660,66 @@ async fn a_leader_cut_off_from_the_database_stops_leading_before_another_node_st
     }
     relay.task.abort();
     check_invariants(&store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_aggregation_runs_per_node_and_the_leader_combines_the_sums() {
+    let Some(base) = pg() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pg = fresh_schema(&base).await;
+    // Ten devices, five per node; every device is sampled (q = 1), so each node's SecAgg cohort
+    // is its five devices, above the threshold of three.
+    let secure = "[secure_aggregation]\nenabled = true\nneighbours = 4\nthreshold = 3\n";
+    let mut nodes = cluster_dir_with(dir.path(), &pg, 2, true, &[], secure);
+    let config = load_node(&nodes[0]);
+    assert!(config.secure_aggregation.enabled);
+    let creds = tokens(&config, 1..=10);
+    for n in &mut nodes {
+        n.start();
+    }
+    let token = admin_token(dir.path());
+    wait_for("a leader", Duration::from_secs(20), async || leader(&nodes, &token).await).await;
+    let ca = ca_pem(dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut devices = tokio::task::JoinSet::new();
+    for (i, (id, cred)) in creds.into_iter().enumerate() {
+        let t = QuicTransport::with_endpoint(
+            client_endpoint(),
+            &endpoint_for(nodes[i % 2].quic, &ca, "localhost"),
+        )
+        .unwrap();
+        let client = sdk_client(id, cred, 60, 4, t);
+        let stop = stop.clone();
+        devices.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.run_round().await {
+                    Ok(_) => {}
+                    Err(RoundError::ComeBackLater { after }) => {
+                        tokio::time::sleep(after.min(Duration::from_millis(300))).await
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+    let store = store_of(&config);
+    // A round whose reports exceed one node's five devices took both nodes' secure sums.
+    let both = wait_for("a secure round with both nodes' devices", Duration::from_secs(120), async || {
+        bp(|| {
+            store
+                .rounds()
+                .unwrap()
+                .into_iter()
+                .find(|r| r.state == "committed" && r.figures.as_ref().is_some_and(|f| f.reported > 5))
+        })
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    devices.abort_all();
+    for n in &mut nodes {
+        n.kill();
+    }
+    println!("secure round {} committed with {:?}", both.round.0, both.figures);
+    check_invariants(&store);
+    assert!(bp(|| store.ledger_entries().unwrap().iter().any(|e| e.round == both.round.0)), "it was charged");
 }

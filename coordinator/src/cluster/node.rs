@@ -290,8 +290,28 @@ pub async fn run(
     bytes: ByteCounters,
 ) -> Result<(), NodeError> {
     let lease = Lease::new(cfg.lease.clone())?;
-    let db = self::connect(&connect).await?;
-    migrate(&db).await?;
+    // The database may be down while the node starts: keep trying (the node serves its model
+    // to its devices meanwhile; it neither leads nor joins rounds).
+    let db = loop {
+        let attempt = timed(cfg.db_timeout, async {
+            let db = self::connect(&connect).await?;
+            migrate(&db).await?;
+            Ok(db)
+        });
+        match attempt.await {
+            Ok(db) => break db,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot reach the database yet; retrying");
+                if let Ok(mut v) = view.lock() {
+                    v.db_error = Some(e.to_string());
+                }
+                tokio::time::sleep(cfg.heartbeat).await;
+                if handle.is_stopped() {
+                    return Ok(());
+                }
+            }
+        }
+    };
     // A node that starts (or restarts) mid-round still joins it, within the join window.
     let last_seen = 0;
     if let Ok(mut v) = view.lock() {
