@@ -19,7 +19,6 @@ use starling_coordinator::store::Store;
 use starling_proto::encoding::EncodedUpdate;
 use starling_proto::ids::{ClientId, ModelVersion};
 use starling_proto::message::{ClientMessage, ClientUpdate, CoordinatorMessage, LocalMetrics};
-use starling_sdk::RoundError;
 use starling_sdk::transport::quic::QuicTransport;
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -448,17 +447,7 @@ fn fleet(
             continue;
         }
         let client = sdk_client(id, cred, 60, 4, t);
-        fleet.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client.run_round().await {
-                    Ok(_) => {}
-                    Err(RoundError::ComeBackLater { after }) => {
-                        tokio::time::sleep(after.min(Duration::from_millis(300))).await
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
+        fleet.spawn(keep_taking_part(client, stop, Duration::from_millis(300)));
     }
     fleet
 }
@@ -690,17 +679,7 @@ async fn secure_aggregation_runs_per_node_and_the_leader_combines_the_sums() {
         .unwrap();
         let client = sdk_client(id, cred, 60, 4, t);
         let stop = stop.clone();
-        devices.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client.run_round().await {
-                    Ok(_) => {}
-                    Err(RoundError::ComeBackLater { after }) => {
-                        tokio::time::sleep(after.min(Duration::from_millis(300))).await
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
+        devices.spawn(keep_taking_part(client, stop, Duration::from_millis(300)));
     }
     let store = store_of(&config);
     // A round whose reports exceed one node's five devices took both nodes' secure sums.

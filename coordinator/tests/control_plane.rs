@@ -12,7 +12,6 @@ use starling_coordinator::service::control::read_export;
 use starling_coordinator::service::server;
 use starling_coordinator::store::Store;
 use starling_proto::ids::ModelVersion;
-use starling_sdk::RoundError;
 use starling_sdk::transport::quic::QuicTransport;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,17 +75,7 @@ fn fleet(
     for (i, token) in tokens.iter().enumerate() {
         let client = sdk_client(i as u64 + 1, token.clone(), 40, 4, transport.clone());
         let stop = stop.clone();
-        set.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client.run_round().await {
-                    Ok(_) => {}
-                    Err(RoundError::ComeBackLater { after }) => {
-                        tokio::time::sleep(after.min(Duration::from_millis(200))).await
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
+        set.spawn(keep_taking_part(client, stop, Duration::from_millis(200)));
     }
     set
 }

@@ -9,7 +9,6 @@ mod common;
 use common::*;
 use starling_coordinator::store::Store;
 use starling_proto::ids::ModelVersion;
-use starling_sdk::RoundError;
 use starling_sdk::transport::quic::QuicTransport;
 use std::io::BufRead;
 use std::path::Path;
@@ -122,18 +121,7 @@ epsilon_budget = 1000000.0
     for (i, token) in tokens.into_iter().enumerate() {
         let client = sdk_client(i as u64 + 1, token, 100, 8, transport.clone());
         let stop = stop.clone();
-        fleet.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client.run_round().await {
-                    Ok(_) => {}
-                    Err(RoundError::ComeBackLater { after }) => {
-                        tokio::time::sleep(after.min(Duration::from_millis(500))).await
-                    }
-                    // The coordinator is down (killed): keep trying.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
+        fleet.spawn(keep_taking_part(client, stop, Duration::from_millis(500)));
     }
 
     // Kill -9 once a round has committed and the next one is under way.

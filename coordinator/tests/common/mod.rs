@@ -184,6 +184,25 @@ pub fn sdk_client(
     client
 }
 
+/// Runs rounds with `client` until `stop`, as an app's scheduler would: after "come back later"
+/// it waits what it was told (at most `max_wait`), after any other failure (the coordinator is
+/// down, a round failed) 100 ms.
+pub async fn keep_taking_part(
+    client: starling_sdk::Client<QuicTransport>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max_wait: Duration,
+) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match client.run_round().await {
+            Ok(_) => {}
+            Err(starling_sdk::RoundError::ComeBackLater { after }) => {
+                tokio::time::sleep(after.min(max_wait)).await
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// An HTTP/1.1 request to the admin endpoint: `(status, body)`.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
